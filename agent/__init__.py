@@ -1,0 +1,1 @@
+"""libvirt-backup-agent: event-driven incremental backups of libvirt/KVM domains."""

@@ -1,0 +1,74 @@
+"""The agent's exceptions: one base, one subtree per subsystem.
+
+Every exception the agent raises on purpose derives from :class:`AgentError`.
+Third-party exceptions (``libvirt.libvirtError``, ``tomllib.TOMLDecodeError``,
+``pydantic.ValidationError``, lxml's errors, ...) are caught where they enter the
+agent and re-raised as one of these with ``raise ... from exc``, so callers never
+need to know which library failed, and the original stays in ``__cause__``.
+
+::
+
+    AgentError
+    ├── ConfigError                the configuration file is unreadable or invalid
+    ├── VirtError                  a libvirt call failed
+    │   ├── NotConnectedError      no usable connection (daemon away, reconnecting)
+    │   ├── DomainNotFoundError    the domain is gone (undefined, or transient and stopped)
+    │   └── VirtTimeoutError       a libvirt call did not return in time
+    └── InventoryError             a domain's XML could not be understood
+
+Each error carries the facts a user needs to act, as attributes and in its message.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class ConfigError(AgentError):
+    """The configuration is unusable; the message names the file and the key.
+
+    The message is one line, suitable for printing as is before exiting with status 2.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, key: str | None = None):
+        super().__init__(message)
+        self.path = path
+        self.key = key
+
+
+class VirtError(AgentError):
+    """A libvirt call failed.
+
+    ``code`` is libvirt's error code (``VIR_ERR_*``) when libvirt gave one, so callers
+    can tell "no such domain" from "operation invalid" without parsing messages.
+    """
+
+    def __init__(self, message: str, *, code: int | None = None, operation: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.operation = operation
+
+
+class NotConnectedError(VirtError):
+    """There is no usable libvirt connection right now; retry after reconnection."""
+
+
+class DomainNotFoundError(VirtError):
+    """The domain no longer exists in libvirt (undefined, or transient and stopped)."""
+
+
+class VirtTimeoutError(VirtError):
+    """A libvirt call did not return within the configured timeout.
+
+    The call may still complete in its worker thread; its result is discarded.
+    """
+
+
+class InventoryError(AgentError):
+    """A domain's XML could not be parsed or lacks what the inventory needs."""
+
+    def __init__(self, message: str, *, domain: str | None = None):
+        super().__init__(message)
+        self.domain = domain
