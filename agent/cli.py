@@ -1,0 +1,77 @@
+"""``backup-agent``: the command line.
+
+Verbs: ``run`` (the service) and ``config --show`` (the effective configuration).
+A configuration problem is one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config, render_toml
+from agent.errors import AgentError, ConfigError
+from agent.logs import configure_logging
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backup-agent", description="Incremental backups of libvirt domains."
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    config_help = (
+        f"configuration file (TOML); default: {DEFAULT_CONFIG_PATH} if it exists, "
+        "else the embedded defaults"
+    )
+    run = verbs.add_parser("run", help="run the agent in the foreground")
+    run.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    show = verbs.add_parser("config", help="inspect the configuration")
+    show.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    show.add_argument(
+        "--show",
+        action="store_true",
+        required=True,
+        help="print the effective configuration as TOML",
+    )
+    return parser
+
+
+def _config_path(given: Path | None) -> Path | None:
+    if given is not None:
+        return given
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+async def _run(config: AgentConfig) -> None:
+    from agent.service import Agent  # noqa: PLC0415 - keeps `config --show` free of libvirt
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await Agent(config).run(stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(_config_path(args.config))
+    except ConfigError as exc:
+        print(f"backup-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.verb == "config":
+        sys.stdout.write(render_toml(config))
+        return 0
+    configure_logging(config.logging.level, config.logging.format)
+    try:
+        asyncio.run(_run(config))
+    except AgentError as exc:
+        print(f"backup-agent: {exc}", file=sys.stderr)
+        return 1
+    return 0
