@@ -1,0 +1,55 @@
+"""Device hot-plug events: which disk came or went, then re-read the domain.
+
+libvirt names the device by its alias only; the disk behind an unplugged alias can
+only be found in the inventory as it was *before* the refresh.
+"""
+
+from __future__ import annotations
+
+from agent.dispatch import HandlerContext
+from agent.events import DeviceAdded, DeviceRemovalFailed, DeviceRemoved, Event
+from agent.inventory import Disk
+from agent.logs import get_logger
+
+log = get_logger("handlers.devices")
+
+
+def _disk_by_device(ctx: HandlerContext, event: DeviceAdded | DeviceRemoved) -> Disk | None:
+    info = ctx.domains.get(event.domain.uuid)
+    if info is None:
+        return None
+    wanted = {event.target} if event.target else {event.device}
+    return next((d for d in info.disks if wanted & {d.alias, d.target}), None)
+
+
+async def on_device_removed(event: Event, ctx: HandlerContext) -> None:
+    assert isinstance(event, DeviceRemoved)
+    # A resync names the target itself and has already replaced the belief.
+    disk = None if event.target else _disk_by_device(ctx, event)
+    log.info(
+        "device removed",
+        device=event.device,
+        disk=event.target or (disk.target if disk else None),
+        source=disk.source if disk else None,
+        synthetic=event.synthetic,
+    )
+    await ctx.domains.refresh(event.domain.uuid)
+
+
+async def on_device_added(event: Event, ctx: HandlerContext) -> None:
+    assert isinstance(event, DeviceAdded)
+    await ctx.domains.refresh(event.domain.uuid)
+    disk = _disk_by_device(ctx, event)
+    log.info(
+        "device added",
+        device=event.device,
+        disk=disk.target if disk else None,
+        source=disk.source if disk else None,
+        backup_capable=disk.backup_capable if disk else None,
+        synthetic=event.synthetic,
+    )
+
+
+async def on_device_removal_failed(event: Event, ctx: HandlerContext) -> None:
+    assert isinstance(event, DeviceRemovalFailed)
+    log.warning("device removal failed", device=event.device)

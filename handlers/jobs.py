@@ -1,0 +1,23 @@
+"""Domain job completion: the end of a backup job and its statistics.
+
+The backup runner (its own issue) waits on these; for now the outcome is logged.
+"""
+
+from __future__ import annotations
+
+from agent.dispatch import HandlerContext
+from agent.events import Event, JobCompleted
+from agent.logs import get_logger
+
+log = get_logger("handlers.jobs")
+
+
+async def on_job_completed(event: Event, ctx: HandlerContext) -> None:
+    assert isinstance(event, JobCompleted)
+    stats = dict(event.stats)
+    log.info(
+        "domain job completed",
+        success=event.succeeded,
+        operation=stats.get("operation"),
+        errmsg=stats.get("errmsg"),
+    )
