@@ -1,0 +1,108 @@
+"""Running the real agent in-process for tests, and watching what it dispatches.
+
+:func:`running_agent` starts :class:`agent.service.Agent` against the real libvirt
+daemon with the default handlers plus a recorder appended to every event type, so a
+test sees exactly the events the handlers saw, in dispatch order, and can wait for
+one with a timeout. The agent is stopped when the ``async with`` block ends, even
+when the test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.config import AgentConfig
+from agent.dispatch import HandlerContext
+from agent.events import Event, Lifecycle, LifecycleKind
+from agent.service import Agent
+from handlers import default_routes, with_extra
+
+
+@dataclass
+class Recorder:
+    """Collects dispatched events; ``wait_for`` waits for the first new match."""
+
+    events: list[Event] = field(default_factory=list)
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def __call__(self, event: Event, ctx: HandlerContext, /) -> None:
+        async with self._changed:
+            self.events.append(event)
+            self._changed.notify_all()
+
+    __name__ = "recorder"
+
+    async def wait_for(self, predicate: Callable[[Event], bool], timeout: float = 30) -> Event:
+        async with self._changed:
+            found: list[Event] = []
+
+            def matched() -> bool:
+                found[:] = [e for e in self.events if predicate(e)]
+                return bool(found)
+
+            try:
+                await asyncio.wait_for(self._changed.wait_for(matched), timeout)
+            except TimeoutError:
+                seen = "\n  ".join(repr(e) for e in self.events[-20:])
+                raise AssertionError(
+                    f"no matching event within {timeout} s; last events:\n  {seen}"
+                ) from None
+            return found[0]
+
+    def for_domain(self, uuid: str) -> list[Event]:
+        return [e for e in self.events if e.domain.uuid == uuid]
+
+
+def lifecycle(uuid: str, kind: LifecycleKind, detail: str | None = None) -> Callable[[Event], bool]:
+    """Predicate: a lifecycle event of this domain, kind and (optionally) detail."""
+
+    def match(event: Event) -> bool:
+        return (
+            isinstance(event, Lifecycle)
+            and event.domain.uuid == uuid
+            and event.kind is kind
+            and (detail is None or event.detail == detail)
+        )
+
+    return match
+
+
+def test_config(state_dir: Path, **libvirt: Any) -> AgentConfig:
+    """A configuration for tests: state under ``state_dir``, quick reconnects."""
+    settings: dict[str, Any] = {"reconnect_initial_delay": 0.2, "reconnect_max_delay": 2.0}
+    settings.update(libvirt)
+    return AgentConfig.model_validate({"agent": {"state_dir": str(state_dir)}, "libvirt": settings})
+
+
+test_config.__test__ = False  # type: ignore[attr-defined]  # not a test, despite the name
+
+
+@dataclass
+class RunningAgent:
+    agent: Agent
+    recorder: Recorder
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    config: AgentConfig, connect_timeout: float | None = 30
+) -> AsyncIterator[RunningAgent]:
+    """The agent, running; connected and with its start-up events handled unless
+    ``connect_timeout`` is None (then it may still be trying to connect)."""
+    recorder = Recorder()
+    agent = Agent(config, routes=with_extra(default_routes(), recorder))
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        if connect_timeout is not None:
+            await asyncio.wait_for(agent.connection.connected.wait(), connect_timeout)
+            await agent.dispatcher.drain()
+        yield RunningAgent(agent, recorder)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
