@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets the host up (scripts/host-setup.sh), then runs the quality gates and the whole
+# test suite against the real libvirt daemon: ruff, mypy --strict, pytest.
+# Arguments are passed to pytest (e.g. -k reconnect).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/host-setup.sh
+echo "==> ruff" >&2
+.venv/bin/ruff check agent handlers tests
+.venv/bin/ruff format --check agent handlers tests
+echo "==> mypy --strict" >&2
+.venv/bin/mypy
+echo "==> pytest" >&2
+exec .venv/bin/pytest "$@"
