@@ -44,6 +44,9 @@ _CLOSE_REASONS = {
 }
 
 
+_STOPPING = "agent stopping"
+
+
 class ConnectionSettings(Protocol):
     """The ``[libvirt]`` configuration section, as far as the connection needs it."""
 
@@ -138,7 +141,7 @@ class VirtConnection:
                 log.info("reconnecting", uri=self._settings.uri, delay=delay)
                 await asyncio.sleep(delay)
         finally:
-            await asyncio.shield(self._drop("agent stopping"))
+            await asyncio.shield(self._drop(_STOPPING))
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _connect_once(self) -> bool:
@@ -191,7 +194,8 @@ class VirtConnection:
         if conn is None:
             return
         if was_connected:
-            log.warning("disconnected", uri=self._settings.uri, why=why)
+            report = log.info if why == _STOPPING else log.warning
+            report("disconnected", uri=self._settings.uri, why=why)
         # After a close nothing can be deregistered; closing frees the client side.
         loop = asyncio.get_running_loop()
         try:

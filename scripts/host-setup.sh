@@ -16,6 +16,9 @@ PACKAGES=(
 
 say() { printf '==> %s\n' "$*" >&2; }
 
+# A killed daemon can linger as a zombie until PID 1 reaps it; only live ones count.
+running() { pgrep -x --runstates R,S,D,T "$1" >/dev/null; }
+
 install_packages() {
   local missing=()
   for pkg in "${PACKAGES[@]}"; do
@@ -49,10 +52,10 @@ configure_qemu() {
     echo "# libvirt-backup-agent: settings for hosts without systemd (containers)"
     printf '%s\n' "${wanted[@]}"
   } >>"$conf"
-  if pgrep -x libvirtd >/dev/null; then
+  if running libvirtd; then
     say "restarting libvirtd to apply them"
     pkill -x libvirtd
-    while pgrep -x libvirtd >/dev/null; do sleep 0.2; done
+    while running libvirtd; do sleep 0.2; done
   fi
 }
 
@@ -61,8 +64,8 @@ start_daemons() {
     systemctl is-active --quiet libvirtd || systemctl start libvirtd
     return
   fi
-  pgrep -x virtlogd >/dev/null || { say "starting virtlogd"; virtlogd -d; }
-  if ! pgrep -x libvirtd >/dev/null; then
+  running virtlogd || { say "starting virtlogd"; virtlogd -d; }
+  if ! running libvirtd; then
     say "starting libvirtd"
     libvirtd -d
   fi

@@ -5,11 +5,25 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import libvirt
 import pytest
 import structlog
 
 from agent.dispatch import Dispatcher, HandlerContext
-from agent.events import DeviceAdded, DomainRef, Event, Lifecycle, LifecycleKind
+from agent.events import (
+    BlockJob,
+    BlockJobStatus,
+    BlockJobType,
+    DeviceAdded,
+    DeviceRemovalFailed,
+    DeviceRemoved,
+    DomainRef,
+    Event,
+    JobCompleted,
+    Lifecycle,
+    LifecycleKind,
+    subscriptions,
+)
 
 A = DomainRef(name="a", uuid="00000000-0000-0000-0000-00000000000a")
 B = DomainRef(name="b", uuid="00000000-0000-0000-0000-00000000000b")
@@ -106,3 +120,47 @@ def test_lifecycle_details_are_named(code: int) -> None:
     expected = {2: "crashed", 5: "failed", 99: "unknown-99"}[code]
     assert event.detail == expected
     assert Lifecycle.from_libvirt(A, 42, 0).kind is LifecycleKind.UNKNOWN
+
+
+class _FakeDomain:
+    """Just what the event callbacks may touch: libvirt's local name and UUID getters."""
+
+    def name(self) -> str:
+        return A.name
+
+    def UUIDString(self) -> str:  # noqa: N802 - libvirt's spelling
+        return A.uuid
+
+
+def test_every_subscribed_callback_builds_its_typed_event() -> None:
+    got: list[Event] = []
+    callbacks = subscriptions(got.append)
+    dom = _FakeDomain()
+    callbacks[libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE](None, dom, 5, 5, None)
+    callbacks[libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED](None, dom, "scsi0-0-0-1", None)
+    callbacks[libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED](None, dom, "scsi0-0-0-1", None)
+    callbacks[libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED](None, dom, "dimm0", None)
+    callbacks[libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED](None, dom, {"success": False}, None)
+    callbacks[libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2](None, dom, "vda", 5, 1, None)
+    assert set(callbacks) == {
+        libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+        libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
+        libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+        libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED,
+        libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED,
+        libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2,
+    }
+    lifecycle, added, removed, failed, job, block = got
+    assert all(e.domain == A and not e.synthetic for e in got)
+    assert isinstance(lifecycle, Lifecycle) and lifecycle.detail == "failed"
+    assert isinstance(added, DeviceAdded) and added.device == "scsi0-0-0-1"
+    assert isinstance(removed, DeviceRemoved) and removed.target is None
+    assert isinstance(failed, DeviceRemovalFailed) and failed.device == "dimm0"
+    assert isinstance(job, JobCompleted) and job.succeeded is False
+    assert isinstance(block, BlockJob)
+    assert (block.disk, block.job_type, block.status) == (
+        "vda",
+        BlockJobType.BACKUP,
+        BlockJobStatus.FAILED,
+    )
+    assert [e.seq for e in got] == sorted(e.seq for e in got)
