@@ -14,7 +14,12 @@ need to know which library failed, and the original stays in ``__cause__``.
     │   ├── NotConnectedError      no usable connection (daemon away, reconnecting)
     │   ├── DomainNotFoundError    the domain is gone (undefined, or transient and stopped)
     │   └── VirtTimeoutError       a libvirt call did not return in time
-    └── InventoryError             a domain's XML could not be understood
+    ├── InventoryError             a domain's XML could not be understood
+    ├── LedgerError                the checkpoint ledger (SQLite) failed
+    │   ├── LedgerCorruptError     the ledger file is not a ledger, or fails its integrity check
+    │   └── LedgerImportError      an exported chain could not be imported (bad or conflicting)
+    ├── ImageError                 qemu-img failed or said something unexpected about an image
+    └── ChainError                 a checkpoint chain could not be created, redefined or pruned
 
 Each error carries the facts a user needs to act, as attributes and in its message.
 """
@@ -72,3 +77,36 @@ class InventoryError(AgentError):
     def __init__(self, message: str, *, domain: str | None = None):
         super().__init__(message)
         self.domain = domain
+
+
+class LedgerError(AgentError):
+    """The checkpoint ledger could not be read or written; ``path`` names the file."""
+
+    def __init__(self, message: str, *, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+class LedgerCorruptError(LedgerError):
+    """The ledger file is damaged or not a ledger at all; the agent must not write to it."""
+
+
+class LedgerImportError(LedgerError):
+    """An exported chain is malformed or conflicts with what the ledger already holds."""
+
+
+class ImageError(AgentError):
+    """``qemu-img`` failed or its answer could not be understood; ``image`` names the file."""
+
+    def __init__(self, message: str, *, image: str | None = None):
+        super().__init__(message)
+        self.image = image
+
+
+class ChainError(AgentError):
+    """A checkpoint operation failed; ``domain`` and ``checkpoint`` say where."""
+
+    def __init__(self, message: str, *, domain: str | None = None, checkpoint: str | None = None):
+        super().__init__(message)
+        self.domain = domain
+        self.checkpoint = checkpoint
