@@ -70,8 +70,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     configure_logging(config.logging.level, config.logging.format)
     try:
-        asyncio.run(_run(config))
+        _dispatch(args, config)
     except AgentError as exc:
         print(f"backup-agent: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _dispatch(args: argparse.Namespace, config: AgentConfig) -> None:
+    from agent import cli_chains  # noqa: PLC0415 - keeps `config --show` free of libvirt
+
+    if args.verb == "run":
+        asyncio.run(_run(config))
+    elif args.verb == "checkpoints":
+        cli_chains.show_checkpoints(config, args.domain, args.json)
+    elif args.verb == "reconcile":
+        cli_chains.reconcile(config, args.domain)
+    elif args.ledger_verb == "export":
+        cli_chains.export_chain(config, args.domain, args.output)
+    else:
+        cli_chains.import_chain(config, args.file, args.replace)

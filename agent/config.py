@@ -146,6 +146,19 @@ class RepositorySection(BaseModel):
     )
 
 
+class CheckpointsSection(BaseModel):
+    """How many checkpoints libvirt keeps (each costs QEMU memory and work per guest write)."""
+
+    model_config = _SECTION_CONFIG
+
+    keep: int = Field(
+        default=1,
+        ge=1,
+        description="Newest checkpoints with a successful backup kept in libvirt "
+        "(plus any newer one being made); older ones are pruned, their XML kept in the ledger.",
+    )
+
+
 class AgentConfig(BaseModel):
     """Configuration of libvirt-backup-agent (agent.toml)."""
 
@@ -156,6 +169,7 @@ class AgentConfig(BaseModel):
     logging: LoggingSection = Field(default_factory=LoggingSection)
     http: HttpSection = Field(default_factory=HttpSection)
     repository: RepositorySection = Field(default_factory=RepositorySection)
+    checkpoints: CheckpointsSection = Field(default_factory=CheckpointsSection)
 
     @property
     def repository_path(self) -> Path:
@@ -163,6 +177,11 @@ class AgentConfig(BaseModel):
         if self.repository.path:
             return Path(self.repository.path)
         return self.agent.state_dir / "repository"
+
+    @property
+    def ledger_path(self) -> Path:
+        """The checkpoint ledger's SQLite file."""
+        return self.agent.state_dir / "ledger.sqlite"
 
     @property
     def resolved_host_id(self) -> str:

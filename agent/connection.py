@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 import libvirt
 
 from agent.errors import DomainNotFoundError, NotConnectedError, VirtError, VirtTimeoutError
-from agent.events import EventSink, subscriptions
+from agent.events import Event, EventSink, subscriptions
 from agent.libvirt_loop import register_event_loop
 from agent.logs import get_logger
 
@@ -144,6 +144,20 @@ class VirtConnection:
             await asyncio.shield(self._drop(_STOPPING))
             self._executor.shutdown(wait=False, cancel_futures=True)
 
+    async def open_once(self) -> None:
+        """Connect once, without reconnecting, for one-shot commands; :meth:`close` after."""
+        register_event_loop()
+        libvirt.registerErrorHandler(_ignore_error, None)
+        self._loop = asyncio.get_running_loop()
+        self._conn = await self._in_thread("open", self._open)
+        self.state = ConnState.CONNECTED
+        self.connected.set()
+
+    async def close(self) -> None:
+        """Close a connection made by :meth:`open_once`."""
+        await self._drop(_STOPPING)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
     async def _connect_once(self) -> bool:
         self.state = ConnState.CONNECTING
         self._closed.clear()
@@ -175,7 +189,14 @@ class VirtConnection:
         conn = libvirt.open(s.uri)
         conn.setKeepAlive(s.keepalive_interval, s.keepalive_count)
         conn.registerCloseCallback(self._close_callback, None)
-        for event_id, callback in subscriptions(self._sink).items():
+
+        # libvirt may still flush events queued on a connection after it was dropped;
+        # only the connection the agent holds now may deliver.
+        def sink(event: Event) -> None:
+            if self._conn is conn:
+                self._sink(event)
+
+        for event_id, callback in subscriptions(sink).items():
             conn.domainEventRegisterAny(None, event_id, callback, None)
         return conn
 

@@ -19,6 +19,7 @@ from agent.events import Event
 from agent.logs import domain_context, get_logger
 
 if TYPE_CHECKING:
+    from agent.checkpoints import Chains
     from agent.connection import VirtConnection
     from agent.domains import Domains
 
@@ -27,10 +28,11 @@ log = get_logger("dispatch")
 
 @dataclass(frozen=True, slots=True)
 class HandlerContext:
-    """What a handler may use: the libvirt connection and the live inventory."""
+    """What a handler may use: the libvirt connection, the live inventory, the chains."""
 
     connection: VirtConnection
     domains: Domains
+    chains: Chains
 
 
 class Handler(Protocol):
@@ -60,9 +62,12 @@ class Dispatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self.received: dict[str, int] = {}
+        self._closed = False
 
     def submit(self, event: Event) -> None:
-        """Queue an event (loop thread only; never blocks)."""
+        """Queue an event (loop thread only; never blocks); dropped once closed."""
+        if self._closed:
+            return
         kind = type(event).__name__
         self.received[kind] = self.received.get(kind, 0) + 1
         queue = self._queues.setdefault(event.domain.uuid, _DomainQueue())
@@ -100,6 +105,7 @@ class Dispatcher:
 
     async def close(self) -> None:
         """Cancel the workers; events still queued are dropped (resync recovers them)."""
+        self._closed = True
         workers = [q.worker for q in self._queues.values() if q.worker is not None]
         for worker in workers:
             worker.cancel()

@@ -164,6 +164,17 @@ class BlockJob(Event):
     status: BlockJobStatus
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReconcileRequested(Event):
+    """Not from libvirt: the agent (after a reconnect) or an operator asks for a reconcile.
+
+    It travels through the same per-domain queue as libvirt's events, so a reconcile
+    never runs concurrently with the handling of another event of that domain.
+    """
+
+    reason: str
+
+
 EventSink = Callable[[Event], None]
 
 

@@ -4,6 +4,7 @@
 ``devices``    disks and other devices hot-plugged or unplugged
 ``jobs``       domain jobs (backups) completed
 ``block_jobs`` block jobs on one disk changed state
+``reconcile``  a reconcile of the domain's checkpoint chain was asked for
 
 :func:`default_routes` is the table the dispatcher uses; a handler is an async function
 ``(event, ctx) -> None`` that must tolerate repeats (a resynchronisation may send an
@@ -21,8 +22,9 @@ from agent.events import (
     Event,
     JobCompleted,
     Lifecycle,
+    ReconcileRequested,
 )
-from handlers import block_jobs, devices, jobs, lifecycle
+from handlers import block_jobs, devices, jobs, lifecycle, reconcile
 
 
 def default_routes() -> dict[type[Event], list[Handler]]:
@@ -34,6 +36,7 @@ def default_routes() -> dict[type[Event], list[Handler]]:
         DeviceRemovalFailed: [devices.on_device_removal_failed],
         JobCompleted: [jobs.on_job_completed],
         BlockJob: [block_jobs.on_block_job],
+        ReconcileRequested: [reconcile.on_reconcile_requested],
     }
 
 

@@ -26,14 +26,17 @@ async def on_device_removed(event: Event, ctx: HandlerContext) -> None:
     assert isinstance(event, DeviceRemoved)
     # A resync names the target itself and has already replaced the belief.
     disk = None if event.target else _disk_by_device(ctx, event)
+    target = event.target or (disk.target if disk else None)
     log.info(
         "device removed",
         device=event.device,
-        disk=event.target or (disk.target if disk else None),
+        disk=target,
         source=disk.source if disk else None,
         synthetic=event.synthetic,
     )
     await ctx.domains.refresh(event.domain.uuid)
+    if target is not None:
+        await ctx.chains.disk_removed(event.domain.name, target)
 
 
 async def on_device_added(event: Event, ctx: HandlerContext) -> None:
@@ -48,6 +51,9 @@ async def on_device_added(event: Event, ctx: HandlerContext) -> None:
         backup_capable=disk.backup_capable if disk else None,
         synthetic=event.synthetic,
     )
+    info = ctx.domains.get(event.domain.uuid)
+    if disk is not None and info is not None:
+        await ctx.chains.disk_added(info, disk.target)
 
 
 async def on_device_removal_failed(event: Event, ctx: HandlerContext) -> None:

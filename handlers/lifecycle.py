@@ -1,8 +1,12 @@
-"""Domain lifecycle events: keep the inventory in step with the domain's existence and state.
+"""Domain lifecycle events: keep the inventory and the checkpoint chain in step.
 
-A transient domain that stops, or any domain that is undefined, leaves libvirt: the
-inventory forgets it. Every other change re-reads the domain (state, persistence and
-disks may all have changed, e.g. on migration arrival).
+- Every event re-reads the domain (state, persistence and disks may all have changed);
+  a transient domain that stopped, or an undefined one, is forgotten by the inventory.
+- A start (including a migration's arrival) reconciles the chain: a transient domain
+  comes back without checkpoints, and migration does not carry their metadata.
+- A stop by crash or failure breaks the chain at once: QEMU did not write the bitmaps
+  back, so the next backup is known to be full before anyone asks for it.
+- A stop by migration hands the chain to the destination host.
 """
 
 from __future__ import annotations
@@ -13,18 +17,30 @@ from agent.logs import get_logger
 
 log = get_logger("handlers.lifecycle")
 
+_UNCLEAN = frozenset({"crashed", "failed"})
+
 
 async def on_lifecycle(event: Event, ctx: HandlerContext) -> None:
     assert isinstance(event, Lifecycle)
+    kind = event.kind
     log.info(
-        "domain lifecycle",
-        kind=event.kind.name.lower(),
-        detail=event.detail,
-        synthetic=event.synthetic,
+        "domain lifecycle", kind=kind.name.lower(), detail=event.detail, synthetic=event.synthetic
     )
     info = await ctx.domains.refresh(event.domain.uuid)
     if info is None:
-        log.info("domain left libvirt", kind=event.kind.name.lower())
-    elif event.kind is LifecycleKind.STOPPED and event.detail in {"crashed", "failed"}:
-        # Bitmaps are only written on a clean close; the ledger (its own issue) acts on this.
-        log.warning("domain stopped uncleanly", detail=event.detail)
+        log.info("domain left libvirt", kind=kind.name.lower())
+    if kind is LifecycleKind.STOPPED and event.detail in _UNCLEAN:
+        await ctx.chains.stopped_uncleanly(event.domain.name, event.detail)
+    elif kind is LifecycleKind.STOPPED and event.detail == "migrated":
+        await ctx.chains.migrated_away(event.domain.name)
+    elif _arrived(event) and info is not None and info.state.active:
+        await ctx.chains.reconcile(event.domain.uuid)
+
+
+def _arrived(event: Lifecycle) -> bool:
+    # Synthetic starts come from a resync, which asks for its own reconciles.
+    if event.synthetic:
+        return False
+    return event.kind is LifecycleKind.STARTED or (
+        event.kind is LifecycleKind.RESUMED and event.detail == "migrated"
+    )

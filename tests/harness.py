@@ -16,9 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.checkpoints import Chains
 from agent.config import AgentConfig
+from agent.connection import VirtConnection
 from agent.dispatch import HandlerContext
+from agent.domains import Domains
 from agent.events import Event, Lifecycle, LifecycleKind
+from agent.faults import Faults, SimulatedCrash, no_faults
+from agent.ledger import Ledger
 from agent.service import Agent
 from handlers import default_routes, with_extra
 
@@ -37,12 +42,18 @@ class Recorder:
 
     __name__ = "recorder"
 
-    async def wait_for(self, predicate: Callable[[Event], bool], timeout: float = 30) -> Event:
+    def mark(self) -> int:
+        """A position to wait from: ``wait_for(..., since=rec.mark())`` ignores older events."""
+        return len(self.events)
+
+    async def wait_for(
+        self, predicate: Callable[[Event], bool], timeout: float = 30, *, since: int = 0
+    ) -> Event:
         async with self._changed:
             found: list[Event] = []
 
             def matched() -> bool:
-                found[:] = [e for e in self.events if predicate(e)]
+                found[:] = [e for e in self.events[since:] if predicate(e)]
                 return bool(found)
 
             try:
@@ -106,3 +117,43 @@ async def running_agent(
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
+
+
+@contextlib.asynccontextmanager
+async def one_shot_chains(
+    config: AgentConfig, faults: Faults | None = None
+) -> AsyncIterator[Chains]:
+    """``Chains`` on its own connection and ledger, with no event handling behind it.
+
+    For tests that must decide exactly when a reconcile runs (crash injection).
+    """
+    connection = VirtConnection(config.libvirt, lambda _event: None, _nothing)
+    await connection.open_once()
+    ledger = await Ledger.open(config.ledger_path)
+    try:
+        domains = Domains(connection)
+        await domains.resync()
+        yield Chains(
+            ledger,
+            connection,
+            domains,
+            keep=config.checkpoints.keep,
+            faults=faults if faults is not None else no_faults,
+        )
+    finally:
+        await ledger.close()
+        await connection.close()
+
+
+async def _nothing() -> None:
+    return None
+
+
+def crash_at(point: str) -> Faults:
+    """A fault hook that raises SimulatedCrash at ``point``."""
+
+    def hook(reached: str, /) -> None:
+        if reached == point:
+            raise SimulatedCrash(point)
+
+    return hook

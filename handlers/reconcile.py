@@ -1,0 +1,17 @@
+"""A reconcile of one domain's checkpoint chain, asked for by the agent or an operator."""
+
+from __future__ import annotations
+
+from agent.dispatch import HandlerContext
+from agent.events import Event, ReconcileRequested
+from agent.logs import get_logger
+
+log = get_logger("handlers.reconcile")
+
+
+async def on_reconcile_requested(event: Event, ctx: HandlerContext) -> None:
+    assert isinstance(event, ReconcileRequested)
+    if ctx.domains.get(event.domain.uuid) is None:
+        log.info("reconcile skipped: domain not in libvirt", reason=event.reason)
+        return
+    await ctx.chains.reconcile(event.domain.uuid)
