@@ -286,8 +286,7 @@ class Chains:
                 else self._validate_stopped(info, base, good)
             )
             verdicts.update(bitmaps)
-        await self._apply(info.name, verdicts)
-        return verdicts
+        return await self._apply(info.name, verdicts)
 
     async def _validate_running(
         self, info: DomainInfo, base: CheckpointRecord, targets: list[str]
@@ -352,22 +351,29 @@ class Chains:
                 verdicts[target] = Verdict.broken(*problem)
         return verdicts
 
-    async def _apply(self, domain: str, verdicts: Mapping[str, Verdict]) -> None:
-        """Store verdicts; a valid one never overrides a stored break (only a backup heals)."""
+    async def _apply(self, domain: str, verdicts: Mapping[str, Verdict]) -> dict[str, Verdict]:
+        """Store what validation found; return each disk's chain as it now stands.
+
+        Validation only records breaks on disks whose chain it had no word on or held
+        valid: a stored break is never undone (only a backup heals) nor reworded (the
+        event that caused it, e.g. a crash, names the cause better than the symptom).
+        """
         stored = await self.ledger.disk_chains(domain)
         changes: dict[str, tuple[bool, str | None, str]] = {}
+        effective: dict[str, Verdict] = {}
         for target, verdict in verdicts.items():
             before = stored.get(target)
-            if verdict.valid and before is not None:
-                continue
-            if before is not None and (before.valid, before.reason) == (False, verdict.reason):
+            if before is not None and (verdict.valid or not before.valid):
+                effective[target] = Verdict(before.valid, before.reason, before.detail)
                 continue
             changes[target] = (verdict.valid, verdict.reason, verdict.detail)
+            effective[target] = verdict
         if changes:
             await self.ledger.set_disk_chains(domain, changes)
             broken = {t: c[1] for t, c in changes.items() if not c[0]}
             if broken:
                 log.warning("disk chains broken", disks=broken)
+        return effective
 
     async def _set_broken(self, domain: str, verdicts: Mapping[str, Verdict]) -> None:
         await self.ledger.set_disk_chains(

@@ -39,6 +39,25 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="print the effective configuration as TOML",
     )
+    cps = verbs.add_parser("checkpoints", help="print a domain's checkpoint chain from the ledger")
+    cps.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    cps.add_argument("--json", action="store_true", help="machine-readable output")
+    cps.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    rec = verbs.add_parser("reconcile", help="repair a domain's checkpoints in libvirt now")
+    rec.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    rec.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    ledger = verbs.add_parser("ledger", help="export or import a domain's chain (JSON)")
+    ledger_verbs = ledger.add_subparsers(dest="ledger_verb", required=True, metavar="ACTION")
+    export = ledger_verbs.add_parser("export", help="write a domain's chain as JSON")
+    export.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    export.add_argument("--output", "-o", type=Path, metavar="FILE", help="default: stdout")
+    export.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    imp = ledger_verbs.add_parser("import", help="add a chain exported on another host")
+    imp.add_argument("file", type=Path, metavar="FILE")
+    imp.add_argument(
+        "--replace", action="store_true", help="replace what the ledger holds for that domain"
+    )
+    imp.add_argument("--config", type=Path, metavar="FILE", help=config_help)
     return parser
 
 

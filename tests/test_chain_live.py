@@ -9,16 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import libvirt
 import pytest
 
-from agent.events import JobCompleted
+from agent.events import DeviceAdded, JobCompleted
 from agent.events import LifecycleKind as K
+from agent.faults import CRASH_ENV, SimulatedCrash
 from agent.ledger import CheckpointState
-from tests.harness import RunningAgent, lifecycle, running_agent, test_config
+from tests.harness import (
+    RunningAgent,
+    crash_at,
+    lifecycle,
+    one_shot_chains,
+    running_agent,
+    test_config,
+)
 from tests.testbed.domains import DiskSpec, DomainFactory, TestDomain, image_has_pattern
 
 pytestmark = pytest.mark.libvirt
@@ -41,7 +52,10 @@ def libvirt_chain(td: TestDomain) -> dict[str, str | None]:
 def allocated_ranges(image: Path) -> list[tuple[int, int]]:
     """(offset, length) of the data clusters in a qcow2 with no backing file."""
     out = subprocess.run(
-        ["qemu-img", "map", "--output=json", str(image)], check=True, capture_output=True, text=True
+        ["qemu-img", "map", "-U", "--output=json", str(image)],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return [(e["start"], e["length"]) for e in json.loads(out) if e["data"]]
 
@@ -126,3 +140,202 @@ async def test_transient_chain_is_redefined_in_order_after_recreate(
         assert allocated_ranges(backup["sda"]) == [(1 * MiB, 64 * KiB)]
         assert image_has_pattern(backup["vda"], 20 * MiB, 128 * KiB, 0x22)
         assert image_has_pattern(backup["sda"], 1 * MiB, 64 * KiB, 0x33)
+
+
+async def _chain_of_three(chains_owner: RunningAgent, td: TestDomain) -> list[str]:
+    names = []
+    for i in range(3):
+        await asyncio.to_thread(td.write_pattern, "vda", i * MiB, 64 * KiB, 0x40 + i)
+        names.append((await chains_owner.agent.chains.create_checkpoint(td.uuid)).name)
+    return names
+
+
+async def _forget_and_recreate(td: TestDomain) -> None:
+    """Destroy the transient domain (libvirt forgets its checkpoints) and create it again."""
+    await asyncio.to_thread(td.destroy)
+    await asyncio.to_thread(td.recreate)
+    assert libvirt_chain(td) == {}
+
+
+async def test_redefine_killed_at_every_step_converges(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    config = test_config(tmp_path / "state")
+    async with running_agent(config) as run:
+        td = await asyncio.to_thread(domain_factory, persistent=False)
+        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        names = await _chain_of_three(run, td)
+    full = {names[0]: None, names[1]: names[0], names[2]: names[1]}
+
+    # Without the event-driven agent, so that only the reconciles below touch libvirt.
+    for step, name in enumerate(names):
+        await _forget_and_recreate(td)
+        with pytest.raises(SimulatedCrash):
+            async with one_shot_chains(config, faults=crash_at(f"redefine:{name}")) as chains:
+                await chains.reconcile(td.uuid)
+        # Died before redefining `name`: exactly its ancestors are defined.
+        assert set(libvirt_chain(td)) == set(names[:step])
+        async with one_shot_chains(config) as chains:
+            report = await chains.reconcile(td.uuid)
+        assert libvirt_chain(td) == full
+        assert report.already_defined == names[:step] and report.redefined == names[step:]
+
+    # Once with a real process killed by SIGKILL in the middle of the loop.
+    await _forget_and_recreate(td)
+    config_file = tmp_path / "agent.toml"
+    config_file.write_text(f'[agent]\nstate_dir = "{tmp_path / "state"}"\n')
+    command = [sys.executable, "-m", "agent", "reconcile", td.name, "--config", str(config_file)]
+    killed = await asyncio.to_thread(
+        subprocess.run,
+        command,
+        env={**os.environ, CRASH_ENV: f"redefine:{names[2]}"},
+        capture_output=True,
+        timeout=60,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert set(libvirt_chain(td)) == set(names[:2])
+    again = await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=60
+    )
+    assert again.returncode == 0, again.stderr
+    assert "redefined 1, already defined 2" in again.stdout
+    assert libvirt_chain(td) == full
+
+
+async def test_qemu_killed_marks_chain_inconsistent_before_any_backup(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    disks = [DiskSpec("vda", "virtio"), DiskSpec("sda", "scsi")]
+    async with running_agent(test_config(tmp_path / "state")) as run:
+        td = await asyncio.to_thread(domain_factory, persistent=True, disks=disks)
+        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        cp = await run.agent.chains.create_checkpoint(td.uuid)
+        await run.agent.chains.backup_succeeded(td.name, cp.name)
+        chains = await run.agent.chains.ledger.disk_chains(td.name)
+        assert all(c.valid for c in chains.values())
+
+        await asyncio.to_thread(td.crash)
+        await run.recorder.wait_for(lifecycle(td.uuid, K.STOPPED, "failed"))
+        chains = await run.agent.chains.ledger.disk_chains(td.name)
+        assert {t: c.reason for t, c in chains.items()} == {
+            "vda": "bitmap-inconsistent",
+            "sda": "bitmap-inconsistent",
+        }
+        # The images agree: the bitmap was left in-use.
+        report = await run.agent.chains.reconcile(td.uuid)
+        assert report.verdicts["vda"].reason == "bitmap-inconsistent"
+
+
+async def test_bitmap_removed_on_stopped_domain_is_missing(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    disks = [DiskSpec("vda", "virtio"), DiskSpec("sda", "scsi")]
+    async with running_agent(test_config(tmp_path / "state")) as run:
+        td = await asyncio.to_thread(domain_factory, persistent=True, disks=disks)
+        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        cp = await run.agent.chains.create_checkpoint(td.uuid)
+        await run.agent.chains.backup_succeeded(td.name, cp.name)
+        await asyncio.to_thread(td.destroy)
+        await run.recorder.wait_for(lifecycle(td.uuid, K.STOPPED, "destroyed"))
+        assert bitmaps_in(td.disk_paths["vda"]) == {cp.name}  # written back on a clean stop
+
+        await asyncio.to_thread(
+            subprocess.run,
+            ["qemu-img", "bitmap", "--remove", str(td.disk_paths["vda"]), cp.name],
+            check=True,
+        )
+        report = await run.agent.chains.reconcile(td.uuid)  # on request, domain stopped
+        assert report.verdicts["vda"].reason == "bitmap-missing"
+        assert report.verdicts["sda"].valid
+        chains = await run.agent.chains.ledger.disk_chains(td.name)
+        assert (chains["vda"].valid, chains["vda"].reason) == (False, "bitmap-missing")
+        assert chains["sda"].valid
+
+        # Starting it again validates through libvirt and agrees.
+        mark = run.recorder.mark()
+        await asyncio.to_thread(td.start)
+        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"), since=mark)
+        chains = await run.agent.chains.ledger.disk_chains(td.name)
+        assert chains["vda"].reason == "bitmap-missing" and chains["sda"].valid
+
+
+async def test_scsi_disk_swapped_breaks_only_that_disk(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    disks = [DiskSpec("vda", "virtio"), DiskSpec("sda", "scsi"), DiskSpec("sdb", "scsi")]
+    async with running_agent(test_config(tmp_path / "state")) as run:
+        td = await asyncio.to_thread(domain_factory, persistent=False, disks=disks)
+        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        cp = await run.agent.chains.create_checkpoint(td.uuid)
+        await run.agent.chains.backup_succeeded(td.name, cp.name)
+
+        mark = run.recorder.mark()
+        await asyncio.to_thread(td.detach_disk, "sdb")
+        image = await asyncio.to_thread(td.create_image, "impostor")
+        await asyncio.to_thread(td.attach_scsi_disk, "sdb", image)
+        await run.recorder.wait_for(
+            lambda e: isinstance(e, DeviceAdded) and e.domain.uuid == td.uuid, since=mark
+        )
+        chains = await run.agent.chains.ledger.disk_chains(td.name)
+        assert {t: (c.valid, c.reason) for t, c in chains.items()} == {
+            "vda": (True, None),
+            "sda": (True, None),
+            "sdb": (False, "disk-replaced"),
+        }
+        assert str(image) in chains["sdb"].detail
+
+
+async def test_pruning_keeps_only_what_the_next_backup_needs(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    disks = [DiskSpec("vda", "virtio"), DiskSpec("sda", "scsi")]
+    async with running_agent(test_config(tmp_path / "state")) as run:
+        chains = run.agent.chains
+        td = await asyncio.to_thread(domain_factory, persistent=True, disks=disks)
+        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        names: list[str] = []
+        for i in range(5):
+            await asyncio.to_thread(td.write_pattern, "vda", i * MiB, 64 * KiB, 0x60 + i)
+            cp = await chains.create_checkpoint(td.uuid)
+            await push_backup(run, td, tmp_path, f"b{i}", since=names[-1] if names else None)
+            await chains.backup_succeeded(td.name, cp.name)
+            names.append(cp.name)
+            assert set(libvirt_chain(td)) == {cp.name}, f"after backup {i + 1}"
+
+        records = await chains.ledger.checkpoints(td.name)
+        assert [r.name for r in records] == names
+        assert [r.state for r in records] == [CheckpointState.PRUNED] * 4 + [CheckpointState.ACTIVE]
+        assert all(r.backed_up_at is not None for r in records)
+        assert records[-1].parent is None and records[-1].born_parent == names[-2]
+
+        await asyncio.to_thread(td.destroy)  # a clean stop writes the bitmaps to the images
+        await run.recorder.wait_for(lifecycle(td.uuid, K.STOPPED, "destroyed"))
+        assert bitmaps_in(td.disk_paths["vda"]) == {names[-1]}
+        assert bitmaps_in(td.disk_paths["sda"]) == {names[-1]}
+
+
+async def test_interrupted_pruning_is_finished_by_reconcile(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    config = test_config(tmp_path / "state")
+    async with running_agent(config) as run:
+        td = await asyncio.to_thread(domain_factory, persistent=False)
+        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        names = await _chain_of_three(run, td)
+        for name in names[:2]:
+            await run.agent.chains.ledger.mark_backed_up(td.name, name, 1.0)
+    async with one_shot_chains(config, faults=crash_at(f"pruned:{names[0]}")) as chains:
+        with pytest.raises(SimulatedCrash):
+            await chains.backup_succeeded(td.name, names[2])
+    # names[0] deleted from libvirt but still "pruning"; names[1] not touched yet.
+    assert set(libvirt_chain(td)) == {names[1], names[2]}
+    async with one_shot_chains(config) as chains:
+        report = await chains.reconcile(td.uuid)
+        states = {r.name: r.state for r in await chains.ledger.checkpoints(td.name)}
+    assert report.prunes_finished == names[:2]
+    assert libvirt_chain(td) == {names[2]: None}
+    assert states == {
+        names[0]: CheckpointState.PRUNED,
+        names[1]: CheckpointState.PRUNED,
+        names[2]: CheckpointState.ACTIVE,
+    }
