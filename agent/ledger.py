@@ -797,6 +797,9 @@ def _check_references(records: Sequence[CheckpointRecord]) -> None:
 
 def _parse_export(data: Mapping[str, Any]) -> _ImportDomain:
     """Validate an export completely (no I/O); raise LedgerImportError naming the field."""
+    # The format tag first: a file that is not an export at all should be told so.
+    if isinstance(data, Mapping) and data.get("format") != EXPORT_FORMAT:
+        raise _bad("format", f"expected {EXPORT_FORMAT!r}, got {_show(data.get('format'))}")
     obj = _object(data, "", _EXPORT_FIELDS)
     if obj["format"] != EXPORT_FORMAT:
         raise _bad("format", f"expected {EXPORT_FORMAT!r}, got {_show(obj['format'])}")

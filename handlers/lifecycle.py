@@ -7,6 +7,9 @@
 - A stop by crash or failure breaks the chain at once: QEMU did not write the bitmaps
   back, so the next backup is known to be full before anyone asks for it.
 - A stop by migration hands the chain to the destination host.
+- An undefine of a domain that keeps running (it becomes transient) drops libvirt's
+  checkpoint metadata: the chain is redefined at once. A domain undefined and gone
+  keeps its chain in the ledger for when it is defined again.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ async def on_lifecycle(event: Event, ctx: HandlerContext) -> None:
         await ctx.chains.stopped_uncleanly(event.domain.name, event.detail)
     elif kind is LifecycleKind.STOPPED and event.detail == "migrated":
         await ctx.chains.migrated_away(event.domain.name)
-    elif _arrived(event) and info is not None and info.state.active:
-        await ctx.chains.reconcile(event.domain.uuid)
+    elif (_arrived(event) or kind is LifecycleKind.UNDEFINED) and info is not None:
+        if info.state.active:
+            await ctx.chains.reconcile(event.domain.uuid)
 
 
 def _arrived(event: Lifecycle) -> bool:

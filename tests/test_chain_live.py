@@ -18,9 +18,10 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from agent import checkpoints as checkpoints_module
 from agent.events import DeviceAdded, JobCompleted
 from agent.events import LifecycleKind as K
-from agent.faults import CRASH_ENV, SimulatedCrash
+from agent.faults import CRASH_ENV, Faults, SimulatedCrash
 from agent.ledger import CheckpointState
 from tests.harness import (
     RunningAgent,
@@ -339,3 +340,75 @@ async def test_interrupted_pruning_is_finished_by_reconcile(
         names[1]: CheckpointState.PRUNED,
         names[2]: CheckpointState.ACTIVE,
     }
+
+
+async def test_undefine_of_a_running_domain_redefines_at_once(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    async with running_agent(test_config(tmp_path / "state")) as run:
+        td = await asyncio.to_thread(domain_factory, persistent=True)
+        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        names = await _chain_of_three(run, td)
+        mark = run.recorder.mark()
+        # Undefining drops the checkpoint metadata; the domain runs on, now transient.
+        await asyncio.to_thread(td.undefine)
+        await run.recorder.wait_for(lifecycle(td.uuid, K.UNDEFINED, "removed"), since=mark)
+        assert libvirt_chain(td) == {names[0]: None, names[1]: names[0], names[2]: names[1]}
+
+
+async def test_leftover_and_foreign_checkpoints(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    config = test_config(tmp_path / "state")
+    async with running_agent(config) as run:
+        td = await asyncio.to_thread(domain_factory, persistent=False)
+        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        kept = await run.agent.chains.create_checkpoint(td.uuid)
+    # The agent dies between creating a checkpoint in libvirt and recording it.
+    async with one_shot_chains(config, faults=_crash_after_create()) as chains:
+        with pytest.raises(SimulatedCrash) as crashed:
+            await chains.create_checkpoint(td.uuid)
+    leftover = str(crashed.value).removeprefix("created:")
+    # An operator's own checkpoint, made by hand.
+    await asyncio.to_thread(
+        td.dom().checkpointCreateXML,
+        "<domaincheckpoint><name>operator-cp</name></domaincheckpoint>",
+        0,
+    )
+    assert set(libvirt_chain(td)) == {kept.name, leftover, "operator-cp"}
+    async with one_shot_chains(config) as chains:
+        report = await chains.reconcile(td.uuid)
+        recorded = [r.name for r in await chains.ledger.checkpoints(td.name)]
+    assert report.leftovers_deleted == [leftover]
+    assert report.foreign == ["operator-cp"]
+    assert set(libvirt_chain(td)) == {kept.name, "operator-cp"}
+    assert recorded == [kept.name]
+
+
+def _crash_after_create() -> Faults:
+    def hook(point: str, /) -> None:
+        if point.startswith("created:"):
+            raise SimulatedCrash(point)
+
+    return hook
+
+
+async def test_a_stale_bitmap_of_the_chosen_name_is_stepped_around(
+    domain_factory: DomainFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stale = "lba-20200101T000000Z-000000"
+    td = await asyncio.to_thread(domain_factory, persistent=True, start=False)
+    # Left in the image by an earlier life of this domain that libvirt no longer knows.
+    await asyncio.to_thread(
+        subprocess.run,
+        ["qemu-img", "bitmap", "--add", str(td.disk_paths["vda"]), stale],
+        check=True,
+    )
+    names = iter([stale, "lba-20200101T000001Z-000001"])
+    monkeypatch.setattr(checkpoints_module, "new_checkpoint_name", lambda: next(names))
+    async with running_agent(test_config(tmp_path / "state")) as run:
+        await asyncio.to_thread(td.start)
+        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        record = await run.agent.chains.create_checkpoint(td.uuid)
+    assert record.name == "lba-20200101T000001Z-000001"
+    assert set(libvirt_chain(td)) == {record.name}
