@@ -19,7 +19,16 @@ need to know which library failed, and the original stays in ``__cause__``.
     │   ├── LedgerCorruptError     the ledger file is not a ledger, or fails its integrity check
     │   └── LedgerImportError      an exported chain could not be imported (bad or conflicting)
     ├── ImageError                 qemu-img failed or said something unexpected about an image
-    └── ChainError                 a checkpoint chain could not be created, redefined or pruned
+    ├── ChainError                 a checkpoint chain could not be created, redefined or pruned
+    ├── NbdError                   talking to an NBD server failed; ``connection_survives``
+    │   ├── NbdConnectionError     could not connect, or the connection broke (dead)
+    │   ├── NbdProtocolError       the server broke the protocol (dead)
+    │   ├── NbdServerError         the server refused one request (the connection survives)
+    │   └── NbdTimeoutError        no reply in time (dead: the request's fate is unknown)
+    ├── RepositoryError            the backup repository could not be read or written
+    │   ├── RepositorySpaceError   not enough room for the worst case
+    │   └── BackupNotFoundError    no such backup in the repository
+    └── BackupError                a backup job failed; ``code`` is machine-readable
 
 Each error carries the facts a user needs to act, as attributes and in its message.
 """
@@ -110,3 +119,65 @@ class ChainError(AgentError):
         super().__init__(message)
         self.domain = domain
         self.checkpoint = checkpoint
+
+
+class NbdError(AgentError):
+    """Talking to an NBD server failed.
+
+    ``connection_survives`` tells the caller whether the same connection may be used
+    for further requests (True only when the server refused this one request).
+    """
+
+    connection_survives = False
+
+    def __init__(self, message: str, *, server: str | None = None):
+        super().__init__(message)
+        self.server = server
+
+
+class NbdConnectionError(NbdError):
+    """Could not connect or negotiate, or the connection broke."""
+
+
+class NbdProtocolError(NbdError):
+    """The server sent something the protocol does not allow (bad magic, lengths, ...)."""
+
+
+class NbdServerError(NbdError):
+    """The server refused one request with an error; ``errno`` is its NBD error code."""
+
+    connection_survives = True
+
+    def __init__(self, message: str, *, errno: int, server: str | None = None):
+        super().__init__(message, server=server)
+        self.errno = errno
+
+
+class NbdTimeoutError(NbdError):
+    """No reply within the timeout; the request may or may not have been carried out."""
+
+
+class RepositoryError(AgentError):
+    """The backup repository could not be read or written; ``path`` names what failed."""
+
+    def __init__(self, message: str, *, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+class RepositorySpaceError(RepositoryError):
+    """Not enough free space for the worst case of a backup; nothing was started."""
+
+
+class BackupNotFoundError(RepositoryError):
+    """No backup with that id (for that domain) in the repository."""
+
+
+class BackupError(AgentError):
+    """A backup job failed. ``code`` is machine-readable (e.g. ``chain-broken``,
+    ``no-space``, ``copy-failed``, ``domain-gone``, ``cancelled``)."""
+
+    def __init__(self, message: str, *, code: str, domain: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.domain = domain
