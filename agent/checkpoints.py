@@ -177,6 +177,17 @@ class Chains:
                 "could not delete discarded checkpoint", checkpoint=checkpoint, error=str(exc)
             )
 
+    async def discard_if_recorded(self, domain: str, uuid: str, checkpoint: str) -> None:
+        """Undo a checkpoint a failed backup created, whether or not it was recorded yet."""
+        if await self.ledger.checkpoint(domain, checkpoint) is not None:
+            await self.discard(domain, uuid, checkpoint)
+            return
+        try:
+            await self._connection.call("delete checkpoint", _delete, uuid, checkpoint)
+        except VirtError as exc:
+            # Not recorded: the next reconcile deletes it as the agent's own leftover.
+            log.warning("could not delete checkpoint", checkpoint=checkpoint, error=str(exc))
+
     # -- pruning --------------------------------------------------------------------
 
     async def prune(self, domain: str, uuid: str) -> list[str]:

@@ -58,6 +58,36 @@ def _parser() -> argparse.ArgumentParser:
         "--replace", action="store_true", help="replace what the ledger holds for that domain"
     )
     imp.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    bk = verbs.add_parser("backup", help="back up a domain now, in this process")
+    bk.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    bk.add_argument(
+        "--mode",
+        choices=["auto", "full", "incremental"],
+        default="auto",
+        help="auto: incremental where the chain allows, full per disk elsewhere",
+    )
+    bk.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    lst = verbs.add_parser("backups", help="list a domain's backups in the repository")
+    lst.add_argument("domain", metavar="DOMAIN", help="domain name")
+    lst.add_argument("--json", action="store_true", help="machine-readable output")
+    lst.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    rs = verbs.add_parser("restore", help="write a standalone image of a backed-up disk")
+    rs.add_argument("domain", metavar="DOMAIN", help="domain name")
+    rs.add_argument("--backup", required=True, metavar="ID", help="backup id (see `backups`)")
+    rs.add_argument("--disk", metavar="TARGET", help="e.g. vda; default: every disk")
+    rs.add_argument(
+        "--to",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="the image file (with --disk or one disk), else a directory",
+    )
+    rs.add_argument("--format", choices=["qcow2", "raw"], default="qcow2")
+    rs.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    vf = verbs.add_parser("verify", help="re-read backups and check them against their manifests")
+    vf.add_argument("domain", metavar="DOMAIN", help="domain name")
+    vf.add_argument("--backup", metavar="ID", help="default: every backup of the domain")
+    vf.add_argument("--config", type=Path, metavar="FILE", help=config_help)
     return parser
 
 
@@ -89,18 +119,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     configure_logging(config.logging.level, config.logging.format)
     try:
-        _dispatch(args, config)
+        return _dispatch(args, config)
     except AgentError as exc:
         print(f"backup-agent: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
-def _dispatch(args: argparse.Namespace, config: AgentConfig) -> None:
-    from agent import cli_chains  # noqa: PLC0415 - keeps `config --show` free of libvirt
+def _dispatch(args: argparse.Namespace, config: AgentConfig) -> int:
+    """Run the verb; its exit status (0, or 1 when `verify` found problems)."""
+    from agent import cli_backups, cli_chains  # noqa: PLC0415 - `config --show` without libvirt
 
     if args.verb == "run":
         asyncio.run(_run(config))
+    elif args.verb == "backup":
+        cli_backups.backup(config, args.domain, args.mode)
+    elif args.verb == "backups":
+        cli_backups.list_backups(config, args.domain, args.json)
+    elif args.verb == "restore":
+        cli_backups.restore(config, args.domain, args.backup, args.disk, args.to, args.format)
+    elif args.verb == "verify":
+        return cli_backups.verify(config, args.domain, args.backup)
     elif args.verb == "checkpoints":
         cli_chains.show_checkpoints(config, args.domain, args.json)
     elif args.verb == "reconcile":
@@ -109,3 +147,4 @@ def _dispatch(args: argparse.Namespace, config: AgentConfig) -> None:
         cli_chains.export_chain(config, args.domain, args.output)
     else:
         cli_chains.import_chain(config, args.file, args.replace)
+    return 0

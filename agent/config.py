@@ -14,6 +14,7 @@ Regenerate the committed schema with::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import socket
 import sys
@@ -159,6 +160,47 @@ class CheckpointsSection(BaseModel):
     )
 
 
+class BackupSection(BaseModel):
+    """How backups copy data."""
+
+    model_config = _SECTION_CONFIG
+
+    scratch_dir: Annotated[str, AfterValidator(_empty_or_absolute)] = Field(
+        default="",
+        description="Where QEMU keeps the old data of blocks the guest overwrites during a "
+        "backup; empty means <state_dir>/scratch. A full scratch filesystem pauses the guest.",
+    )
+    connections: int = Field(
+        default=4, ge=1, le=16, description="NBD connections per disk, if the export allows."
+    )
+    request_size: int = Field(
+        default=4 * 1024 * 1024,
+        ge=64 * 1024,
+        le=32 * 1024 * 1024,
+        description="Bytes per NBD read or write request.",
+    )
+    in_flight: int = Field(default=8, ge=1, le=64, description="Requests in flight per disk.")
+    bandwidth_limit: int = Field(
+        default=0, ge=0, description="Bytes per second per backup job; 0 means no limit."
+    )
+    job_timeout: Seconds = Field(
+        default=86400.0, description="Seconds a backup job may run before it is cancelled."
+    )
+
+
+class RetentionSection(BaseModel):
+    """How many backups each domain keeps in the repository."""
+
+    model_config = _SECTION_CONFIG
+
+    keep_last: int = Field(
+        default=0,
+        ge=0,
+        description="Backups kept per domain after each successful backup; 0 keeps all. "
+        "Dropped backups are merged into the new oldest, so every kept point restores.",
+    )
+
+
 class AgentConfig(BaseModel):
     """Configuration of libvirt-backup-agent (agent.toml)."""
 
@@ -170,6 +212,8 @@ class AgentConfig(BaseModel):
     http: HttpSection = Field(default_factory=HttpSection)
     repository: RepositorySection = Field(default_factory=RepositorySection)
     checkpoints: CheckpointsSection = Field(default_factory=CheckpointsSection)
+    backup: BackupSection = Field(default_factory=BackupSection)
+    retention: RetentionSection = Field(default_factory=RetentionSection)
 
     @property
     def repository_path(self) -> Path:
@@ -177,6 +221,30 @@ class AgentConfig(BaseModel):
         if self.repository.path:
             return Path(self.repository.path)
         return self.agent.state_dir / "repository"
+
+    @property
+    def scratch_path(self) -> Path:
+        """Where backup scratch files go: ``backup.scratch_dir`` or its default."""
+        if self.backup.scratch_dir:
+            return Path(self.backup.scratch_dir)
+        return self.agent.state_dir / "scratch"
+
+    @property
+    def run_path(self) -> Path:
+        """Sockets and job intents, readable by the agent only."""
+        return self.agent.state_dir / "run"
+
+    @property
+    def socket_path(self) -> Path:
+        """Directory for NBD sockets: ``run_path``, unless that is too deep for one.
+
+        A Unix socket path is limited to 107 bytes; a deep state directory would not
+        leave room, so a short private directory under /run, named after it, is used.
+        """
+        if len(str(self.run_path)) <= 60:
+            return self.run_path
+        digest = hashlib.sha256(str(self.agent.state_dir).encode()).hexdigest()[:12]
+        return Path("/run") / f"libvirt-backup-agent-{digest}"
 
     @property
     def ledger_path(self) -> Path:
@@ -196,6 +264,7 @@ class AgentConfig(BaseModel):
                 "repository": self.repository.model_copy(
                     update={"path": str(self.repository_path)}
                 ),
+                "backup": self.backup.model_copy(update={"scratch_dir": str(self.scratch_path)}),
             }
         )
 

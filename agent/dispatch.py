@@ -19,6 +19,7 @@ from agent.events import Event
 from agent.logs import domain_context, get_logger
 
 if TYPE_CHECKING:
+    from agent.backup import Backups
     from agent.checkpoints import Chains
     from agent.connection import VirtConnection
     from agent.domains import Domains
@@ -28,11 +29,12 @@ log = get_logger("dispatch")
 
 @dataclass(frozen=True, slots=True)
 class HandlerContext:
-    """What a handler may use: the libvirt connection, the live inventory, the chains."""
+    """What a handler may use: the connection, the live inventory, chains and backups."""
 
     connection: VirtConnection
     domains: Domains
     chains: Chains
+    backups: Backups
 
 
 class Handler(Protocol):

@@ -11,7 +11,6 @@ blocks the event loop and never leaves a child process behind.
 
 # ASYNC109: the timeout is part of this API, not a stand-in for asyncio.timeout(): on
 # expiry the qemu-img child is killed and reaped and the caller gets an ImageError.
-# ruff: noqa: ASYNC109
 
 from __future__ import annotations
 

@@ -867,7 +867,7 @@ class Ledger:
         path: Path,
         *,
         # The bound of every later call on this ledger, not a deadline of this one.
-        timeout: float = 30.0,  # noqa: ASYNC109
+        timeout: float = 30.0,
         busy_timeout: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> Ledger:

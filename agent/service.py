@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
+from agent.backup import Backups
 from agent.checkpoints import Chains
 from agent.config import AgentConfig
 from agent.connection import VirtConnection
@@ -22,6 +24,7 @@ from agent.events import DomainRef, Event, ReconcileRequested
 from agent.faults import Faults, from_environment
 from agent.ledger import Ledger
 from agent.logs import get_logger
+from agent.repository import Repository
 from handlers import default_routes
 
 log = get_logger("service")
@@ -30,7 +33,7 @@ log = get_logger("service")
 class Agent:
     """One agent: ``await agent.run(stop)`` until ``stop`` is set.
 
-    ``dispatcher`` and ``chains`` exist once ``run`` has opened the ledger.
+    ``dispatcher``, ``chains`` and ``backups`` exist once it has opened the ledger.
     """
 
     def __init__(
@@ -42,7 +45,10 @@ class Agent:
         self.connection = VirtConnection(config.libvirt, self._submit, self._resync)
         self.domains = Domains(self.connection)
         self.chains: Chains
+        self.backups: Backups
         self.dispatcher: Dispatcher
+        self._recovered = False
+        self.ready = asyncio.Event()  # connected, resynchronised, leftovers undone
 
     def _submit(self, event: Event) -> None:
         self.dispatcher.submit(event)
@@ -50,36 +56,79 @@ class Agent:
     async def _resync(self) -> None:
         for event in await self.domains.resync():
             self.dispatcher.submit(event)
+        if not self._recovered:
+            # Jobs a killed agent left behind (libvirt jobs, checkpoints, staged files),
+            # undone before any reconcile could redefine their checkpoints.
+            undone = await self.backups.recover()
+            self._recovered = True
+            if undone:
+                log.warning("undid backups left by an earlier agent", backups=undone)
         tracked = set(await self.chains.ledger.domains())
         for uuid, info in self.domains.all().items():
             if info.name in tracked:
                 ref = DomainRef(name=info.name, uuid=uuid)
                 self.dispatcher.submit(ReconcileRequested(domain=ref, reason="connected"))
+        self.ready.set()
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set (or the task is cancelled); then shut down cleanly."""
+    @contextlib.asynccontextmanager
+    async def started(
+        self, *, wait_ready: float | None = None
+    ) -> AsyncIterator[asyncio.Task[None]]:
+        """The agent running inside the block; stopped cleanly on the way out.
+
+        With ``wait_ready`` (seconds) the block starts only once the agent is connected,
+        has resynchronised and has undone jobs an earlier agent left behind. Yields the
+        connection task (it only ends by failing).
+        """
         cfg = self.config
         await asyncio.to_thread(cfg.agent.state_dir.mkdir, parents=True, exist_ok=True)
         log.info("agent starting", uri=cfg.libvirt.uri, state_dir=str(cfg.agent.state_dir))
         ledger = await Ledger.open(cfg.ledger_path)
-        self.chains = Chains(
-            ledger, self.connection, self.domains, keep=cfg.checkpoints.keep, faults=self._faults
-        )
-        self.dispatcher = Dispatcher(
-            self._routes,
-            HandlerContext(connection=self.connection, domains=self.domains, chains=self.chains),
-        )
+        self._wire(ledger)
         connection = asyncio.create_task(self.connection.run(), name="libvirt-connection")
-        stopping = asyncio.create_task(stop.wait(), name="stop-requested")
         try:
-            await asyncio.wait({connection, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if connection.done():
-                connection.result()  # the connection loop only ends by failing: surface it
+            if wait_ready is not None:
+                await asyncio.wait_for(self.ready.wait(), wait_ready)
+                await self.dispatcher.drain()
+            yield connection
         finally:
-            stopping.cancel()
             connection.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await connection
             await self.dispatcher.close()
             await ledger.close()
             log.info("agent stopped")
+
+    def _wire(self, ledger: Ledger) -> None:
+        cfg = self.config
+        self.chains = Chains(
+            ledger, self.connection, self.domains, keep=cfg.checkpoints.keep, faults=self._faults
+        )
+        self.backups = Backups(
+            cfg,
+            self.connection,
+            self.domains,
+            self.chains,
+            Repository(cfg.repository_path),
+            faults=self._faults,
+        )
+        self.dispatcher = Dispatcher(
+            self._routes,
+            HandlerContext(
+                connection=self.connection,
+                domains=self.domains,
+                chains=self.chains,
+                backups=self.backups,
+            ),
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set (or the task is cancelled); then shut down cleanly."""
+        async with self.started() as connection:
+            stopping = asyncio.create_task(stop.wait(), name="stop-requested")
+            try:
+                await asyncio.wait({connection, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if connection.done():
+                    connection.result()  # the connection loop only ends by failing: surface it
+            finally:
+                stopping.cancel()

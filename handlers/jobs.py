@@ -1,6 +1,6 @@
 """Domain job completion: the end of a backup job and its statistics.
 
-The backup runner (its own issue) waits on these; for now the outcome is logged.
+A running backup job waits for this event to learn that libvirt ended its job.
 """
 
 from __future__ import annotations
@@ -21,3 +21,4 @@ async def on_job_completed(event: Event, ctx: HandlerContext) -> None:
         operation=stats.get("operation"),
         errmsg=stats.get("errmsg"),
     )
+    ctx.backups.job_completed(event)

@@ -36,9 +36,8 @@ async def on_lifecycle(event: Event, ctx: HandlerContext) -> None:
         await ctx.chains.stopped_uncleanly(event.domain.name, event.detail)
     elif kind is LifecycleKind.STOPPED and event.detail == "migrated":
         await ctx.chains.migrated_away(event.domain.name)
-    elif (_arrived(event) or kind is LifecycleKind.UNDEFINED) and info is not None:
-        if info.state.active:
-            await ctx.chains.reconcile(event.domain.uuid)
+    elif (_arrived(event) or kind is LifecycleKind.UNDEFINED) and info and info.state.active:
+        await ctx.chains.reconcile(event.domain.uuid)
 
 
 def _arrived(event: Lifecycle) -> bool:

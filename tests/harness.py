@@ -111,7 +111,7 @@ async def running_agent(
     task = asyncio.create_task(agent.run(stop))
     try:
         if connect_timeout is not None:
-            await asyncio.wait_for(agent.connection.connected.wait(), connect_timeout)
+            await asyncio.wait_for(agent.ready.wait(), connect_timeout)
             await agent.dispatcher.drain()
         yield RunningAgent(agent, recorder)
     finally:

@@ -19,7 +19,7 @@ import libvirt
 import pytest
 
 from agent import checkpoints as checkpoints_module
-from agent.events import DeviceAdded, JobCompleted
+from agent.events import DeviceAdded, DomainRef, JobCompleted, Lifecycle
 from agent.events import LifecycleKind as K
 from agent.faults import CRASH_ENV, Faults, SimulatedCrash
 from agent.ledger import CheckpointState
@@ -412,3 +412,21 @@ async def test_a_stale_bitmap_of_the_chosen_name_is_stepped_around(
         record = await run.agent.chains.create_checkpoint(td.uuid)
     assert record.name == "lba-20200101T000001Z-000001"
     assert set(libvirt_chain(td)) == {record.name}
+
+
+async def test_migration_departure_hands_the_chain_over(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    # A real migration needs a second host; the event libvirt sends on departure is
+    # injected into the real agent instead, for a real domain with a real chain.
+    async with running_agent(test_config(tmp_path / "state")) as run:
+        td = await asyncio.to_thread(domain_factory, persistent=True)
+        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        cp = await run.agent.chains.create_checkpoint(td.uuid)
+        await run.agent.chains.backup_succeeded(td.name, cp.name)
+        mark = run.recorder.mark()
+        departure = Lifecycle(domain=DomainRef(td.name, td.uuid), kind=K.STOPPED, detail="migrated")
+        run.agent.dispatcher.submit(departure)
+        await run.recorder.wait_for(lambda e: e is departure, since=mark)
+        chains = await run.agent.chains.ledger.disk_chains(td.name)
+        assert {t: c.reason for t, c in chains.items()} == {"vda": "migrated-away"}

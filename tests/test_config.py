@@ -21,10 +21,12 @@ from agent.config import (
     DEFAULT_CONFIG_PATH,
     AgentConfig,
     AgentSection,
+    BackupSection,
     HttpSection,
     LibvirtSection,
     LoggingSection,
     RepositorySection,
+    RetentionSection,
     json_schema,
     load_config,
     render_toml,
@@ -181,6 +183,7 @@ def test_render_shows_resolved_values(hostname: str) -> None:
     assert shown["agent"]["host_id"] == hostname
     assert shown["agent"]["state_dir"] == "/var/lib/libvirt-backup-agent"
     assert shown["repository"]["path"] == "/var/lib/libvirt-backup-agent/repository"
+    assert shown["backup"]["scratch_dir"] == "/var/lib/libvirt-backup-agent/scratch"
     assert shown["libvirt"]["call_timeout"] == 60.0
     assert shown["http"]["port"] == 8710
 
@@ -192,6 +195,8 @@ def test_render_round_trips_explicit_config(tmp_path: Path) -> None:
         logging=LoggingSection(format="json"),
         http=HttpSection(listen="::1", port=1234),
         repository=RepositorySection(path=str(tmp_path / "repo")),
+        backup=BackupSection(scratch_dir=str(tmp_path / "scratch"), connections=2),
+        retention=RetentionSection(keep_last=3),
     )
     assert load_config(write(tmp_path, render_toml(cfg))) == cfg
 

@@ -27,7 +27,7 @@ from agent.events import (
 
 A = DomainRef(name="a", uuid="00000000-0000-0000-0000-00000000000a")
 B = DomainRef(name="b", uuid="00000000-0000-0000-0000-00000000000b")
-CTX: Any = HandlerContext(connection=None, domains=None, chains=None)  # type: ignore[arg-type]
+CTX: Any = HandlerContext(connection=None, domains=None, chains=None, backups=None)  # type: ignore[arg-type]
 
 
 def started(ref: DomainRef, detail: str = "booted") -> Lifecycle:

@@ -1,0 +1,534 @@
+"""One backup of one domain: plan, begin, copy, end, publish; or undo everything.
+
+:meth:`Backups.run` in steps:
+
+1. **Plan** per disk, full or incremental and why (:mod:`agent.backup_plan`); refuse
+   before touching anything if the scratch or repository filesystem cannot hold the
+   worst case (every disk copied, every block rewritten by the guest meanwhile).
+2. **Intent.** Write ``<state_dir>/run/jobs/<uuid>.json`` naming the checkpoint,
+   staging directory, socket and scratch files this job will create, so that an agent
+   killed at any later point finds and removes them at its next start (:meth:`recover`).
+3. **Begin** a pull-mode backup (``virDomainBackupBegin``) that creates the new
+   checkpoint in the same QEMU transaction; record the checkpoint (pending).
+4. **Copy** each disk, disks in parallel, from QEMU's NBD export (Unix socket in the
+   agent's private directory) into a staged repository image served by a local
+   qemu-nbd (:mod:`agent.copy`).
+5. **End** the job (``virDomainAbortJob``: for pull mode this is the normal end) and
+   wait for ``JOB_COMPLETED``.
+6. **Publish** the backup atomically with its manifest, mark the checkpoint backed up
+   (which prunes older ones), apply retention, drop the intent.
+
+If anything fails or is cancelled after step 2, the job is aborted, the new checkpoint
+deleted (the older one still covers everything since it), the staged files removed:
+nothing half-written is published, and the next backup is correct.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libvirt
+from lxml import etree
+
+from agent.backup_plan import BackupMode, BackupPlan, DiskPlan, RepositoryTip, plan_backup
+from agent.chain import new_checkpoint_name
+from agent.checkpoints import Chains
+from agent.config import AgentConfig
+from agent.connection import VirtConnection
+from agent.copy import RateLimit, copy_runs, runs_to_copy
+from agent.domains import Domains
+from agent.errors import AgentError, BackupError, RepositorySpaceError, VirtError
+from agent.events import JobCompleted
+from agent.faults import Faults, no_faults
+from agent.inventory import DomainInfo
+from agent.logs import get_logger
+from agent.nbd import Extent, NbdClient, connect_many, extents
+from agent.qemu_nbd import serve_image
+from agent.repository import DiskManifest, Manifest, Repository
+
+log = get_logger("backup")
+
+ALLOCATION = "base:allocation"
+
+
+@dataclass(frozen=True, slots=True)
+class BackupResult:
+    backup_id: str
+    domain: str
+    checkpoint: str
+    disks: tuple[DiskManifest, ...]
+    seconds: float
+
+    @property
+    def bytes_copied(self) -> int:
+        return sum(d.bytes_copied for d in self.disks)
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """What one running job created, so it can be undone (also written as the intent)."""
+
+    uuid: str
+    domain: str
+    backup_id: str
+    checkpoint: str
+    staging: Path
+    socket: Path
+    scratch: Mapping[str, Path]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "uuid": self.uuid,
+                "domain": self.domain,
+                "backup_id": self.backup_id,
+                "checkpoint": self.checkpoint,
+                "staging": str(self.staging),
+                "socket": str(self.socket),
+                "scratch": {t: str(p) for t, p in self.scratch.items()},
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> _Job:
+        data = json.loads(text)
+        return cls(
+            uuid=data["uuid"],
+            domain=data["domain"],
+            backup_id=data["backup_id"],
+            checkpoint=data["checkpoint"],
+            staging=Path(data["staging"]),
+            socket=Path(data["socket"]),
+            scratch={t: Path(p) for t, p in data["scratch"].items()},
+        )
+
+
+Progress = Callable[[int, int], None]
+
+
+class Backups:
+    """Backup jobs of this host (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        connection: VirtConnection,
+        domains: Domains,
+        chains: Chains,
+        repository: Repository,
+        *,
+        faults: Faults = no_faults,
+    ) -> None:
+        self._config = config
+        self._connection = connection
+        self._domains = domains
+        self._chains = chains
+        self.repository = repository
+        self._faults = faults
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._completions: dict[str, asyncio.Future[Mapping[str, Any]]] = {}
+
+    # -- events ----------------------------------------------------------------------
+
+    def job_completed(self, event: JobCompleted) -> None:
+        """Called by the JOB_COMPLETED handler: wakes the job waiting for this domain."""
+        future = self._completions.get(event.domain.uuid)
+        if future is not None and not future.done():
+            future.set_result(dict(event.stats))
+
+    # -- the job ---------------------------------------------------------------------
+
+    async def run(
+        self, uuid: str, mode: BackupMode = BackupMode.AUTO, *, progress: Progress | None = None
+    ) -> BackupResult:
+        lock = self._locks.setdefault(uuid, asyncio.Lock())
+        if lock.locked():
+            raise BackupError("a backup of this domain is already running", code="busy")
+        async with lock:
+            return await asyncio.wait_for(
+                self._run(uuid, mode, progress), self._config.backup.job_timeout
+            )
+
+    async def _run(self, uuid: str, mode: BackupMode, progress: Progress | None) -> BackupResult:
+        started = time.monotonic()
+        info = await self._domains.refresh(uuid)
+        if info is None or not info.state.active:
+            raise BackupError("the domain is not running", code="domain-not-running")
+        plan = await self._plan(info, mode)
+        await self._check_space(plan)
+        backup_id = self.repository.new_backup_id()
+        staging = await self.repository.stage(info.name, backup_id)
+        job = self._new_job(info, plan, backup_id, staging)
+        await self._write_intent(job)
+        try:
+            manifest = await self._execute(info, plan, job, progress)
+        except BaseException as exc:
+            await asyncio.shield(self._undo(job))
+            if isinstance(exc, AgentError) and not isinstance(exc, BackupError):
+                raise BackupError(
+                    f"backup of {info.name} failed: {exc}", code="copy-failed", domain=info.name
+                ) from exc
+            raise
+        await self._finish(info, job)
+        log.info(
+            "backup done",
+            backup_id=job.backup_id,
+            seconds=round(time.monotonic() - started, 3),
+            disks={d.target: (d.mode, d.reason) for d in manifest.disks},
+        )
+        return BackupResult(
+            job.backup_id, info.name, job.checkpoint, manifest.disks, time.monotonic() - started
+        )
+
+    async def _plan(self, info: DomainInfo, mode: BackupMode) -> BackupPlan:
+        records = await self._chains.ledger.checkpoints(info.name)
+        chains = await self._chains.ledger.disk_chains(info.name)
+        latest = await self.repository.latest(info.name)
+        tip = None
+        if latest is not None:
+            tip = RepositoryTip(
+                latest.backup_id, latest.checkpoint, frozenset(d.target for d in latest.disks)
+            )
+        plan = plan_backup(info, records, chains, tip, mode)
+        for disk in plan.disks:
+            if disk.full and disk.reason not in (None, "full-requested"):
+                log.info("full backup of disk", disk=disk.target, reason=disk.reason)
+        return plan
+
+    async def _check_space(self, plan: BackupPlan) -> None:
+        """Worst case: every disk copied whole, and every block rewritten during the copy."""
+        worst = sum(d.size for d in plan.disks)
+        scratch, repository = self._config.scratch_path, self.repository.root
+        for path in (scratch, repository):
+            await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
+        checks = [
+            ("scratch directory", scratch, await asyncio.to_thread(_free_bytes, scratch)),
+            ("repository", repository, await self.repository.free_bytes()),
+        ]
+        for what, path, free in checks:
+            if free < worst:
+                raise RepositorySpaceError(
+                    f"{what} {path} has {free} bytes free, a backup of {plan.domain} may need "
+                    f"{worst}; refusing to start",
+                    path=str(path),
+                )
+
+    def _new_job(self, info: DomainInfo, plan: BackupPlan, backup_id: str, staging: Path) -> _Job:
+        return _Job(
+            uuid=info.uuid,
+            domain=info.name,
+            backup_id=backup_id,
+            checkpoint=new_checkpoint_name(),
+            staging=staging,
+            socket=self._config.socket_path / f"backup-{info.uuid[:8]}.sock",
+            scratch={
+                d.target: self._config.scratch_path / f"{info.uuid}-{d.target}.qcow2"
+                for d in plan.disks
+            },
+        )
+
+    async def _execute(
+        self, info: DomainInfo, plan: BackupPlan, job: _Job, progress: Progress | None
+    ) -> Manifest:
+        created = time.time()
+        completion = asyncio.get_running_loop().create_future()
+        self._completions[info.uuid] = completion
+        try:
+            await self._connection.call(
+                "begin backup",
+                _begin,
+                info.uuid,
+                _backup_xml(plan, job),
+                _checkpoint_xml(plan, job),
+            )
+            self._faults("backup:begun")
+            checkpoint = await self._chains.record(info, job.checkpoint)
+            disks = await self._copy_all(plan, job, progress)
+            self._faults("backup:copied")
+            await self._end_job(info, completion)
+        finally:
+            self._completions.pop(info.uuid, None)
+        parent = (
+            await self.repository.backup(info.name, plan.parent_backup)
+            if plan.parent_backup
+            else None
+        )
+        manifest = Manifest(
+            backup_id=job.backup_id,
+            domain=info.name,
+            domain_uuid=info.uuid,
+            created_at=created,
+            completed_at=time.time(),
+            parent=parent.backup_id if parent is not None else None,
+            checkpoint=job.checkpoint,
+            checkpoint_xml=checkpoint.xml,
+            domain_xml=await self._connection.call("read domain XML", _domain_xml, info.uuid),
+            disks=disks,
+        )
+        await self.repository.publish(info.name, job.staging, manifest)
+        self._faults("backup:published")
+        return manifest
+
+    async def _copy_all(
+        self, plan: BackupPlan, job: _Job, progress: Progress | None
+    ) -> tuple[DiskManifest, ...]:
+        parent = (
+            await self.repository.backup(plan.domain, plan.parent_backup)
+            if plan.parent_backup
+            else None
+        )
+        limit = (
+            RateLimit(self._config.backup.bandwidth_limit)
+            if self._config.backup.bandwidth_limit
+            else None
+        )
+        tally = _Tally(progress, faults=self._faults)
+        copies = [self._copy_disk(disk, job, parent, limit, tally) for disk in plan.disks]
+        return tuple(await asyncio.gather(*copies))
+
+    async def _copy_disk(
+        self,
+        disk: DiskPlan,
+        job: _Job,
+        parent: Manifest | None,
+        limit: RateLimit | None,
+        tally: _Tally,
+    ) -> DiskManifest:
+        settings = self._config.backup
+        contexts = [ALLOCATION] + ([] if disk.full else [f"qemu:dirty-bitmap:backup-{disk.target}"])
+        sources = await connect_many(
+            settings.connections, socket_path=job.socket, export=disk.target, meta_contexts=contexts
+        )
+        try:
+            size = sources[0].info.size
+            allocation = [e async for e in extents(sources[0], ALLOCATION)]
+            dirty: list[Extent] | None = None
+            if not disk.full:
+                dirty = [e async for e in extents(sources[0], contexts[1])]
+            runs = runs_to_copy(allocation, dirty)
+            tally.expect(sum(r.length for r in runs))
+            image, backing = await self.repository.create_image(
+                job.staging, disk.target, size, backing=None if disk.full else parent
+            )
+            socket = self._config.socket_path / f"target-{job.uuid[:8]}-{disk.target}.sock"
+            # An overlay is served with its backing: a write covering part of a cluster
+            # must be completed from the parent backup's data, not with zeroes.
+            async with serve_image(job.staging / image, socket, backing=not disk.full) as served:
+                target = await NbdClient.connect(socket_path=served)
+                try:
+                    checksums = await copy_runs(
+                        sources,
+                        target,
+                        runs,
+                        request_size=settings.request_size,
+                        in_flight=settings.in_flight,
+                        punch_holes=disk.full,
+                        limit=limit,
+                        progress=tally.add,
+                    )
+                    await target.flush()
+                finally:
+                    await target.close()
+        finally:
+            for source in sources:
+                await source.close()
+        return DiskManifest(
+            target=disk.target,
+            image=image,
+            mode=disk.mode,
+            reason=disk.reason,
+            virtual_size=size,
+            bytes_copied=sum(r.length for r in runs),
+            backing=backing,
+            checksums=tuple(checksums),
+        )
+
+    async def _end_job(
+        self, info: DomainInfo, completion: asyncio.Future[Mapping[str, Any]]
+    ) -> None:
+        await self._connection.call("end backup job", _abort_job, info.uuid)
+        try:
+            stats = await asyncio.wait_for(completion, self._config.libvirt.call_timeout)
+        except TimeoutError:
+            stats = await self._connection.call("read job stats", _completed_stats, info.uuid)
+        if not stats.get("success", False):
+            raise BackupError(
+                f"libvirt reported the backup job failed: {stats.get('errmsg')}",
+                code="job-failed",
+                domain=info.name,
+            )
+
+    async def _finish(self, info: DomainInfo, job: _Job) -> None:
+        await self._chains.backup_succeeded(info.name, job.checkpoint)
+        keep = self._config.retention.keep_last
+        if keep:
+            dropped = await self.repository.apply_retention(info.name, keep)
+            if dropped:
+                log.info("retention dropped backups", dropped=dropped)
+        await self._drop_intent(job)
+
+    # -- undo and recovery -------------------------------------------------------------
+
+    async def _undo(self, job: _Job) -> None:
+        """Remove everything a failed job created; every step tolerates what is gone."""
+        log.warning("backup failed; undoing it", backup_id=job.backup_id, checkpoint=job.checkpoint)
+        with contextlib.suppress(VirtError):
+            await self._connection.call(
+                "abort backup job", _abort_own_job, job.uuid, str(job.socket)
+            )
+        await self._chains.discard_if_recorded(job.domain, job.uuid, job.checkpoint)
+        await self.repository.discard(job.staging)
+        await asyncio.to_thread(_remove_files, [*job.scratch.values(), job.socket])
+        await self._drop_intent(job)
+
+    async def recover(self) -> list[str]:
+        """At start-up: undo the jobs a previous agent left behind (killed mid-way)."""
+        jobs_dir = self._config.run_path / "jobs"
+        intents = await asyncio.to_thread(
+            lambda: sorted(jobs_dir.glob("*.json")) if jobs_dir.exists() else []
+        )
+        undone = []
+        for path in intents:
+            job = _Job.from_json(await asyncio.to_thread(path.read_text))
+            try:
+                await self._undo(job)
+            except VirtError as exc:
+                log.warning(
+                    "could not undo a left-over backup job yet",
+                    backup_id=job.backup_id,
+                    error=str(exc),
+                )
+                continue
+            undone.append(job.backup_id)
+        for stale in await self.repository.cleanup_staging():
+            log.info("removed staged backup left by a crash", path=str(stale))
+        return undone
+
+    async def _write_intent(self, job: _Job) -> None:
+        await asyncio.to_thread(_private_dir, job.socket.parent)
+        await asyncio.to_thread(_write_private, self._intent_path(job), job.to_json())
+
+    async def _drop_intent(self, job: _Job) -> None:
+        await asyncio.to_thread(_remove_files, [self._intent_path(job)])
+
+    def _intent_path(self, job: _Job) -> Path:
+        return self._config.run_path / "jobs" / f"{job.uuid}.json"
+
+
+class _Tally:
+    """Bytes copied so far across the disks of one job; the ``copy:half`` crash point."""
+
+    def __init__(self, progress: Progress | None, faults: Faults) -> None:
+        self._progress = progress
+        self._total = 0
+        self._done = 0
+        self._faults = faults
+
+    def expect(self, amount: int) -> None:
+        """A disk's block status is known: its bytes join the total."""
+        self._total += amount
+
+    def add(self, amount: int) -> None:
+        before, self._done = self._done, self._done + amount
+        if before * 2 < self._total <= self._done * 2:
+            self._faults("copy:half")
+        if self._progress is not None:
+            self._progress(self._done, self._total)
+
+
+def _backup_xml(plan: BackupPlan, job: _Job) -> str:
+    root = etree.Element("domainbackup", mode="pull")
+    if plan.base is not None:
+        etree.SubElement(root, "incremental").text = plan.base
+    etree.SubElement(root, "server", transport="unix", socket=str(job.socket))
+    disks = etree.SubElement(root, "disks")
+    for disk in plan.disks:
+        attrs = {"name": disk.target, "backup": "yes", "type": "file", "backupmode": disk.mode}
+        if not disk.full and disk.since is not None:
+            attrs["incremental"] = disk.since
+        element = etree.SubElement(disks, "disk", attrs)
+        etree.SubElement(element, "scratch", file=str(job.scratch[disk.target]))
+        etree.SubElement(element, "driver", type="qcow2")
+    return etree.tostring(root, encoding="unicode")
+
+
+def _checkpoint_xml(plan: BackupPlan, job: _Job) -> str:
+    root = etree.Element("domaincheckpoint")
+    etree.SubElement(root, "name").text = job.checkpoint
+    disks = etree.SubElement(root, "disks")
+    for disk in plan.disks:
+        etree.SubElement(disks, "disk", name=disk.target, checkpoint="bitmap")
+    return etree.tostring(root, encoding="unicode")
+
+
+def _free_bytes(path: Path) -> int:
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+def _private_dir(path: Path) -> None:
+    # QEMU's backup export listens here: only the agent may reach it.
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+
+
+def _write_private(path: Path, text: str) -> None:
+    # The run directory holds QEMU's backup sockets: only the agent may read it.
+    path.parent.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent.parent, 0o700)
+    path.parent.mkdir(exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def _remove_files(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+# Blocking libvirt calls (worker threads via VirtConnection.call).
+
+
+def _begin(conn: Any, uuid: str, backup_xml: str, checkpoint_xml: str) -> None:
+    conn.lookupByUUIDString(uuid).backupBegin(backup_xml, checkpoint_xml, 0)
+
+
+def _abort_job(conn: Any, uuid: str) -> None:
+    conn.lookupByUUIDString(uuid).abortJob()
+
+
+def _abort_own_job(conn: Any, uuid: str, socket: str) -> None:
+    """Abort the domain's backup job only if it is ours (it exports on our socket)."""
+    try:
+        dom = conn.lookupByUUIDString(uuid)
+        xml = dom.backupGetXMLDesc(0)
+    except libvirt.libvirtError:
+        return  # no domain, or no backup job: nothing to abort
+    if socket in xml:
+        dom.abortJob()
+
+
+def _completed_stats(conn: Any, uuid: str) -> dict[str, Any]:
+    stats = conn.lookupByUUIDString(uuid).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    return dict(stats)
+
+
+def _domain_xml(conn: Any, uuid: str) -> str:
+    return str(conn.lookupByUUIDString(uuid).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))

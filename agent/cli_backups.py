@@ -1,0 +1,158 @@
+"""The operator's backup commands: ``backup``, ``backups``, ``restore``, ``verify``.
+
+``backups``, ``restore`` and ``verify`` read the repository directly and need neither
+libvirt nor a running agent. ``backup`` runs one backup in this process (its own
+libvirt connection), the way the agent runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agent.backup_plan import BackupMode
+from agent.config import AgentConfig
+from agent.errors import AgentError
+from agent.repository import Manifest, Repository
+
+
+class CommandError(AgentError):
+    """The command cannot do what was asked; the message says why."""
+
+
+def _when(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _mode(manifest: Manifest) -> str:
+    modes = {d.mode for d in manifest.disks}
+    return modes.pop() if len(modes) == 1 else "mixed"
+
+
+def list_backups(config: AgentConfig, domain: str, as_json: bool) -> None:
+    manifests = asyncio.run(Repository(config.repository_path).backups(domain))
+    if as_json:
+        print(json.dumps([_summary(m) for m in manifests], indent=2))
+        return
+    if not manifests:
+        raise CommandError(f"no backups of {domain!r} in {config.repository_path}")
+    rows = [["BACKUP", "COMPLETED", "MODE", "BYTES", "PARENT", "DISKS"]]
+    rows += [
+        [
+            m.backup_id,
+            _when(m.completed_at),
+            _mode(m),
+            str(sum(d.bytes_copied for d in m.disks)),
+            m.parent or "-",
+            ",".join(f"{d.target}:{d.mode}" for d in m.disks),
+        ]
+        for m in manifests
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _summary(m: Manifest) -> dict[str, object]:
+    return {
+        "id": m.backup_id,
+        "domain": m.domain,
+        "domain_uuid": m.domain_uuid,
+        "created_at": m.created_at,
+        "completed_at": m.completed_at,
+        "mode": _mode(m),
+        "parent": m.parent,
+        "checkpoint": m.checkpoint,
+        "bytes": sum(d.bytes_copied for d in m.disks),
+        "disks": [
+            {
+                "target": d.target,
+                "mode": d.mode,
+                "reason": d.reason,
+                "bytes": d.bytes_copied,
+                "virtual_size": d.virtual_size,
+                "image": d.image,
+            }
+            for d in m.disks
+        ],
+    }
+
+
+class _Bar:
+    """A progress bar on a terminal; nothing when stderr is not one."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._tty = sys.stderr.isatty()
+
+    def __call__(self, fraction: float) -> None:
+        if self._tty:
+            filled = int(fraction * 40)
+            sys.stderr.write(
+                f"\r{self._label} [{'#' * filled}{'.' * (40 - filled)}] {fraction:6.1%}"
+            )
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self._tty:
+            sys.stderr.write("\n")
+
+
+def restore(
+    config: AgentConfig, domain: str, backup_id: str, disk: str | None, to: Path, fmt: str
+) -> None:
+    repository = Repository(config.repository_path)
+    manifest = asyncio.run(repository.backup(domain, backup_id))
+    targets = [d.target for d in manifest.disks]
+    if disk is not None and disk not in targets:
+        raise CommandError(f"backup {backup_id} has no disk {disk!r} (it has {', '.join(targets)})")
+    if disk is None and len(targets) > 1:
+        to.mkdir(parents=True, exist_ok=True)
+        plan = [(t, to / f"{t}.{fmt}") for t in targets]
+    else:
+        plan = [(disk or targets[0], to)]
+    for target, dest in plan:
+        bar = _Bar(f"{target}")
+        asyncio.run(repository.restore(domain, backup_id, target, dest, fmt=fmt, progress=bar))
+        bar.done()
+        print(f"restored {domain} {target} at {backup_id} to {dest} ({fmt})")
+
+
+def verify(config: AgentConfig, domain: str, backup_id: str | None) -> int:
+    problems = asyncio.run(Repository(config.repository_path).verify(domain, backup_id))
+    for p in problems:
+        where = f" bytes {p.offset}..{p.offset + (p.length or 0)}" if p.offset is not None else ""
+        print(f"{p.backup_id} {p.target} {p.image}{where}: {p.message}")
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print(f"{domain}: all checked backups verified")
+    return 0
+
+
+def backup(config: AgentConfig, domain: str, mode: str) -> None:
+    result = asyncio.run(_backup(config, domain, BackupMode(mode)))
+    print(
+        f"backup {result.backup_id} of {result.domain}: "
+        + ", ".join(
+            f"{d.target} {d.mode}" + (f" ({d.reason})" if d.reason else "") for d in result.disks
+        )
+        + f"; {result.bytes_copied} bytes in {result.seconds:.2f} s"
+    )
+
+
+async def _backup(config: AgentConfig, domain: str, mode: BackupMode):  # type: ignore[no-untyped-def]
+    from agent.service import Agent  # noqa: PLC0415 - libvirt only for this command
+
+    agent = Agent(config)
+    async with agent.started(wait_ready=config.libvirt.call_timeout):
+        info = next((i for i in agent.domains.all().values() if domain in (i.name, i.uuid)), None)
+        if info is None:
+            raise CommandError(f"domain {domain!r} is not in libvirt on {config.libvirt.uri}")
+        bar = _Bar("backup")
+        result = await agent.backups.run(info.uuid, mode, progress=lambda d, t: bar(d / max(t, 1)))
+        bar.done()
+        return result

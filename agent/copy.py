@@ -1,0 +1,175 @@
+"""Where bytes are copied: from QEMU's backup export into the repository image.
+
+:func:`runs_to_copy` turns the export's block status into the ranges to copy:
+
+- full backup: every range ``base:allocation`` does not report as reading zero (the new
+  image reads zero everywhere else, so zero ranges are skipped);
+- incremental: the ranges the ``qemu:dirty-bitmap`` context reports dirty; where they
+  read as zero the target gets explicit zeroes (without punching a hole, which on an
+  overlay would let the older backup's data show through).
+
+:func:`copy_runs` copies them with a fixed pool of workers (``in_flight``), each owning
+one reusable buffer: read into the buffer, hash it in a worker thread (SHA-256 releases
+the GIL, the loop stays free), write it out. Source requests are spread over the
+connections the export allows. A :class:`RateLimit` caps the bytes per second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from agent.nbd import Extent, NbdClient
+from agent.repository import RangeChecksum
+
+STATE_HOLE = 1
+STATE_ZERO = 2
+STATE_DIRTY = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A range to copy; ``zero`` means write zeroes instead of reading."""
+
+    offset: int
+    length: int
+    zero: bool
+
+
+def _clip(extents: Sequence[Extent], start: int, end: int) -> Iterator[Extent]:
+    for e in extents:
+        lo, hi = max(e.offset, start), min(e.offset + e.length, end)
+        if lo < hi:
+            yield Extent(lo, hi - lo, e.flags)
+
+
+def runs_to_copy(allocation: Sequence[Extent], dirty: Sequence[Extent] | None) -> list[Run]:
+    """The runs to copy (see the module docstring); adjacent runs of one kind are merged."""
+    if dirty is None:
+        wanted = [(e.offset, e.offset + e.length) for e in allocation]
+    else:
+        wanted = [(e.offset, e.offset + e.length) for e in dirty if e.flags & STATE_DIRTY]
+    runs: list[Run] = []
+    for start, end in wanted:
+        for e in _clip(allocation, start, end):
+            zero = bool(e.flags & STATE_ZERO)
+            if zero and dirty is None:
+                continue
+            _append(runs, Run(e.offset, e.length, zero))
+    return runs
+
+
+def _append(runs: list[Run], run: Run) -> None:
+    last = runs[-1] if runs else None
+    if last is not None and last.zero == run.zero and last.offset + last.length == run.offset:
+        runs[-1] = Run(last.offset, last.length + run.length, last.zero)
+    else:
+        runs.append(run)
+
+
+def chunks(runs: Sequence[Run], size: int) -> Iterator[Run]:
+    """Runs cut into requests of at most ``size`` bytes (zero runs too: servers cap them)."""
+    for run in runs:
+        for offset in range(run.offset, run.offset + run.length, size):
+            yield Run(offset, min(size, run.offset + run.length - offset), run.zero)
+
+
+class RateLimit:
+    """A token bucket: at most ``rate`` bytes per second, bursts of one second."""
+
+    def __init__(self, rate: int) -> None:
+        self._rate = rate
+        self._tokens = float(rate)
+        self._last = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def take(self, amount: int) -> None:
+        async with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self._rate, self._tokens + (now - self._last) * self._rate)
+            self._last = now
+            self._tokens -= amount
+            if self._tokens < 0:
+                await asyncio.sleep(-self._tokens / self._rate)
+
+
+@dataclass
+class CopyProgress:
+    total: int
+    done: int = 0
+
+
+_ZERO_DIGESTS: dict[int, str] = {}
+
+
+def _zero_digest(length: int) -> str:
+    digest = _ZERO_DIGESTS.get(length)
+    if digest is None:
+        digest = hashlib.sha256(bytes(length)).hexdigest()
+        _ZERO_DIGESTS[length] = digest
+    return digest
+
+
+def _sha256(data: memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def copy_runs(
+    sources: Sequence[NbdClient],
+    target: NbdClient,
+    runs: Sequence[Run],
+    *,
+    request_size: int,
+    in_flight: int,
+    punch_holes: bool,
+    limit: RateLimit | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[RangeChecksum]:
+    """Copy ``runs`` from ``sources`` (one export, several connections) to ``target``.
+
+    Returns the checksum of every range written, in offset order. A failure of any
+    worker cancels the others and is raised; nothing is retried here.
+    """
+    size = min(request_size, *(s.info.max_block for s in sources), target.info.max_block)
+    pending = chunks(runs, size)
+    checksums: list[RangeChecksum] = []
+
+    async def worker(index: int) -> None:
+        source = sources[index % len(sources)]
+        buffer = memoryview(bytearray(size))
+        for run in pending:  # a shared iterator: each chunk goes to exactly one worker
+            if limit is not None:
+                await limit.take(run.length)
+            if run.zero:
+                await target.write_zeroes(run.offset, run.length, punch_hole=punch_holes)
+                digest = _zero_digest(run.length)
+            else:
+                view = buffer[: run.length]
+                await source.read_into(run.offset, view)
+                digest = await asyncio.to_thread(_sha256, view)
+                await target.write(run.offset, view)
+            checksums.append(RangeChecksum(run.offset, run.length, digest))
+            if progress is not None:
+                progress(run.length)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for index in range(max(1, in_flight)):
+                group.create_task(worker(index))
+    except BaseExceptionGroup as failed:
+        # One broken connection fails every worker; the first error is the story.
+        raise _first_cause(failed) from failed
+    checksums.sort(key=lambda c: c.offset)
+    return checksums
+
+
+def _first_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_cause(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]

@@ -1,0 +1,104 @@
+"""A local ``qemu-nbd`` serving one image on a Unix socket, for as long as a block runs.
+
+The backup writes into repository images through it (qemu-nbd knows qcow2; the agent
+only speaks NBD). An incremental overlay must be opened with its backing chain: qcow2
+allocates whole clusters, and a write covering part of one is completed from the
+backing file (with ``backing=False`` that would be zeroes). A full image has none.
+The process is stopped (SIGTERM, then SIGKILL) and reaped on every way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from agent.errors import ImageError
+
+QEMU_NBD = "/usr/bin/qemu-nbd"
+
+
+def _json_filename(image: Path, *, backing: bool) -> str:
+    spec: dict[str, object] = {
+        "driver": "qcow2",
+        "file": {"driver": "file", "filename": str(image)},
+    }
+    if not backing:
+        spec["backing"] = None
+    return "json:" + json.dumps(spec)
+
+
+@contextlib.asynccontextmanager
+async def serve_image(
+    image: Path,
+    socket: Path,
+    *,
+    clients: int = 1,
+    read_only: bool = False,
+    backing: bool = False,
+    timeout: float = 30.0,
+) -> AsyncIterator[Path]:
+    """Serve ``image`` (qcow2) on ``socket`` for up to ``clients`` connections at once."""
+    args = [
+        QEMU_NBD,
+        f"--socket={socket}",
+        f"--shared={clients}",
+        "--persistent",
+        "--cache=writeback",
+        "--discard=unmap",
+        "--detect-zeroes=off",
+    ]
+    if read_only:
+        args.append("--read-only")
+    args.append(_json_filename(image, backing=backing))
+    await asyncio.to_thread(_remove, socket)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as exc:
+        raise ImageError(f"cannot start qemu-nbd: {exc}", image=str(image)) from exc
+    try:
+        await _wait_for_socket(process, socket, image, timeout)
+        yield socket
+    finally:
+        await asyncio.shield(_stop(process, timeout))
+        await asyncio.to_thread(_remove, socket)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+async def _wait_for_socket(
+    process: asyncio.subprocess.Process, socket: Path, image: Path, timeout: float
+) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await asyncio.to_thread(os.path.exists, socket):
+        if process.returncode is not None:
+            assert process.stderr is not None
+            err = (await process.stderr.read()).decode(errors="replace").strip()
+            raise ImageError(f"qemu-nbd exited at start: {err}", image=str(image))
+        if asyncio.get_running_loop().time() > deadline:
+            raise ImageError(f"qemu-nbd did not listen within {timeout:g} s", image=str(image))
+        await asyncio.sleep(0.02)
+
+
+async def _stop(process: asyncio.subprocess.Process, timeout: float) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()

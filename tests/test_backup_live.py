@@ -1,0 +1,410 @@
+"""Backups of real domains, restored and compared byte for byte with what the guest held.
+
+Every test keeps a model of each guest disk (a bytearray): every write the test makes
+through QEMU is applied to the model too, and a snapshot of the model is taken when a
+backup starts. Restoring a backup must give exactly that snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agent.backup_plan import BackupMode
+from agent.config import AgentConfig
+from agent.errors import BackupError, RepositorySpaceError
+from agent.events import LifecycleKind as K
+from agent.faults import CRASH_ENV
+from agent.ledger import CheckpointState
+from agent.repository import Repository
+from tests.harness import RunningAgent, lifecycle, running_agent
+from tests.testbed.domains import DiskSpec, DomainFactory, TestDomain
+
+pytestmark = pytest.mark.libvirt
+
+KiB = 1024
+MiB = 1024 * KiB
+SIZE = 64 * MiB
+
+
+class Guest:
+    """A test domain and the model of what each of its disks holds."""
+
+    def __init__(self, td: TestDomain) -> None:
+        self.td = td
+        self.disks = {target: bytearray(SIZE) for target in td.disk_paths}
+
+    async def write(self, target: str, offset: int, length: int, byte: int) -> None:
+        await asyncio.to_thread(self.td.write_pattern, target, offset, length, byte)
+        self.disks[target][offset : offset + length] = bytes([byte]) * length
+
+    async def zero(self, target: str, offset: int, length: int) -> None:
+        await asyncio.to_thread(
+            self.td.qemu_io,
+            target,
+            f"write -z {offset} {length}",
+            f"wrote {length}/{length} bytes at offset {offset}",
+        )
+        self.disks[target][offset : offset + length] = bytes(length)
+
+    async def discard(self, target: str, offset: int, length: int) -> None:
+        await asyncio.to_thread(
+            self.td.qemu_io,
+            target,
+            f"discard {offset} {length}",
+            f"discard {length}/{length} bytes at offset {offset}",
+        )
+        # Whether a discard zeroes depends on the disk's discard mode: ask the guest.
+        held = await asyncio.to_thread(self.td.read_guest, target, offset, length)
+        self.disks[target][offset : offset + length] = held
+
+    async def flush(self) -> None:
+        """What a guest does before it may lose power: QEMU writes out its qcow2 metadata.
+
+        Without it, killing QEMU loses writes the guest never flushed, and the model of
+        what the disk holds would be wrong, not the backup.
+        """
+        for target in self.disks:
+            device = self.td._qemu_io_device(target)
+            await asyncio.to_thread(self.td.hmp, f'qemu-io -d {device} "flush"')
+            # The monitor runs commands in order: a read after it proves it finished.
+            await asyncio.to_thread(self.td.read_guest, target, 0, 512)
+
+    def attach(self, target: str) -> None:
+        self.disks[target] = bytearray(SIZE)
+
+    def snapshot(self) -> dict[str, bytes]:
+        return {t: bytes(d) for t, d in self.disks.items()}
+
+
+def config(tmp_path: Path, **sections: dict[str, object]) -> AgentConfig:
+    data: dict[str, object] = {
+        "agent": {"state_dir": str(tmp_path / "state")},
+        "libvirt": {"reconnect_initial_delay": 0.2, "reconnect_max_delay": 2.0},
+        "repository": {"path": str(tmp_path / "repo")},
+    }
+    data.update(sections)
+    return AgentConfig.model_validate(data)
+
+
+async def assert_restores(
+    repo: Repository, domain: str, backup_id: str, expected: dict[str, bytes], tmp_path: Path
+) -> None:
+    for target, content in expected.items():
+        dest = tmp_path / f"restore-{backup_id}-{target}.raw"
+        await repo.restore(domain, backup_id, target, dest, fmt="raw")
+        restored = await asyncio.to_thread(dest.read_bytes)
+        await asyncio.to_thread(dest.unlink)
+        if restored != content:
+            first = (
+                next(i for i, (a, b) in enumerate(zip(restored, content, strict=True)) if a != b)
+                if len(restored) == len(content)
+                else -1
+            )
+            pytest.fail(f"{backup_id} {target}: restored image differs at byte {first}")
+
+
+async def started_guest(
+    run: RunningAgent, factory: DomainFactory, disks: list[DiskSpec], *, persistent: bool = True
+) -> Guest:
+    td = await asyncio.to_thread(factory, persistent=persistent, disks=disks)
+    await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+    return Guest(td)
+
+
+TWO_DISKS = [DiskSpec("vda", "virtio"), DiskSpec("sda", "scsi")]
+
+
+async def test_full_and_two_incrementals_restore_bit_for_bit(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    async with running_agent(config(tmp_path)) as run:
+        guest = await started_guest(run, domain_factory, TWO_DISKS)
+        backups, repo = run.agent.backups, run.agent.backups.repository
+        await guest.write("vda", 0, 1 * MiB, 0xA1)
+        await guest.write("vda", 10 * MiB, 64 * KiB, 0xA2)
+        await guest.write("sda", 5 * MiB, 256 * KiB, 0xB1)
+        points = [guest.snapshot()]
+        first = await backups.run(guest.td.uuid, BackupMode.AUTO)
+        assert {(d.target, d.mode, d.reason) for d in first.disks} == {
+            ("vda", "full", "first-backup"),
+            ("sda", "full", "first-backup"),
+        }
+
+        await guest.write("vda", 64 * KiB - 512, 1024, 0xC1)  # straddles a cluster boundary
+        await guest.write("vda", 30 * MiB, 1 * MiB, 0xC2)
+        await guest.discard("vda", 256 * KiB, 128 * KiB)
+        await guest.zero("sda", 5 * MiB + 64 * KiB, 64 * KiB)
+        points.append(guest.snapshot())
+        second = await backups.run(guest.td.uuid, BackupMode.INCREMENTAL)
+        assert {d.mode for d in second.disks} == {"incremental"}
+        assert second.bytes_copied <= 2 * MiB  # the changed clusters, not the disks
+
+        await guest.write("vda", 63 * MiB, 1 * MiB, 0xD1)  # the last MiB of the disk
+        await guest.write("sda", 0, 4 * KiB, 0xD2)
+        points.append(guest.snapshot())
+        third = await backups.run(guest.td.uuid, BackupMode.AUTO)
+        assert {d.mode for d in third.disks} == {"incremental"}
+
+        manifests = await repo.backups(guest.td.name)
+        assert [m.backup_id for m in manifests] == [
+            first.backup_id,
+            second.backup_id,
+            third.backup_id,
+        ]
+        assert [m.parent for m in manifests] == [None, first.backup_id, second.backup_id]
+        for manifest, expected in zip(manifests, points, strict=True):
+            await assert_restores(repo, guest.td.name, manifest.backup_id, expected, tmp_path)
+        assert await repo.verify(guest.td.name) == []
+        # Only the newest checkpoint stays in libvirt; the ledger knows all three.
+        records = await run.agent.chains.ledger.checkpoints(guest.td.name)
+        assert [r.state for r in records] == [CheckpointState.PRUNED] * 2 + [CheckpointState.ACTIVE]
+        assert [r.name for r in records] == [m.checkpoint for m in manifests]
+
+
+async def test_new_disk_is_full_while_the_other_stays_incremental(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    async with running_agent(config(tmp_path)) as run:
+        guest = await started_guest(run, domain_factory, [DiskSpec("vda", "virtio")])
+        backups, repo = run.agent.backups, run.agent.backups.repository
+        await guest.write("vda", 2 * MiB, 64 * KiB, 0x11)
+        await backups.run(guest.td.uuid)
+        image = await asyncio.to_thread(guest.td.create_image, "sdb")
+        await asyncio.to_thread(guest.td.attach_scsi_disk, "sdb", image)
+        guest.attach("sdb")
+        await guest.write("sdb", 7 * MiB, 128 * KiB, 0x22)
+        await guest.write("vda", 3 * MiB, 64 * KiB, 0x33)
+        expected = guest.snapshot()
+        second = await backups.run(guest.td.uuid)
+        assert {(d.target, d.mode, d.reason) for d in second.disks} == {
+            ("vda", "incremental", None),
+            ("sdb", "full", "disk-added"),
+        }
+        await assert_restores(repo, guest.td.name, second.backup_id, expected, tmp_path)
+
+
+async def test_inconsistent_bitmaps_make_the_next_backup_full(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    async with running_agent(config(tmp_path)) as run:
+        guest = await started_guest(run, domain_factory, TWO_DISKS)
+        backups, repo = run.agent.backups, run.agent.backups.repository
+        await guest.write("vda", 0, 64 * KiB, 0x44)
+        await backups.run(guest.td.uuid)
+        await guest.flush()
+        await asyncio.to_thread(guest.td.crash)
+        await run.recorder.wait_for(lifecycle(guest.td.uuid, K.STOPPED, "failed"))
+        mark = run.recorder.mark()
+        await asyncio.to_thread(guest.td.start)
+        await run.recorder.wait_for(lifecycle(guest.td.uuid, K.STARTED, "booted"), since=mark)
+        await guest.write("sda", 9 * MiB, 64 * KiB, 0x55)
+        with pytest.raises(BackupError) as refused:
+            await backups.run(guest.td.uuid, BackupMode.INCREMENTAL)
+        assert refused.value.code == "chain-broken" and "bitmap-inconsistent" in str(refused.value)
+        expected = guest.snapshot()
+        result = await backups.run(guest.td.uuid, BackupMode.AUTO)
+        assert {(d.target, d.mode, d.reason) for d in result.disks} == {
+            ("vda", "full", "bitmap-inconsistent"),
+            ("sda", "full", "bitmap-inconsistent"),
+        }
+        await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
+        # The full backup started a new chain: the next one is incremental again.
+        await guest.write("vda", 1 * MiB, 64 * KiB, 0x66)
+        expected = guest.snapshot()
+        after = await backups.run(guest.td.uuid, BackupMode.INCREMENTAL)
+        await assert_restores(repo, guest.td.name, after.backup_id, expected, tmp_path)
+
+
+def _leftovers(cfg: AgentConfig) -> list[Path]:
+    places = [cfg.run_path / "jobs", cfg.scratch_path, cfg.repository_path]
+    found = []
+    for place in places:
+        if place.exists():
+            found += [
+                p
+                for p in place.rglob("*")
+                if p.is_file()
+                and ("jobs" in p.parts or p.parent == cfg.scratch_path or ".staging" in p.parts)
+            ]
+    return found
+
+
+async def test_agent_killed_halfway_through_the_copy(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    cfg = config(tmp_path, backup={"bandwidth_limit": 32 * MiB})
+    config_file = tmp_path / "agent.toml"
+    config_file.write_text(
+        f'[agent]\nstate_dir = "{cfg.agent.state_dir}"\n'
+        f'[repository]\npath = "{cfg.repository_path}"\n'
+        f"[backup]\nbandwidth_limit = {32 * MiB}\n"
+    )
+    async with running_agent(cfg) as run:
+        guest = await started_guest(run, domain_factory, TWO_DISKS)
+        await guest.write("vda", 0, 8 * MiB, 0x71)
+        await guest.write("sda", 0, 8 * MiB, 0x72)
+        await run.agent.backups.run(guest.td.uuid)
+        await guest.write("vda", 16 * MiB, 8 * MiB, 0x73)
+        await guest.write("sda", 16 * MiB, 8 * MiB, 0x74)
+        expected = guest.snapshot()
+    # Another agent process runs the next backup and is killed (SIGKILL) half-way.
+    killed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "agent", "backup", guest.td.name, "--config", str(config_file)],
+        env={**os.environ, CRASH_ENV: "copy:half"},
+        capture_output=True,
+        timeout=120,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert _leftovers(cfg), "the killed job left nothing behind; it cannot have been mid-copy"
+    async with running_agent(cfg) as run:  # start-up undoes the killed job
+        assert _leftovers(cfg) == []
+        jobs = await asyncio.to_thread(guest.td.dom().jobInfo)
+        assert jobs[0] == 0, "the killed agent's libvirt backup job is still there"
+        result = await run.agent.backups.run(guest.td.uuid)
+        assert {d.mode for d in result.disks} == {"incremental"}
+        repo = run.agent.backups.repository
+        await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
+        assert len(await repo.backups(guest.td.name)) == 2
+
+
+async def test_qemu_killed_during_the_backup(domain_factory: DomainFactory, tmp_path: Path) -> None:
+    cfg = config(tmp_path, backup={"bandwidth_limit": 16 * MiB})
+    async with running_agent(cfg) as run:
+        guest = await started_guest(run, domain_factory, TWO_DISKS)
+        backups, repo = run.agent.backups, run.agent.backups.repository
+        await guest.write("vda", 0, 16 * MiB, 0x81)
+        await backups.run(guest.td.uuid)
+        await guest.write("sda", 0, 16 * MiB, 0x82)
+        await guest.flush()
+        halfway = asyncio.Event()
+        job = asyncio.create_task(
+            backups.run(
+                guest.td.uuid, progress=lambda done, total: done * 3 > total and halfway.set()
+            )
+        )
+        await asyncio.wait_for(halfway.wait(), 60)
+        await asyncio.to_thread(guest.td.crash)
+        with pytest.raises(BackupError):
+            await job
+        assert _leftovers(cfg) == []
+        assert len(await repo.backups(guest.td.name)) == 1
+        mark = run.recorder.mark()
+        await asyncio.to_thread(guest.td.start)
+        await run.recorder.wait_for(lifecycle(guest.td.uuid, K.STARTED, "booted"), since=mark)
+        expected = guest.snapshot()
+        result = await backups.run(guest.td.uuid)
+        assert {(d.mode, d.reason) for d in result.disks} == {("full", "bitmap-inconsistent")}
+        await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
+
+
+def flip_byte(image: Path, guest_offset: int) -> None:
+    """Corrupt the byte the guest sees at ``guest_offset`` inside the qcow2 file itself."""
+    mapping = subprocess.run(
+        ["qemu-img", "map", "--output=json", str(image)], check=True, capture_output=True, text=True
+    ).stdout
+    extent = next(
+        e
+        for e in json.loads(mapping)
+        if e["data"] and e["start"] <= guest_offset < e["start"] + e["length"]
+    )
+    host = extent["offset"] + (guest_offset - extent["start"])
+    with open(image, "r+b") as handle:
+        handle.seek(host)
+        byte = handle.read(1)
+        handle.seek(host)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+@contextlib.asynccontextmanager
+async def tmpfs(path: Path, size: str) -> AsyncIterator[Path]:
+    await asyncio.to_thread(path.mkdir)
+    await asyncio.to_thread(
+        subprocess.run,
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        check=True,
+    )
+    try:
+        yield path
+    finally:
+        await asyncio.to_thread(subprocess.run, ["umount", "-l", str(path)], check=True)
+
+
+async def test_repository_too_small_is_refused_before_anything_starts(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    async with tmpfs(tmp_path / "small", "32M") as small:
+        cfg = config(tmp_path, repository={"path": str(small / "repo")})
+        async with running_agent(cfg) as run:
+            guest = await started_guest(run, domain_factory, TWO_DISKS)
+            await guest.write("vda", 0, 1 * MiB, 0x91)
+            with pytest.raises(RepositorySpaceError) as refused:
+                await run.agent.backups.run(guest.td.uuid)
+            assert str(small / "repo") in str(refused.value) and "refusing" in str(refused.value)
+            assert await asyncio.to_thread(guest.td.dom().listAllCheckpoints) == []
+            assert _leftovers(cfg) == []
+            await asyncio.to_thread(
+                subprocess.run, ["mount", "-o", "remount,size=512M", str(small)], check=True
+            )
+            expected = guest.snapshot()
+            result = await run.agent.backups.run(guest.td.uuid)
+            repo = run.agent.backups.repository
+            await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
+
+
+async def test_verify_names_a_corrupted_byte(domain_factory: DomainFactory, tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    async with running_agent(cfg) as run:
+        guest = await started_guest(run, domain_factory, [DiskSpec("vda", "virtio")])
+        await guest.write("vda", 4 * MiB, 64 * KiB, 0xE1)
+        result = await run.agent.backups.run(guest.td.uuid)
+    image = cfg.repository_path / guest.td.name / "backups" / result.backup_id / "vda.qcow2"
+    await asyncio.to_thread(flip_byte, image, 4 * MiB + 1000)
+    config_file = tmp_path / "agent.toml"
+    config_file.write_text(
+        f'[agent]\nstate_dir = "{cfg.agent.state_dir}"\n'
+        f'[repository]\npath = "{cfg.repository_path}"\n'
+    )
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "agent", "verify", guest.td.name, "--config", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 1
+    assert str(image) in out.stdout or "vda.qcow2" in out.stdout
+    assert str(4 * MiB) in out.stdout, out.stdout
+
+
+async def test_retention_keeps_the_last_two_restorable(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    cfg = config(tmp_path, retention={"keep_last": 2})
+    async with running_agent(cfg) as run:
+        guest = await started_guest(run, domain_factory, TWO_DISKS)
+        backups, repo = run.agent.backups, run.agent.backups.repository
+        points = {}
+        for i in range(5):
+            await guest.write("vda", i * 4 * MiB, 1 * MiB, 0x10 + i)
+            await guest.write("sda", (i * 4 + 1) * MiB, 64 * KiB, 0x20 + i)
+            points[(await backups.run(guest.td.uuid)).backup_id] = guest.snapshot()
+        kept = await repo.backups(guest.td.name)
+        assert [m.backup_id for m in kept] == list(points)[-2:]
+        assert kept[0].parent is None
+        for manifest in kept:
+            await assert_restores(
+                repo, guest.td.name, manifest.backup_id, points[manifest.backup_id], tmp_path
+            )
+        assert await repo.verify(guest.td.name) == []

@@ -1,0 +1,681 @@
+"""Tests for agent.repository with the real qemu-img and qemu-io, on images in tmp_path.
+
+Backups are built the way the backup job builds them: stage, create_image (full, then
+overlays), write known patterns into the staged images, publish with their checksums.
+Staging is a sibling of the published backups, so a staged overlay's relative backing
+path resolves and qemu-io opens it normally, with its chain: a write into part of a
+cluster then copies the rest of the cluster from the backing image (one of the writes
+below does that on purpose). Every test compares restored disks byte for byte with the
+content the test itself tracked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import images
+from agent.errors import BackupNotFoundError, RepositoryError
+from agent.faults import SimulatedCrash
+from agent.repository import (
+    BACKUP_ID_RE,
+    DiskManifest,
+    Manifest,
+    RangeChecksum,
+    Repository,
+)
+
+QEMU_IMG = "/usr/bin/qemu-img"
+QEMU_IO = "/usr/bin/qemu-io"
+DOMAIN = "vm1"
+KiB, MiB = 1024, 1024 * 1024
+SIZES = {"vda": 4 * MiB, "vdb": 2 * MiB}
+
+Write = tuple[int, int, int]  # offset, length, byte pattern
+
+
+# --- helpers: the real tools -------------------------------------------------------------
+
+
+def _run(*args: str | Path) -> str:
+    done = subprocess.run(
+        [*map(str, args)], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _write(image: Path, offset: int, length: int, pattern: int) -> None:
+    _run(QEMU_IO, "-f", "qcow2", "-c", f"write -q -P {pattern:#x} {offset} {length}", image)
+
+
+def _info(image: Path) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(_run(QEMU_IMG, "info", "--output=json", "-U", image))
+    return result
+
+
+def _host_offset(image: Path, guest: int) -> int:
+    """Where guest offset ``guest`` of ``image``'s own layer lies in the qcow2 file."""
+    for extent in json.loads(_run(QEMU_IMG, "map", "--output=json", "-f", "qcow2", image)):
+        if extent["start"] <= guest < extent["start"] + extent["length"]:
+            assert extent["depth"] == 0 and "offset" in extent, extent
+            return int(extent["offset"]) + guest - int(extent["start"])
+    raise AssertionError(f"{guest} not mapped in {image}")
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    with path.open("r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)
+        file.seek(offset)
+        file.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _sha(pattern: int, length: int) -> str:
+    return hashlib.sha256(bytes([pattern]) * length).hexdigest()
+
+
+def _edit_manifest(directory: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    path = directory / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+# --- helpers: building backups the way the job does --------------------------------------
+
+
+@dataclass
+class Builder:
+    """Publishes backups into ``repo`` and remembers every disk's content at every point."""
+
+    repo: Repository
+    domain: str = DOMAIN
+    content: dict[str, bytearray] = field(default_factory=dict)
+    points: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    ids: list[str] = field(default_factory=list)
+
+    async def backup(
+        self,
+        writes: dict[str, list[Write]],
+        *,
+        full: Iterable[str] = (),
+        reason: str | None = None,
+        compress: bool = False,
+    ) -> Manifest:
+        parent = await self.repo.latest(self.domain)
+        backup_id = self.repo.new_backup_id()
+        staging = await self.repo.stage(self.domain, backup_id)
+        disks = []
+        for target, target_writes in writes.items():
+            fresh = parent is None or target in full or parent.disk(target) is None
+            base = None if fresh else parent
+            image, backing = await self.repo.create_image(
+                staging, target, SIZES[target], backing=base
+            )
+            if fresh:
+                self.content[target] = bytearray(SIZES[target])
+            for offset, length, pattern in target_writes:
+                _write(staging / image, offset, length, pattern)
+                self.content[target][offset : offset + length] = bytes([pattern]) * length
+            if compress:
+                packed = staging / "packed.qcow2"
+                _run(QEMU_IMG, "convert", "-c", "-O", "qcow2", staging / image, packed)
+                packed.replace(staging / image)
+            disks.append(
+                self._disk(target, image, backing, target_writes, fresh=fresh, reason=reason)
+            )
+        manifest = Manifest(
+            backup_id=backup_id,
+            domain=self.domain,
+            domain_uuid="6b0bb1c1-4a40-4d5e-9a8a-0e9e4d0f2c11",
+            created_at=1_700_000_000.0 + len(self.ids),
+            completed_at=1_700_000_000.5 + len(self.ids),
+            parent=None if parent is None else parent.backup_id,
+            checkpoint=f"cp-{len(self.ids)}",
+            checkpoint_xml="<domaincheckpoint/>",
+            domain_xml="<domain/>",
+            disks=tuple(disks),
+        )
+        await self.repo.publish(self.domain, staging, manifest)
+        self.ids.append(backup_id)
+        self.points[backup_id] = {t: bytes(self.content[t]) for t in writes}
+        return manifest
+
+    def _disk(
+        self,
+        target: str,
+        image: str,
+        backing: str | None,
+        writes: list[Write],
+        *,
+        fresh: bool,
+        reason: str | None,
+    ) -> DiskManifest:
+        return DiskManifest(
+            target=target,
+            image=image,
+            mode="full" if fresh else "incremental",
+            reason=(reason or "first-backup") if fresh else None,
+            virtual_size=SIZES[target],
+            bytes_copied=sum(length for _, length, _ in writes),
+            backing=backing,
+            checksums=tuple(RangeChecksum(o, n, _sha(p, n)) for o, n, p in writes),
+        )
+
+
+# b0 full; b1 writes part of a cluster whose backing holds data (copy-on-write through the
+# staged chain); b2 backs vdb up in full again (its chain broke); b3, b4 incremental.
+FIVE: list[tuple[dict[str, list[Write]], set[str]]] = [
+    ({"vda": [(0, MiB, 0x11), (3 * MiB, 64 * KiB, 0x12)], "vdb": [(0, 512 * KiB, 0x21)]}, set()),
+    (
+        {
+            "vda": [(64 * KiB, 64 * KiB, 0x13), (200_000, 5000, 0x14)],
+            "vdb": [(100_000, 3000, 0x22)],
+        },
+        set(),
+    ),
+    ({"vda": [(MiB, 64 * KiB, 0x15)], "vdb": [(0, 256 * KiB, 0x23)]}, {"vdb"}),
+    ({"vda": [(2 * MiB, 4096, 0x16)], "vdb": [(300_000, 10, 0x24)]}, set()),
+    ({"vda": [(0, 4096, 0x17)], "vdb": [(MiB, 64 * KiB, 0x25)]}, set()),
+]
+
+
+async def _five(root: Path, **kwargs: Any) -> Builder:
+    builder = Builder(Repository(root, **kwargs))
+    for writes, full in FIVE:
+        await builder.backup(writes, full=full, reason="bitmap-inconsistent" if full else None)
+    return builder
+
+
+async def _restored(repo: Repository, backup_id: str, target: str, dest: Path) -> bytes:
+    await repo.restore(DOMAIN, backup_id, target, dest, fmt="raw")
+    data = dest.read_bytes()  # noqa: ASYNC240 - a test helper; nothing else runs meanwhile
+    dest.unlink()  # noqa: ASYNC240
+    return data
+
+
+async def _assert_all_restore(repo: Repository, builder: Builder, scratch: Path) -> list[str]:
+    """Every listed backup restores every disk exactly; returns the listed ids."""
+    listed = [m.backup_id for m in await repo.backups(DOMAIN)]
+    for backup_id in listed:
+        for target, expected in builder.points[backup_id].items():
+            restored = await _restored(repo, backup_id, target, scratch / "point.raw")
+            assert restored == expected, f"{backup_id} {target} differs"
+    return listed
+
+
+def _backups_dir(root: Path) -> Path:
+    return root / DOMAIN / "backups"
+
+
+# --- restore -----------------------------------------------------------------------------
+
+
+async def test_every_point_restores_exactly_as_raw_and_qcow2(tmp_path: Path) -> None:
+    builder = Builder(Repository(tmp_path / "repo"))
+    for writes, _ in FIVE[:3]:
+        await builder.backup({"vda": writes["vda"]})
+    repo = builder.repo
+    assert [m.backup_id for m in await repo.backups(DOMAIN)] == builder.ids
+    for backup_id in builder.ids:
+        expected = builder.points[backup_id]["vda"]
+        assert await _restored(repo, backup_id, "vda", tmp_path / "out.raw") == expected
+        progress: list[float] = []
+        dest = tmp_path / f"{backup_id}.qcow2"
+        await repo.restore(DOMAIN, backup_id, "vda", dest, progress=progress.append)
+        assert progress[-1] == 1.0
+        info = _info(dest)
+        assert info["format"] == "qcow2" and "backing-filename" not in info  # standalone
+        _run(QEMU_IMG, "convert", "-O", "raw", dest, tmp_path / "q.raw")
+        assert (tmp_path / "q.raw").read_bytes() == expected
+        assert not (tmp_path / f"{backup_id}.qcow2.part").exists()
+    # The points really differ, so a restore of the wrong layer could not pass.
+    assert len({builder.points[i]["vda"] for i in builder.ids}) == 3
+
+
+async def test_moved_copy_of_repository_restores_without_the_agent(tmp_path: Path) -> None:
+    builder = Builder(Repository(tmp_path / "repo"))
+    for writes, _ in FIVE[:3]:
+        await builder.backup({"vda": writes["vda"]})
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(tmp_path / "repo", moved)
+    shutil.rmtree(tmp_path / "repo")
+    inc1, inc2 = builder.ids[1:]
+    image = _backups_dir(moved) / inc2 / "vda.qcow2"
+    assert _info(image)["backing-filename"] == f"../{inc1}/vda.qcow2"
+    _run(QEMU_IMG, "convert", "-O", "raw", image, tmp_path / "out.raw")
+    assert (tmp_path / "out.raw").read_bytes() == builder.points[inc2]["vda"]
+
+
+async def test_mixed_backup_with_one_disk_full_and_one_incremental(tmp_path: Path) -> None:
+    builder = Builder(Repository(tmp_path / "repo"))
+    b0 = await builder.backup({"vda": FIVE[0][0]["vda"]})
+    b1 = await builder.backup(
+        {"vda": FIVE[1][0]["vda"], "vdb": FIVE[0][0]["vdb"]}, reason="disk-added"
+    )
+    b2 = await builder.backup({"vda": FIVE[2][0]["vda"], "vdb": FIVE[1][0]["vdb"]})
+    repo = builder.repo
+    vda, vdb = b1.disk("vda"), b1.disk("vdb")
+    assert vda is not None and (vda.mode, vda.reason) == ("incremental", None)
+    assert vdb is not None and (vdb.mode, vdb.reason, vdb.backing) == ("full", "disk-added", None)
+    assert "backing-filename" not in _info(_backups_dir(repo.root) / b1.backup_id / "vdb.qcow2")
+    assert _info(_backups_dir(repo.root) / b2.backup_id / "vdb.qcow2")["backing-filename"] == (
+        f"../{b1.backup_id}/vdb.qcow2"
+    )
+    for manifest in (b1, b2):
+        for target in ("vda", "vdb"):
+            restored = await _restored(repo, manifest.backup_id, target, tmp_path / "out.raw")
+            assert restored == builder.points[manifest.backup_id][target]
+    with pytest.raises(RepositoryError, match="has no disk 'vdb'"):
+        await repo.restore(DOMAIN, b0.backup_id, "vdb", tmp_path / "none.raw")
+
+
+async def test_restore_refuses_existing_destination_and_unknown_backup(tmp_path: Path) -> None:
+    builder = Builder(Repository(tmp_path / "repo"))
+    b0 = await builder.backup({"vda": FIVE[0][0]["vda"]})
+    dest = tmp_path / "taken.raw"
+    dest.write_bytes(b"precious")
+    with pytest.raises(RepositoryError, match=r"taken\.raw") as caught:
+        await builder.repo.restore(DOMAIN, b0.backup_id, "vda", dest, fmt="raw")
+    assert caught.value.path == str(dest)
+    assert dest.read_bytes() == b"precious"
+    with pytest.raises(BackupNotFoundError):
+        await builder.repo.restore(DOMAIN, "20200101T000000Z-000000", "vda", tmp_path / "x.raw")
+    with pytest.raises(BackupNotFoundError):
+        await builder.repo.backup(DOMAIN, "../../etc")
+
+
+async def test_restore_timeout_kills_qemu_img_and_leaves_no_part_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    builder = Builder(Repository(tmp_path / "repo"))
+    b0 = await builder.backup({"vda": FIVE[0][0]["vda"]})
+    stub = tmp_path / "qemu-img"
+    # convert creates its output, then hangs; anything else is the real qemu-img.
+    stub.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = convert ]; then for last; do :; done; : > "$last"; exec sleep 30; fi\n'
+        f'exec {QEMU_IMG} "$@"\n'
+    )
+    stub.chmod(0o755)
+    monkeypatch.setattr(images, "QEMU_IMG", str(stub))
+    repo = Repository(tmp_path / "repo", copy_timeout=0.5)
+    dest = tmp_path / "out.raw"
+    started = time.monotonic()
+    with pytest.raises(RepositoryError, match="no answer within"):
+        await repo.restore(DOMAIN, b0.backup_id, "vda", dest, fmt="raw")
+    assert time.monotonic() - started < 10
+    assert not dest.exists() and not (tmp_path / "out.raw.part").exists()
+
+
+# --- staging and publishing --------------------------------------------------------------
+
+
+async def test_staged_backup_is_invisible_until_published_and_cleanup_removes_it(
+    tmp_path: Path,
+) -> None:
+    builder = Builder(Repository(tmp_path / "repo"))
+    b0 = await builder.backup({"vda": FIVE[0][0]["vda"]})
+    repo = builder.repo
+    staged_id = repo.new_backup_id()
+    staging = await repo.stage(DOMAIN, staged_id)
+    image, backing = await repo.create_image(staging, "vda", SIZES["vda"], backing=b0)
+    assert (image, backing) == ("vda.qcow2", f"../{b0.backup_id}/vda.qcow2")
+    _write(staging / image, 0, 4096, 0x99)
+    assert [m.backup_id for m in await repo.backups(DOMAIN)] == [b0.backup_id]
+    assert (await repo.latest(DOMAIN)) == b0
+    with pytest.raises(BackupNotFoundError):
+        await repo.backup(DOMAIN, staged_id)
+    # A restart after a crash: the agent's start-up cleanup removes the leftover.
+    assert await Repository(tmp_path / "repo").cleanup_staging() == [staging]
+    assert not staging.exists()
+    assert sorted(os.listdir(_backups_dir(repo.root))) == [b0.backup_id]
+    assert await repo.cleanup_staging() == []
+
+
+async def test_publish_refuses_an_existing_backup_id(tmp_path: Path) -> None:
+    builder = Builder(Repository(tmp_path / "repo"))
+    b0 = await builder.backup({"vda": FIVE[0][0]["vda"]})
+    repo = builder.repo
+    with pytest.raises(RepositoryError, match="already exists"):
+        await repo.stage(DOMAIN, b0.backup_id)
+    # Another writer publishes the same id while this one is staging it.
+    new_id = repo.new_backup_id()
+    staging = await repo.stage(DOMAIN, new_id)
+    await repo.create_image(staging, "vda", SIZES["vda"], backing=None)
+    manifest = replace(b0, backup_id=new_id, parent=None)
+    manifest = replace(manifest, disks=(replace(b0.disks[0], checksums=()),))
+    squatter = _backups_dir(repo.root) / new_id
+    squatter.mkdir()
+    (squatter / "vda.qcow2").write_bytes(b"theirs")
+    with pytest.raises(RepositoryError, match="already exists") as caught:
+        await repo.publish(DOMAIN, staging, manifest)
+    assert caught.value.path == str(squatter)
+    assert (squatter / "vda.qcow2").read_bytes() == b"theirs" and staging.is_dir()
+    await repo.discard(staging)
+    assert not staging.exists()
+
+
+async def test_publish_refuses_a_manifest_that_does_not_match_the_images(tmp_path: Path) -> None:
+    builder = Builder(Repository(tmp_path / "repo"))
+    b0 = await builder.backup({"vda": FIVE[0][0]["vda"]})
+    repo = builder.repo
+    new_id = repo.new_backup_id()
+    staging = await repo.stage(DOMAIN, new_id)
+    await repo.create_image(staging, "vda", SIZES["vda"], backing=b0)
+    wrong = replace(b0, backup_id=new_id, parent=b0.backup_id)  # says full, image is an overlay
+    with pytest.raises(RepositoryError, match="has backing"):
+        await repo.publish(DOMAIN, staging, wrong)
+    with pytest.raises(RepositoryError, match="not the staging directory"):
+        await repo.publish(DOMAIN, staging, b0)
+    assert [m.backup_id for m in await repo.backups(DOMAIN)] == [b0.backup_id]
+    with pytest.raises(RepositoryError, match="not a staging directory"):
+        await repo.discard(_backups_dir(repo.root) / b0.backup_id)
+    assert (_backups_dir(repo.root) / b0.backup_id / "manifest.json").is_file()
+    with pytest.raises(RepositoryError, match="has no disk 'vdb'"):
+        await repo.create_image(staging, "vdb", SIZES["vdb"], backing=b0)
+    with pytest.raises(RepositoryError, match="already exists"):
+        await repo.create_image(staging, "vda", SIZES["vda"], backing=None)
+
+
+async def test_ids_listing_order_and_free_space(tmp_path: Path) -> None:
+    repo = Repository(tmp_path / "repo")
+    ids = [repo.new_backup_id() for _ in range(20)]
+    assert all(BACKUP_ID_RE.fullmatch(i) for i in ids) and len(set(ids)) == 20
+    assert await repo.backups(DOMAIN) == [] and await repo.latest(DOMAIN) is None
+    builder = Builder(repo)
+    for writes, _ in FIVE[:3]:
+        await builder.backup({"vda": writes["vda"]})
+    # Listing follows created_at, not the random part of ids made within one second.
+    assert [m.backup_id for m in await repo.backups(DOMAIN)] == builder.ids
+    tmp_path.joinpath("repo").mkdir(exist_ok=True)
+    st = os.statvfs(tmp_path / "repo")
+    assert abs(await repo.free_bytes() - st.f_bavail * st.f_frsize) < 64 * MiB
+
+
+# --- verify ------------------------------------------------------------------------------
+
+
+async def test_verify_finds_a_flipped_byte_in_the_layer_that_holds_it(tmp_path: Path) -> None:
+    builder = await _five(tmp_path / "repo")
+    repo = builder.repo
+    assert await repo.verify(DOMAIN) == []
+    b1 = builder.ids[1]
+    image = _backups_dir(repo.root) / b1 / "vda.qcow2"
+    _flip_byte(image, _host_offset(image, 64 * KiB + 100))
+    problems = await repo.verify(DOMAIN)
+    assert len(problems) == 1
+    problem = problems[0]
+    assert (problem.backup_id, problem.target, problem.image) == (b1, "vda", image)
+    assert (problem.offset, problem.length) == (64 * KiB, 64 * KiB)
+    assert str(image) in problem.message and f"[{64 * KiB}, {128 * KiB})" in problem.message
+    assert await repo.verify(DOMAIN, builder.ids[2]) == []
+
+
+async def test_verify_reports_a_missing_backing_file(tmp_path: Path) -> None:
+    builder = await _five(tmp_path / "repo")
+    repo = builder.repo
+    b0, b1 = builder.ids[:2]
+    gone = _backups_dir(repo.root) / b0 / "vda.qcow2"
+    gone.unlink()
+    problems = await repo.verify(DOMAIN)
+    assert {(p.backup_id, p.target) for p in problems} == {(b0, "vda"), (b1, "vda")}
+    assert all(str(gone) in p.message for p in problems)
+    assert any("backing file" in p.message for p in problems if p.backup_id == b1)
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda d: d["disks"][0].update(virtual_size=8 * MiB), "virtual size"),
+        (
+            lambda d: d["disks"][0].update(backing="../20200101T000000Z-000000/vda.qcow2"),
+            "has backing",
+        ),
+    ],
+    ids=["virtual-size", "backing-path"],
+)
+async def test_verify_compares_image_structure_with_the_manifest(
+    tmp_path: Path, edit: Callable[[dict[str, Any]], None], expected: str
+) -> None:
+    builder = await _five(tmp_path / "repo")
+    b3 = builder.ids[3]
+    _edit_manifest(_backups_dir(builder.repo.root) / b3, edit)
+    problems = await builder.repo.verify(DOMAIN)
+    assert [(p.backup_id, p.target) for p in problems] == [(b3, "vda")]
+    assert expected in problems[0].message
+
+
+async def test_verify_reads_compressed_clusters_through_qemu(tmp_path: Path) -> None:
+    builder = Builder(Repository(tmp_path / "repo"))
+    b0 = await builder.backup({"vda": [(0, 200_000, 0x31), (MiB + 7, 1000, 0x32)]}, compress=True)
+    image = _backups_dir(builder.repo.root) / b0.backup_id / "vda.qcow2"
+    extents = json.loads(_run(QEMU_IMG, "map", "--output=json", image))
+    assert any(e["data"] and "offset" not in e for e in extents)  # really compressed
+    assert await builder.repo.verify(DOMAIN) == []
+    assert (
+        await _restored(builder.repo, b0.backup_id, "vda", tmp_path / "o.raw")
+        == (builder.points[b0.backup_id]["vda"])
+    )
+    wrong = _sha(0x33, 1000)
+    _edit_manifest(image.parent, lambda d: d["disks"][0]["checksums"][1].update(sha256=wrong))
+    problems = await builder.repo.verify(DOMAIN)
+    assert [(p.offset, p.length) for p in problems] == [(MiB + 7, 1000)]
+
+
+# --- retention ---------------------------------------------------------------------------
+
+
+async def test_retention_keeps_the_last_two_and_each_restores_exactly(tmp_path: Path) -> None:
+    builder = await _five(tmp_path / "repo")
+    repo, ids = builder.repo, builder.ids
+    assert await repo.apply_retention(DOMAIN, 5) == []
+    assert await repo.apply_retention(DOMAIN, 2) == ids[:3]
+    assert await _assert_all_restore(repo, builder, tmp_path) == ids[3:]
+    oldest = await repo.backup(DOMAIN, ids[3])
+    assert oldest.parent is None and oldest.merged_from == tuple(ids[:3])
+    assert [(d.mode, d.backing) for d in oldest.disks] == [("incremental", None)] * 2
+    for target in ("vda", "vdb"):
+        assert "backing-filename" not in _info(_backups_dir(repo.root) / ids[3] / f"{target}.qcow2")
+        newest = _info(_backups_dir(repo.root) / ids[4] / f"{target}.qcow2")
+        assert newest["backing-filename"] == f"../{ids[3]}/{target}.qcow2"
+    assert sorted(os.listdir(_backups_dir(repo.root))) == sorted(ids[3:])
+    assert not (repo.root / DOMAIN / "retention.json").exists()
+    assert await repo.verify(DOMAIN) == []
+    # A second pass merges the merged base's history along.
+    assert await repo.apply_retention(DOMAIN, 1) == [ids[3]]
+    assert (await repo.backup(DOMAIN, ids[4])).merged_from == tuple(ids[:4])
+    assert await _assert_all_restore(repo, builder, tmp_path) == ids[4:]
+
+
+async def test_retention_refuses_to_merge_corrupt_data(tmp_path: Path) -> None:
+    builder = await _five(tmp_path / "repo")
+    repo, ids = builder.repo, builder.ids
+    image = _backups_dir(repo.root) / ids[1] / "vdb.qcow2"
+    _flip_byte(image, _host_offset(image, 100_000))
+    with pytest.raises(RepositoryError, match="retention of vm1 refused") as caught:
+        await repo.apply_retention(DOMAIN, 2)
+    assert caught.value.path == str(image)
+    assert [m.backup_id for m in await repo.backups(DOMAIN)] == ids
+    assert not (repo.root / DOMAIN / "retention.json").exists()
+
+
+async def test_retention_survives_a_crash_at_every_step(tmp_path: Path) -> None:
+    points: list[str] = []
+    recorder = await _five(tmp_path / "record", faults=points.append)
+    await recorder.repo.apply_retention(DOMAIN, 2)
+    kinds = {p.split(":")[1] for p in points}
+    assert kinds == {
+        "intent-written",
+        "merged",
+        "replaced",
+        "manifest-replaced",
+        "dropped",
+        "deleted",
+    }, points
+    for index, crash_point in enumerate(points):
+        root = tmp_path / f"crash-{index}"
+        builder = await _five(root, faults=_crash_at(points, index))
+        ids = builder.ids
+        with pytest.raises(SimulatedCrash):
+            await builder.repo.apply_retention(DOMAIN, 2)
+        fresh = Repository(root)
+        # Right after the crash, every backup still listed restores exactly.
+        listed = await _assert_all_restore(fresh, builder, tmp_path)
+        assert listed[-2:] == ids[3:], crash_point
+        # The next agent finishes the job, at start-up or at its next retention.
+        if index % 2:
+            await fresh.cleanup_staging()
+        else:
+            assert await fresh.apply_retention(DOMAIN, 2) == []
+        assert await _assert_all_restore(fresh, builder, tmp_path) == ids[3:], crash_point
+        assert sorted(os.listdir(_backups_dir(root))) == sorted(ids[3:]), crash_point
+        assert not (root / DOMAIN / "retention.json").exists()
+        assert (await fresh.backup(DOMAIN, ids[3])).parent is None
+        assert await fresh.verify(DOMAIN) == [], crash_point
+
+
+def _crash_at(points: list[str], index: int) -> Callable[[str], None]:
+    """A fault hook that raises at the ``index``-th point of a recorded run.
+
+    Ids differ between runs, so points are matched by position in the sequence.
+    """
+    calls = iter(range(len(points) + 1))
+
+    def hook(point: str, /) -> None:
+        if next(calls) == index:
+            assert point.split(":")[1] == points[index].split(":")[1]
+            raise SimulatedCrash(point)
+
+    return hook
+
+
+# --- manifest JSON -----------------------------------------------------------------------
+
+
+def _manifest() -> Manifest:
+    return Manifest(
+        backup_id="20261125T183301Z-1a2b3c",
+        domain="vm1",
+        domain_uuid="6b0bb1c1-4a40-4d5e-9a8a-0e9e4d0f2c11",
+        created_at=1_764_095_581.25,
+        completed_at=1_764_095_600.5,
+        parent="20261124T183301Z-0a0b0c",
+        checkpoint="cp-2",
+        checkpoint_xml="<domaincheckpoint><name>cp-2</name><domain/></domaincheckpoint>",
+        domain_xml="<domain type='kvm'/>",
+        disks=(
+            DiskManifest(
+                "vda",
+                "vda.qcow2",
+                "incremental",
+                None,
+                4 * MiB,
+                65536,
+                "../20261124T183301Z-0a0b0c/vda.qcow2",
+                (RangeChecksum(0, 65536, _sha(1, 65536)), RangeChecksum(MiB, 512, _sha(2, 512))),
+            ),
+            DiskManifest("vdb", "vdb.qcow2", "full", "disk-added", 2 * MiB, 0, None, ()),
+        ),
+        merged_from=("20261120T000000Z-ffffff",),
+    )
+
+
+def test_manifest_json_round_trip() -> None:
+    manifest = _manifest()
+    text = manifest.to_json()
+    assert Manifest.from_json(text, path="m.json") == manifest
+    data = json.loads(text)
+    assert (data["format"], data["version"]) == ("libvirt-backup-agent/backup", 1)
+    assert data["disks"][0]["checksums"][1] == {
+        "offset": MiB,
+        "length": 512,
+        "sha256": _sha(2, 512),
+    }
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(data: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node: Any = data
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node[part]
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[last] = value
+
+    return edit
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (_set("domain", _DELETE), "domain: missing"),
+        (_set("disks.0.virtual_size", "4M"), "disks[0].virtual_size: wrong type"),
+        (_set("version", True), "version: wrong type"),
+        (_set("version", 2), "version: unsupported"),
+        (_set("format", "something/else"), "format"),
+        (_set("disks.0.checksums.1.sha256", "xyz"), "disks[0].checksums[1].sha256"),
+        (_set("disks.0.checksums.1.offset", 4 * MiB), "disks[0].checksums[1].length"),
+        (_set("disks.1.mode", "differential"), "disks[1].mode"),
+        (_set("disks.1.backing", "../20261124T183301Z-0a0b0c/vdb.qcow2"), "disks[1].backing"),
+        (_set("disks.0.image", "../../etc/passwd"), "disks[0].image"),
+        (_set("backup_id", "latest"), "backup_id"),
+        (_set("merged_from", ["nope"]), "merged_from[0]"),
+        (_set("colour", "blue"), "colour: unknown field"),
+        (_set("disks.1.target", "vda"), "disks: duplicate"),
+    ],
+)
+def test_malformed_manifest_names_the_field(
+    edit: Callable[[dict[str, Any]], None], field: str
+) -> None:
+    data = json.loads(_manifest().to_json())
+    edit(data)
+    with pytest.raises(RepositoryError) as caught:
+        Manifest.from_json(json.dumps(data), path="/r/vm1/backups/x/manifest.json")
+    assert field in str(caught.value) and caught.value.path == "/r/vm1/backups/x/manifest.json"
+
+
+@pytest.mark.parametrize(("text", "expected"), [("{", "not JSON"), ("[]", "(document)")])
+def test_manifest_that_is_not_an_object(text: str, expected: str) -> None:
+    with pytest.raises(RepositoryError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        Manifest.from_json(text, path="m.json")
+
+
+def test_incremental_disk_without_backing_needs_merged_from() -> None:
+    data = json.loads(_manifest().to_json())
+    data["disks"][0]["backing"] = None
+    assert Manifest.from_json(json.dumps(data), path="m").disks[0].backing is None
+    data["merged_from"] = []
+    with pytest.raises(RepositoryError, match=r"disks\[0\].backing"):
+        Manifest.from_json(json.dumps(data), path="m")
+
+
+async def test_verify_reports_a_range_the_overlay_does_not_hold(tmp_path: Path) -> None:
+    builder = await _five(tmp_path / "repo")
+    b3 = builder.ids[3]
+    # Zeros claimed written at 3 MiB, which b3 never wrote: reading through the chain (or
+    # the bare layer as zeros) would wrongly accept it; the bytes must be in this layer.
+    claim = {"offset": 3 * MiB + 4096, "length": 4096, "sha256": _sha(0, 4096)}
+    _edit_manifest(
+        _backups_dir(builder.repo.root) / b3,
+        lambda d: d["disks"][0]["checksums"].append(claim),
+    )
+    problems = await builder.repo.verify(DOMAIN)
+    assert [(p.backup_id, p.offset, p.length) for p in problems] == [(b3, 3 * MiB + 4096, 4096)]
+    assert "not allocated in this image" in problems[0].message
