@@ -44,7 +44,7 @@ from agent.chain import new_checkpoint_name
 from agent.checkpoints import Chains
 from agent.config import AgentConfig
 from agent.connection import VirtConnection
-from agent.copy import RateLimit, copy_runs, runs_to_copy
+from agent.copy import RateLimit, Run, copy_runs, first_cause, runs_to_copy
 from agent.domains import Domains
 from agent.errors import AgentError, BackupError, RepositorySpaceError, VirtError
 from agent.events import JobCompleted
@@ -53,7 +53,7 @@ from agent.inventory import DomainInfo
 from agent.logs import get_logger
 from agent.nbd import Extent, NbdClient, connect_many, extents
 from agent.qemu_nbd import serve_image
-from agent.repository import DiskManifest, Manifest, Repository
+from agent.repository import DiskManifest, Manifest, RangeChecksum, Repository
 
 log = get_logger("backup")
 
@@ -240,6 +240,7 @@ class Backups:
         self, info: DomainInfo, plan: BackupPlan, job: _Job, progress: Progress | None
     ) -> Manifest:
         created = time.time()
+        phases = _Phases()
         completion = asyncio.get_running_loop().create_future()
         self._completions[info.uuid] = completion
         try:
@@ -251,10 +252,13 @@ class Backups:
                 _checkpoint_xml(plan, job),
             )
             self._faults("backup:begun")
-            checkpoint = await self._chains.record(info, job.checkpoint)
+            checkpoint = await self._chains.record(info, job.checkpoint, judge=False)
+            phases.mark("begin")
             disks = await self._copy_all(plan, job, progress)
+            phases.mark("copy")
             self._faults("backup:copied")
             await self._end_job(info, completion)
+            phases.mark("end")
         finally:
             self._completions.pop(info.uuid, None)
         parent = (
@@ -275,7 +279,9 @@ class Backups:
             disks=disks,
         )
         await self.repository.publish(info.name, job.staging, manifest)
+        phases.mark("publish")
         self._faults("backup:published")
+        log.info("backup phases", backup_id=job.backup_id, seconds=phases.seconds)
         return manifest
 
     async def _copy_all(
@@ -292,8 +298,16 @@ class Backups:
             else None
         )
         tally = _Tally(progress, faults=self._faults)
-        copies = [self._copy_disk(disk, job, parent, limit, tally) for disk in plan.disks]
-        return tuple(await asyncio.gather(*copies))
+        try:
+            async with asyncio.TaskGroup() as group:
+                # One failing disk cancels the others before anything is undone.
+                copies = [
+                    group.create_task(self._copy_disk(disk, job, parent, limit, tally))
+                    for disk in plan.disks
+                ]
+        except BaseExceptionGroup as failed:
+            raise first_cause(failed) from failed
+        return tuple(copy.result() for copy in copies)
 
     async def _copy_disk(
         self,
@@ -310,34 +324,15 @@ class Backups:
         )
         try:
             size = sources[0].info.size
-            allocation = [e async for e in extents(sources[0], ALLOCATION)]
-            dirty: list[Extent] | None = None
-            if not disk.full:
-                dirty = [e async for e in extents(sources[0], contexts[1])]
-            runs = runs_to_copy(allocation, dirty)
-            tally.expect(sum(r.length for r in runs))
-            image, backing = await self.repository.create_image(
-                job.staging, disk.target, size, backing=None if disk.full else parent
+            # The target image is made while the source's block status is read.
+            runs, (image, backing) = await asyncio.gather(
+                _runs(sources[0], contexts),
+                self.repository.create_image(
+                    job.staging, disk.target, size, backing=None if disk.full else parent
+                ),
             )
-            socket = self._config.socket_path / f"target-{job.uuid[:8]}-{disk.target}.sock"
-            # An overlay is served with its backing: a write covering part of a cluster
-            # must be completed from the parent backup's data, not with zeroes.
-            async with serve_image(job.staging / image, socket, backing=not disk.full) as served:
-                target = await NbdClient.connect(socket_path=served)
-                try:
-                    checksums = await copy_runs(
-                        sources,
-                        target,
-                        runs,
-                        request_size=settings.request_size,
-                        in_flight=settings.in_flight,
-                        punch_holes=disk.full,
-                        limit=limit,
-                        progress=tally.add,
-                    )
-                    await target.flush()
-                finally:
-                    await target.close()
+            tally.expect(sum(r.length for r in runs))
+            checksums = await self._write(job, disk, image, sources, runs, limit, tally)
         finally:
             for source in sources:
                 await source.close()
@@ -351,6 +346,43 @@ class Backups:
             backing=backing,
             checksums=tuple(checksums),
         )
+
+    async def _write(
+        self,
+        job: _Job,
+        disk: DiskPlan,
+        image: str,
+        sources: list[NbdClient],
+        runs: list[Run],
+        limit: RateLimit | None,
+        tally: _Tally,
+    ) -> list[RangeChecksum]:
+        """Copy ``runs`` into the staged image through a local qemu-nbd."""
+        settings = self._config.backup
+        socket = self._config.socket_path / f"target-{job.uuid[:8]}-{disk.target}.sock"
+        # An overlay is served with its backing: a write covering part of a cluster
+        # must be completed from the parent backup's data, not with zeroes.
+        async with serve_image(
+            job.staging / image, socket, clients=settings.connections, backing=not disk.full
+        ) as served:
+            targets = await connect_many(settings.connections, socket_path=served)
+            try:
+                checksums = await copy_runs(
+                    sources,
+                    targets,
+                    runs,
+                    request_size=settings.request_size,
+                    in_flight=settings.in_flight,
+                    punch_holes=disk.full,
+                    limit=limit,
+                    progress=tally.add,
+                )
+                for target in targets:
+                    await target.flush()
+            finally:
+                for target in targets:
+                    await target.close()
+        return checksums
 
     async def _end_job(
         self, info: DomainInfo, completion: asyncio.Future[Mapping[str, Any]]
@@ -422,6 +454,28 @@ class Backups:
 
     def _intent_path(self, job: _Job) -> Path:
         return self._config.run_path / "jobs" / f"{job.uuid}.json"
+
+
+async def _runs(source: NbdClient, contexts: list[str]) -> list[Run]:
+    """What to copy: allocation, and for an incremental the dirty bitmap, from the export."""
+    allocation = [e async for e in extents(source, ALLOCATION)]
+    dirty: list[Extent] | None = None
+    if len(contexts) > 1:
+        dirty = [e async for e in extents(source, contexts[1])]
+    return runs_to_copy(allocation, dirty)
+
+
+class _Phases:
+    """Seconds spent in each phase of a job, for the log (where time goes, per phase)."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.monotonic()
+        self.seconds[phase] = round(now - self._last, 3)
+        self._last = now
 
 
 class _Tally:

@@ -115,8 +115,11 @@ class Chains:
             "could not find a checkpoint name without a stale bitmap", domain=info.name
         )
 
-    async def record(self, info: DomainInfo, name: str) -> CheckpointRecord:
-        """Read a just-created checkpoint's full XML from libvirt and record it as pending."""
+    async def record(self, info: DomainInfo, name: str, *, judge: bool = True) -> CheckpointRecord:
+        """Read a just-created checkpoint's full XML from libvirt and record it as pending.
+
+        ``judge=False`` skips checking the chain again (a backup judged it when planning).
+        """
         xml = await self._connection.call("read checkpoint", _full_xml, info.uuid, name)
         bitmaps = bitmap_disks(xml)
         disks = tuple(
@@ -149,7 +152,8 @@ class Chains:
         log.info(
             "checkpoint recorded", checkpoint=name, parent=parent, disks=[d.target for d in disks]
         )
-        await self._judge(info, await self._records(info.name))
+        if judge:
+            await self._judge(info, await self._records(info.name))
         return record
 
     async def backup_succeeded(self, domain: str, checkpoint: str) -> None:

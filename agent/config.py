@@ -174,12 +174,12 @@ class BackupSection(BaseModel):
         default=4, ge=1, le=16, description="NBD connections per disk, if the export allows."
     )
     request_size: int = Field(
-        default=4 * 1024 * 1024,
+        default=2 * 1024 * 1024,
         ge=64 * 1024,
         le=32 * 1024 * 1024,
         description="Bytes per NBD read or write request.",
     )
-    in_flight: int = Field(default=8, ge=1, le=64, description="Requests in flight per disk.")
+    in_flight: int = Field(default=16, ge=1, le=64, description="Requests in flight per disk.")
     bandwidth_limit: int = Field(
         default=0, ge=0, description="Bytes per second per backup job; 0 means no limit."
     )

@@ -119,7 +119,7 @@ def _sha256(data: memoryview) -> str:
 
 async def copy_runs(
     sources: Sequence[NbdClient],
-    target: NbdClient,
+    targets: NbdClient | Sequence[NbdClient],
     runs: Sequence[Run],
     *,
     request_size: int,
@@ -128,17 +128,19 @@ async def copy_runs(
     limit: RateLimit | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[RangeChecksum]:
-    """Copy ``runs`` from ``sources`` (one export, several connections) to ``target``.
+    """Copy ``runs`` from ``sources`` to ``targets`` (each: one export, one or more connections).
 
     Returns the checksum of every range written, in offset order. A failure of any
     worker cancels the others and is raised; nothing is retried here.
     """
-    size = min(request_size, *(s.info.max_block for s in sources), target.info.max_block)
+    sinks = [targets] if isinstance(targets, NbdClient) else list(targets)
+    size = min(request_size, *(c.info.max_block for c in [*sources, *sinks]))
     pending = chunks(runs, size)
     checksums: list[RangeChecksum] = []
 
     async def worker(index: int) -> None:
         source = sources[index % len(sources)]
+        target = sinks[index % len(sinks)]
         buffer = memoryview(bytearray(size))
         for run in pending:  # a shared iterator: each chunk goes to exactly one worker
             if limit is not None:
@@ -161,15 +163,16 @@ async def copy_runs(
                 group.create_task(worker(index))
     except BaseExceptionGroup as failed:
         # One broken connection fails every worker; the first error is the story.
-        raise _first_cause(failed) from failed
+        raise first_cause(failed) from failed
     checksums.sort(key=lambda c: c.offset)
     return checksums
 
 
-def _first_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
+def first_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first error in a task group's failure that is not a cancellation."""
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
-            return _first_cause(exc)
+            return first_cause(exc)
         if not isinstance(exc, asyncio.CancelledError):
             return exc
     return group.exceptions[0]

@@ -1,0 +1,242 @@
+"""Benchmark: the agent's backups against the best NBD copy tools, side by side.
+
+One run, on this machine, on one 2 GiB qcow2 disk filled with random data in a real
+domain:
+
+1. the agent's full backup (``backup-agent backup``, its own process);
+2. the same kind of backup export (pull mode) copied by the references:
+   ``nbdcopy --connections=4`` into a qcow2 served by ``qemu-nbd --cache=none
+   --aio=native -e 4``, and ``qemu-img convert -W -m 8 -n`` into a qcow2;
+3. 1% of the disk rewritten in scattered 64 KiB writes, then the agent's incremental.
+
+Prints each throughput, the agent's ratio to the faster reference, the incremental's
+time as a fraction of the full's, and the agent's peak RSS. Ratios matter, not the
+absolute figures: the machines are shared. Rounds alternate the order.
+
+    .venv/bin/python -m bench.backup_vs_references [--size-gib 2] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import libvirt
+
+from tests.testbed import daemon
+from tests.testbed.domains import DiskSpec, TestDomain, make_domain
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+def sh(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+
+
+def fill_random(path: Path, size: int) -> None:
+    """A fully allocated qcow2 of random data (through a raw file: fast and simple)."""
+    raw = path.with_suffix(".raw")
+    with open(raw, "wb") as out:
+        for _ in range(size // (64 * MiB)):
+            out.write(os.urandom(64 * MiB))
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path))
+    raw.unlink()
+
+
+def agent_backup(config: Path, domain: str, mode: str) -> tuple[float, int]:
+    """Run `backup-agent backup`; its copy time and the process's peak RSS (bytes)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    done = sh(
+        sys.executable, "-m", "agent", "backup", domain, "--mode", mode, "--config", str(config)
+    )
+    out = done.stdout
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    for line in done.stderr.splitlines():
+        if '"backup phases"' in line:
+            phases = json.loads(line)["seconds"]
+            print("    agent phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()))
+    match = re.search(r"; (\d+) bytes in ([\d.]+) s", out)
+    assert match, out
+    return float(match.group(2)), max(peak, before) * 1024
+
+
+class PullExport:
+    """A pull-mode backup export of the domain's vda, for the reference tools."""
+
+    def __init__(self, td: TestDomain, workdir: Path) -> None:
+        self.td = td
+        self.socket = workdir / "ref.sock"
+        self.scratch = workdir / "ref-scratch.qcow2"
+
+    def __enter__(self) -> str:
+        xml = (
+            "<domainbackup mode='pull'>"
+            f"<server transport='unix' socket='{self.socket}'/>"
+            "<disks><disk name='vda' backup='yes' type='file'>"
+            f"<scratch file='{self.scratch}'/><driver type='qcow2'/></disk></disks>"
+            "</domainbackup>"
+        )
+        self.td.dom().backupBegin(xml, None, 0)
+        return f"nbd+unix:///vda?socket={self.socket}"
+
+    def __exit__(self, *_: object) -> None:
+        self.td.dom().abortJob()
+        time.sleep(0.5)
+
+
+def nbdcopy(td: TestDomain, workdir: Path, size: int) -> float:
+    target = workdir / "nbdcopy-target.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(target), str(size))
+    sock = workdir / "target.sock"
+    server = subprocess.Popen(
+        [
+            "qemu-nbd",
+            "--cache=none",
+            "--aio=native",
+            "-e",
+            "4",
+            "-f",
+            "qcow2",
+            f"--socket={sock}",
+            str(target),
+        ]
+    )
+    try:
+        while not sock.exists():
+            time.sleep(0.02)
+        with PullExport(td, workdir) as source:
+            started = time.monotonic()
+            sh("nbdcopy", "--connections=4", source, f"nbd+unix:///?socket={sock}")
+            return time.monotonic() - started
+    finally:
+        server.terminate()
+        server.wait()
+        target.unlink()
+
+
+def qemu_img_convert(td: TestDomain, workdir: Path, size: int) -> float:
+    target = workdir / "convert-target.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(target), str(size))
+    try:
+        with PullExport(td, workdir) as source:
+            started = time.monotonic()
+            sh(
+                "qemu-img",
+                "convert",
+                "-W",
+                "-m",
+                "8",
+                "-n",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                source,
+                str(target),
+            )
+            copied = time.monotonic() - started
+            # qemu-img leaves its output in the page cache; the agent's is on disk.
+            sh("sync", "-f", str(target))
+            SYNCED["qemu-img"].append(time.monotonic() - started)
+            return copied
+    finally:
+        target.unlink()
+
+
+SYNCED: dict[str, list[float]] = {"qemu-img": []}
+
+
+def rewrite_one_percent(td: TestDomain, size: int) -> int:
+    chunk = 64 * 1024
+    count = size // 100 // chunk
+    offsets = random.Random(7).sample(range(size // chunk), count)
+    for offset in offsets:
+        td.write_pattern("vda", offset * chunk, chunk, 0x5A)
+    return count * chunk
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-gib", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    size = int(args.size_gib * GiB) // MiB * MiB
+    daemon.ensure_libvirtd()
+    conn = libvirt.open(daemon.URI)
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="lba-bench-") as tmp:
+        work = Path(tmp)
+        config = work / "agent.toml"
+        config.write_text(
+            f'[agent]\nstate_dir = "{work / "state"}"\n'
+            f'[repository]\npath = "{work / "repo"}"\n'
+            '[logging]\nlevel = "info"\nformat = "json"\n'
+        )
+        registry: list[TestDomain] = []
+        try:
+            print(f"filling a {size / GiB:g} GiB disk with random data ...", flush=True)
+            td = make_domain(
+                conn,
+                work,
+                persistent=False,
+                disks=[DiskSpec("vda", size=size)],
+                start=False,
+                registry=registry,
+            )
+            # Re-create with a random-filled image (make_domain created it empty).
+            td.destroy()
+            fill_random(td.disk_paths["vda"], size)
+            td.recreate()
+            results: dict[str, list[float]] = {"agent": [], "nbdcopy": [], "qemu-img": []}
+            peak = 0
+            runs = [("agent", None), ("nbdcopy", nbdcopy), ("qemu-img", qemu_img_convert)]
+            for round_no in range(args.rounds):
+                order = runs if round_no % 2 == 0 else list(reversed(runs))
+                for name, reference in order:
+                    if reference is None:
+                        seconds, rss = agent_backup(config, td.name, "full")
+                        peak = max(peak, rss)
+                    else:
+                        seconds = reference(td, work, size)
+                    results[name].append(seconds)
+                    print(f"  round {round_no + 1}: {name:9s} {seconds:6.2f} s", flush=True)
+            print("rewriting 1% of the disk in scattered 64 KiB writes ...", flush=True)
+            changed = rewrite_one_percent(td, size)
+            incremental, rss = agent_backup(config, td.name, "incremental")
+            peak = max(peak, rss)
+        finally:
+            for domain in registry:
+                domain.cleanup()
+            conn.close()
+    best = {name: min(times) for name, times in results.items()}
+    rate = {name: size / seconds / MiB for name, seconds in best.items()}
+    faster = max(("nbdcopy", "qemu-img"), key=lambda n: rate[n])
+    print()
+    print(f"disk: {size / GiB:g} GiB of random data; best of {args.rounds} rounds")
+    for name in ("agent", "nbdcopy", "qemu-img"):
+        print(f"  {name:9s} {best[name]:6.2f} s  {rate[name]:8.1f} MiB/s")
+    print(f"agent / {faster}: {rate['agent'] / rate[faster]:.2f} (aim >= 0.80)")
+    print(
+        f"incremental ({changed / MiB:.0f} MiB changed): {incremental:.2f} s = "
+        f"{incremental / best['agent']:.1%} of the full (aim < 5%)"
+    )
+    print(f"agent peak RSS: {peak / MiB:.0f} MiB (aim < 200 MiB)")
+    synced = min(SYNCED["qemu-img"])
+    print(
+        f"qemu-img including a sync of its output: {synced:.2f} s "
+        f"({size / synced / MiB:.1f} MiB/s); agent / that: "
+        f"{rate['agent'] / (size / synced / MiB):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
