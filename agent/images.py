@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,14 +68,21 @@ class Layer:
         return next((b for b in self.bitmaps if b.name == name), None)
 
 
-async def run_qemu_img(args: Sequence[str], *, timeout: float, image: str) -> str:
+async def run_qemu_img(
+    args: Sequence[str],
+    *,
+    timeout: float,
+    image: str,
+    progress: Callable[[float], None] | None = None,
+) -> str:
     """Run ``qemu-img *args`` and return its standard output.
 
     Raises :class:`ImageError` (with qemu-img's stderr) on a non-zero exit, and when
     it does not finish within ``timeout`` seconds. On timeout or cancellation the child
-    is killed and reaped before this returns.
+    is killed and reaped before this returns. With ``progress`` (for commands given
+    ``-p``), each ``(12.34/100%)`` qemu-img prints is passed on as 0.1234 as it comes.
     """
-    stdout, _ = await _run(args, timeout=timeout, image=image)
+    stdout, _ = await _run(args, timeout=timeout, image=image, progress=progress)
     return stdout
 
 
@@ -173,7 +181,13 @@ def _state_problem(
     return None
 
 
-async def _run(args: Sequence[str], *, timeout: float, image: str) -> tuple[str, str]:
+async def _run(
+    args: Sequence[str],
+    *,
+    timeout: float,
+    image: str,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[str, str]:
     command = f"qemu-img {args[0]}" if args else "qemu-img"
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -187,7 +201,10 @@ async def _run(args: Sequence[str], *, timeout: float, image: str) -> tuple[str,
         raise ImageError(f"{command} {image}: cannot run {QEMU_IMG}: {exc}", image=image) from exc
     try:
         async with asyncio.timeout(timeout):
-            out, err = await proc.communicate()
+            if progress is None:
+                out, err = await proc.communicate()
+            else:
+                out, err = await _communicate_with_progress(proc, progress)
     except TimeoutError as exc:
         await _kill_and_reap(proc)
         message = f"{command} {image}: no answer within {timeout:g} s (killed)"
@@ -200,6 +217,25 @@ async def _run(args: Sequence[str], *, timeout: float, image: str) -> tuple[str,
         message = f"{command} {image}: exit status {proc.returncode}: {stderr.strip()}"
         raise ImageError(message, image=image)
     return stdout, stderr
+
+
+_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+async def _communicate_with_progress(
+    proc: asyncio.subprocess.Process, progress: Callable[[float], None]
+) -> tuple[bytes, bytes]:
+    assert proc.stdout is not None and proc.stderr is not None
+    errors = asyncio.create_task(proc.stderr.read())
+    out = bytearray()
+    while chunk := await proc.stdout.read(4096):
+        out += chunk
+        # qemu-img redraws its progress with carriage returns: the last one is current.
+        found = _PROGRESS.findall(chunk)
+        if found:
+            progress(float(found[-1]) / 100)
+    await proc.wait()
+    return bytes(out), await errors
 
 
 async def _kill_and_reap(proc: asyncio.subprocess.Process) -> None:

@@ -506,7 +506,7 @@ class Repository:
         """Write disk ``target`` as it was at ``backup_id`` to ``dest``, a standalone image.
 
         Written to ``<dest>.part`` and renamed when complete and fsync'd; an existing
-        ``dest`` is refused. ``progress`` gets 0.0 at the start and 1.0 at the end.
+        ``dest`` is refused. ``progress`` gets the fraction done as qemu-img reports it.
         """
         if fmt not in ("qcow2", "raw"):
             raise RepositoryError(f"cannot restore to format {fmt!r} (qcow2 or raw)")
@@ -522,7 +522,9 @@ class Repository:
             progress(0.0)
         try:
             args = ["convert", "-f", "qcow2", "-O", fmt, str(source), str(part)]
-            await self._qemu_img(args, source, long=True)
+            if progress is not None:
+                args.insert(1, "-p")
+            await self._qemu_img(args, source, long=True, progress=progress)
             await asyncio.to_thread(_commit_file, part, dest)
         except BaseException:
             await asyncio.shield(asyncio.to_thread(_unlink, part))
@@ -744,10 +746,19 @@ class Repository:
     def _lock(self, domain: str) -> asyncio.Lock:
         return self._locks.setdefault(domain, asyncio.Lock())
 
-    async def _qemu_img(self, args: list[str], image: Path, *, long: bool = False) -> str:
+    async def _qemu_img(
+        self,
+        args: list[str],
+        image: Path,
+        *,
+        long: bool = False,
+        progress: Callable[[float], None] | None = None,
+    ) -> str:
         timeout = self._copy_timeout if long else self._timeout
         try:
-            return await images.run_qemu_img(args, timeout=timeout, image=str(image))
+            return await images.run_qemu_img(
+                args, timeout=timeout, image=str(image), progress=progress
+            )
         except ImageError as exc:
             raise RepositoryError(str(exc), path=str(image)) from exc
 

@@ -12,6 +12,7 @@ PACKAGES=(
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils
   libvirt-dev pkg-config gcc   # libvirt-python is built against the host's libvirt
+  nbdkit libnbd-bin            # NBD peers for the tests; nbdcopy for the benchmark
 )
 
 say() { printf '==> %s\n' "$*" >&2; }

@@ -358,3 +358,26 @@ async def test_missing_executable_is_an_image_error(
     with pytest.raises(ImageError) as info:
         await read_chain(tmp_path / "a.qcow2")
     assert "cannot run" in str(info.value)
+
+
+async def test_progress_is_streamed_while_qemu_img_runs(tmp_path: Path) -> None:
+    source = tmp_path / "src.qcow2"
+    await asyncio.to_thread(_make_filled, source)
+    seen: list[float] = []
+    await images.run_qemu_img(
+        ["convert", "-p", "-f", "qcow2", "-O", "raw", str(source), str(tmp_path / "out.raw")],
+        timeout=120,
+        image=str(source),
+        progress=seen.append,
+    )
+    assert len(seen) > 2 and seen == sorted(seen)
+    assert 0 < seen[len(seen) // 2] < 1 and seen[-1] == 1.0
+
+
+def _make_filled(source: Path) -> None:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(source), "256M"], check=True)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 200M", str(source)],
+        check=True,
+        capture_output=True,
+    )
