@@ -408,3 +408,60 @@ async def test_retention_keeps_the_last_two_restorable(
                 repo, guest.td.name, manifest.backup_id, points[manifest.backup_id], tmp_path
             )
         assert await repo.verify(guest.td.name) == []
+
+
+async def test_cli_lists_and_restores(domain_factory: DomainFactory, tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    async with running_agent(cfg) as run:
+        guest = await started_guest(run, domain_factory, TWO_DISKS)
+        await guest.write("vda", 6 * MiB, 64 * KiB, 0xF1)
+        await guest.write("sda", 2 * MiB, 64 * KiB, 0xF2)
+        expected = guest.snapshot()
+        result = await run.agent.backups.run(guest.td.uuid)
+    config_file = tmp_path / "agent.toml"
+    config_file.write_text(
+        f'[agent]\nstate_dir = "{cfg.agent.state_dir}"\n'
+        f'[repository]\npath = "{cfg.repository_path}"\n'
+    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agent", *args, "--config", str(config_file)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    listed = await asyncio.to_thread(cli, "backups", guest.td.name, "--json")
+    assert listed.returncode == 0, listed.stderr
+    [entry] = json.loads(listed.stdout)
+    assert entry["id"] == result.backup_id and entry["mode"] == "full"
+    assert {d["target"] for d in entry["disks"]} == {"vda", "sda"}
+    out_dir = tmp_path / "restored"
+    restored = await asyncio.to_thread(
+        cli,
+        "restore",
+        guest.td.name,
+        "--backup",
+        result.backup_id,
+        "--to",
+        str(out_dir),
+        "--format",
+        "raw",
+    )
+    assert restored.returncode == 0, restored.stderr
+    for target, content in expected.items():
+        assert (out_dir / f"{target}.raw").read_bytes() == content
+    missing = await asyncio.to_thread(
+        cli,
+        "restore",
+        guest.td.name,
+        "--backup",
+        result.backup_id,
+        "--disk",
+        "vdz",
+        "--to",
+        str(tmp_path / "x.raw"),
+    )
+    assert missing.returncode == 1 and "has no disk 'vdz'" in missing.stderr
