@@ -51,13 +51,12 @@ from agent.events import JobCompleted
 from agent.faults import Faults, no_faults
 from agent.inventory import DomainInfo
 from agent.logs import get_logger
+from agent.nbd import BASE_ALLOCATION as ALLOCATION
 from agent.nbd import Extent, NbdClient, connect_many, extents
 from agent.qemu_nbd import serve_image
 from agent.repository import DiskManifest, Manifest, RangeChecksum, Repository
 
 log = get_logger("backup")
-
-ALLOCATION = "base:allocation"
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,10 @@ ledger. It follows three rules:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ from agent.chain import (
     redefine_xml,
     restrict_disks,
 )
+from agent.config import AgentConfig
 from agent.connection import VirtConnection
 from agent.domains import Domains
 from agent.errors import ChainError, ImageError, VirtError
@@ -75,6 +77,32 @@ class ReconcileReport:
     verdicts: dict[str, Verdict] = field(default_factory=dict)
 
 
+@contextlib.asynccontextmanager
+async def standalone_chains(
+    config: AgentConfig, faults: Faults = no_faults
+) -> AsyncIterator[Chains]:
+    """:class:`Chains` on a connection and ledger of its own, with no events behind it.
+
+    For one-shot work outside a running agent (``backup-agent reconcile``, tests).
+    """
+    connection = VirtConnection(config.libvirt, lambda _event: None, _nothing)
+    await connection.open_once()
+    try:
+        ledger = await Ledger.open(config.ledger_path)
+        try:
+            domains = Domains(connection)
+            await domains.resync()
+            yield Chains(ledger, connection, domains, keep=config.checkpoints.keep, faults=faults)
+        finally:
+            await ledger.close()
+    finally:
+        await connection.close()
+
+
+async def _nothing() -> None:
+    return None
+
+
 class Chains:
     """Checkpoint chains of this host's domains (see the module docstring)."""
 
@@ -88,6 +116,7 @@ class Chains:
         faults: Faults = no_faults,
     ) -> None:
         self.ledger = ledger
+        self.domains = domains
         self._connection = connection
         self._domains = domains
         self._keep = keep

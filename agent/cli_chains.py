@@ -162,28 +162,15 @@ def import_chain(config: AgentConfig, source: Path, replace: bool) -> None:
 
 
 async def _reconcile(config: AgentConfig, domain: str) -> None:
-    from agent.checkpoints import Chains  # noqa: PLC0415 - libvirt only for this command
-    from agent.connection import VirtConnection  # noqa: PLC0415
-    from agent.domains import Domains  # noqa: PLC0415
+    from agent.checkpoints import standalone_chains  # noqa: PLC0415 - libvirt only here
     from agent.faults import from_environment  # noqa: PLC0415
 
-    connection = VirtConnection(config.libvirt, lambda _event: None, _nothing)
-    await connection.open_once()
-    ledger = await Ledger.open(config.ledger_path)
-    try:
-        domains = Domains(connection)
-        await domains.resync()
-        name = await _resolve(ledger, domain, config.ledger_path)
-        uuid = next((u for u, i in domains.all().items() if i.name == name), None)
+    async with standalone_chains(config, from_environment()) as chains:
+        name = await _resolve(chains.ledger, domain, config.ledger_path)
+        uuid = next((u for u, i in chains.domains.all().items() if i.name == name), None)
         if uuid is None:
             raise CommandError(f"domain {name!r} is not in libvirt on {config.libvirt.uri}")
-        chains = Chains(
-            ledger, connection, domains, keep=config.checkpoints.keep, faults=from_environment()
-        )
         report = await chains.reconcile(uuid)
-    finally:
-        await ledger.close()
-        await connection.close()
     print(
         f"domain {report.domain}: redefined {len(report.redefined)}, "
         f"already defined {len(report.already_defined)}, "
@@ -192,10 +179,6 @@ async def _reconcile(config: AgentConfig, domain: str) -> None:
     for target, verdict in sorted(report.verdicts.items()):
         state = "valid" if verdict.valid else f"broken ({verdict.reason}: {verdict.detail})"
         print(f"  {target}: {state}")
-
-
-async def _nothing() -> None:
-    return None
 
 
 def reconcile(config: AgentConfig, domain: str) -> None:

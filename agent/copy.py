@@ -19,15 +19,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from agent.nbd import Extent, NbdClient
+from agent.nbd import STATE_DIRTY, STATE_ZERO, Extent, NbdClient
 from agent.repository import RangeChecksum
-
-STATE_HOLE = 1
-STATE_ZERO = 2
-STATE_DIRTY = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,20 +76,28 @@ def chunks(runs: Sequence[Run], size: int) -> Iterator[Run]:
 class RateLimit:
     """A token bucket: at most ``rate`` bytes per second, bursts of one second."""
 
-    def __init__(self, rate: int) -> None:
+    def __init__(
+        self,
+        rate: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._rate = rate
+        self._clock = clock
+        self._sleep = sleep
         self._tokens = float(rate)
-        self._last = time.monotonic()
+        self._last = clock()
         self._lock = asyncio.Lock()
 
     async def take(self, amount: int) -> None:
         async with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             self._tokens = min(self._rate, self._tokens + (now - self._last) * self._rate)
             self._last = now
             self._tokens -= amount
             if self._tokens < 0:
-                await asyncio.sleep(-self._tokens / self._rate)
+                await self._sleep(-self._tokens / self._rate)
 
 
 @dataclass

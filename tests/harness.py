@@ -16,14 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.checkpoints import Chains
+from agent.checkpoints import Chains, standalone_chains
 from agent.config import AgentConfig
-from agent.connection import VirtConnection
 from agent.dispatch import HandlerContext
-from agent.domains import Domains
 from agent.events import Event, Lifecycle, LifecycleKind
 from agent.faults import Faults, SimulatedCrash, no_faults
-from agent.ledger import Ledger
 from agent.service import Agent
 from handlers import default_routes, with_extra
 
@@ -119,34 +116,12 @@ async def running_agent(
         await asyncio.wait_for(task, 60)
 
 
-@contextlib.asynccontextmanager
-async def one_shot_chains(
+def one_shot_chains(
     config: AgentConfig, faults: Faults | None = None
-) -> AsyncIterator[Chains]:
-    """``Chains`` on its own connection and ledger, with no event handling behind it.
-
-    For tests that must decide exactly when a reconcile runs (crash injection).
-    """
-    connection = VirtConnection(config.libvirt, lambda _event: None, _nothing)
-    await connection.open_once()
-    ledger = await Ledger.open(config.ledger_path)
-    try:
-        domains = Domains(connection)
-        await domains.resync()
-        yield Chains(
-            ledger,
-            connection,
-            domains,
-            keep=config.checkpoints.keep,
-            faults=faults if faults is not None else no_faults,
-        )
-    finally:
-        await ledger.close()
-        await connection.close()
-
-
-async def _nothing() -> None:
-    return None
+) -> contextlib.AbstractAsyncContextManager[Chains]:
+    """``Chains`` with no event handling behind it, for tests that decide exactly when a
+    reconcile runs (crash injection)."""
+    return standalone_chains(config, faults if faults is not None else no_faults)
 
 
 def crash_at(point: str) -> Faults:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from agent import copy as copy_module
 from agent.copy import RateLimit, Run, chunks, runs_to_copy
 from agent.nbd import Extent
 
@@ -59,9 +58,7 @@ def test_chunks_respect_the_request_size() -> None:
     ]
 
 
-async def test_rate_limit_sleeps_for_what_exceeds_the_budget(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_rate_limit_sleeps_for_what_exceeds_the_budget() -> None:
     now = [100.0]
     slept: list[float] = []
 
@@ -69,9 +66,7 @@ async def test_rate_limit_sleeps_for_what_exceeds_the_budget(
         slept.append(seconds)
         now[0] += seconds
 
-    monkeypatch.setattr(copy_module.time, "monotonic", lambda: now[0])
-    monkeypatch.setattr(copy_module.asyncio, "sleep", fake_sleep)
-    limit = RateLimit(1000)
+    limit = RateLimit(1000, clock=lambda: now[0], sleep=fake_sleep)
     await limit.take(1000)  # the first second's budget
     assert slept == []
     await limit.take(500)
