@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -109,8 +108,13 @@ def _remove(path: Path) -> None:
 async def _wait_for_socket(
     process: asyncio.subprocess.Process, socket: Path, image: Path, timeout: float
 ) -> None:
+    """Wait until qemu-nbd accepts connections on ``socket``.
+
+    The socket file appears at bind(), before listen(): a connection attempt, not the
+    file's existence, tells that qemu-nbd is ready.
+    """
     deadline = asyncio.get_running_loop().time() + timeout
-    while not await asyncio.to_thread(os.path.exists, socket):
+    while not await _accepts(socket):
         if process.returncode is not None:
             assert process.stderr is not None
             err = (await process.stderr.read()).decode(errors="replace").strip()
@@ -118,6 +122,17 @@ async def _wait_for_socket(
         if asyncio.get_running_loop().time() > deadline:
             raise ImageError(f"qemu-nbd did not listen within {timeout:g} s", image=str(image))
         await asyncio.sleep(0.005)
+
+
+async def _accepts(socket: Path) -> bool:
+    try:
+        _reader, writer = await asyncio.open_unix_connection(str(socket))
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 async def _stop(process: asyncio.subprocess.Process, timeout: float) -> None:
