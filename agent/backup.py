@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -83,6 +84,7 @@ class _Job:
     staging: Path
     socket: Path
     scratch: Mapping[str, Path]
+    published: bool = False
 
     def to_json(self) -> str:
         return json.dumps(
@@ -94,6 +96,7 @@ class _Job:
                 "staging": str(self.staging),
                 "socket": str(self.socket),
                 "scratch": {t: str(p) for t, p in self.scratch.items()},
+                "published": self.published,
             }
         )
 
@@ -108,6 +111,7 @@ class _Job:
             staging=Path(data["staging"]),
             socket=Path(data["socket"]),
             scratch={t: Path(p) for t, p in data["scratch"].items()},
+            published=bool(data.get("published", False)),
         )
 
 
@@ -134,6 +138,7 @@ class Backups:
         self.repository = repository
         self._faults = faults
         self._locks: dict[str, asyncio.Lock] = {}
+        self._running: set[str] = set()
         self._completions: dict[str, asyncio.Future[Mapping[str, Any]]] = {}
 
     # -- events ----------------------------------------------------------------------
@@ -141,6 +146,9 @@ class Backups:
     def job_completed(self, event: JobCompleted) -> None:
         """Called by the JOB_COMPLETED handler: wakes the job waiting for this domain."""
         future = self._completions.get(event.domain.uuid)
+        operation = event.stats.get("operation")
+        if operation is not None and operation != libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP:
+            return  # a migration or save job, not ours
         if future is not None and not future.done():
             future.set_result(dict(event.stats))
 
@@ -149,13 +157,24 @@ class Backups:
     async def run(
         self, uuid: str, mode: BackupMode = BackupMode.AUTO, *, progress: Progress | None = None
     ) -> BackupResult:
-        lock = self._locks.setdefault(uuid, asyncio.Lock())
-        if lock.locked():
+        if uuid in self._running:
             raise BackupError("a backup of this domain is already running", code="busy")
-        async with lock:
-            return await asyncio.wait_for(
-                self._run(uuid, mode, progress), self._config.backup.job_timeout
-            )
+        self._running.add(uuid)
+        timeout = self._config.backup.job_timeout
+        try:
+            async with self.domain_lock(uuid):
+                return await asyncio.wait_for(self._run(uuid, mode, progress), timeout)
+        except TimeoutError as exc:
+            raise BackupError(
+                f"the backup did not finish within {timeout:g} s; it was undone", code="timeout"
+            ) from exc
+        finally:
+            self._running.discard(uuid)
+
+    def domain_lock(self, uuid: str) -> asyncio.Lock:
+        """Held by a backup for its whole run, and by the handlers that change the
+        domain's chain, so neither sees the other's work half-done."""
+        return self._locks.setdefault(uuid, asyncio.Lock())
 
     async def _run(self, uuid: str, mode: BackupMode, progress: Progress | None) -> BackupResult:
         started = time.monotonic()
@@ -171,13 +190,25 @@ class Backups:
         try:
             manifest = await self._execute(info, plan, job, progress)
         except BaseException as exc:
-            await asyncio.shield(self._undo(job))
-            if isinstance(exc, AgentError) and not isinstance(exc, BackupError):
+            await asyncio.shield(self._undo_logged(job))
+            if isinstance(exc, AgentError | OSError | ValueError) and not isinstance(
+                exc, BackupError
+            ):
                 raise BackupError(
                     f"backup of {info.name} failed: {exc}", code="copy-failed", domain=info.name
                 ) from exc
             raise
-        await self._finish(info, job)
+        # Published: from here on a failure is finished forward, never undone.
+        job = dataclasses.replace(job, published=True)
+        await self._write_intent(job)
+        try:
+            await self._finish(info, job)
+        except AgentError as exc:
+            log.error(
+                "backup published, but marking it in the ledger failed; retried at next start",
+                backup_id=job.backup_id,
+                error=str(exc),
+            )
         log.info(
             "backup done",
             backup_id=job.backup_id,
@@ -228,9 +259,9 @@ class Backups:
             backup_id=backup_id,
             checkpoint=new_checkpoint_name(),
             staging=staging,
-            socket=self._config.socket_path / f"backup-{info.uuid[:8]}.sock",
+            socket=self._config.socket_path / f"{backup_id}.sock",
             scratch={
-                d.target: self._config.scratch_path / f"{info.uuid}-{d.target}.qcow2"
+                d.target: self._config.scratch_path / f"{backup_id}-{d.target}.qcow2"
                 for d in plan.disks
             },
         )
@@ -358,7 +389,7 @@ class Backups:
     ) -> list[RangeChecksum]:
         """Copy ``runs`` into the staged image through a local qemu-nbd."""
         settings = self._config.backup
-        socket = self._config.socket_path / f"target-{job.uuid[:8]}-{disk.target}.sock"
+        socket = self._config.socket_path / f"{job.backup_id}-{disk.target}.sock"
         # An overlay is served with its backing: a write covering part of a cluster
         # must be completed from the parent backup's data, not with zeroes. Direct I/O
         # speeds up the big copies of full disks, but costs ~50 ms to tear down: not
@@ -415,40 +446,64 @@ class Backups:
 
     # -- undo and recovery -------------------------------------------------------------
 
+    async def _undo_logged(self, job: _Job) -> None:
+        """Undo, without letting a failure of the undo hide why the backup failed."""
+        try:
+            await self._undo(job)
+        except Exception as exc:
+            log.error(
+                "undoing a failed backup failed; retried at next start",
+                backup_id=job.backup_id,
+                error=str(exc),
+            )
+
     async def _undo(self, job: _Job) -> None:
-        """Remove everything a failed job created; every step tolerates what is gone."""
-        log.warning("backup failed; undoing it", backup_id=job.backup_id, checkpoint=job.checkpoint)
-        with contextlib.suppress(VirtError):
+        """Remove everything a failed job created; every step tolerates what is gone.
+
+        The intent is kept (and the undo retried at the next start) unless libvirt's
+        backup job is known to be over: a job left running blocks every later backup.
+        """
+        log.warning("undoing backup", backup_id=job.backup_id, checkpoint=job.checkpoint)
+        try:
             await self._connection.call(
                 "abort backup job", _abort_own_job, job.uuid, str(job.socket)
             )
+            ended = True
+        except VirtError as exc:
+            log.error("could not end libvirt's backup job", backup_id=job.backup_id, error=str(exc))
+            ended = False
         await self._chains.discard_if_recorded(job.domain, job.uuid, job.checkpoint)
         await self.repository.discard(job.staging)
         await asyncio.to_thread(_remove_files, [*job.scratch.values(), job.socket])
+        if ended:
+            await self._drop_intent(job)
+
+    async def _roll_forward(self, job: _Job) -> None:
+        """A job killed after publishing: its backup stands; finish marking it."""
+        await self.repository.backup(job.domain, job.backup_id)  # still there?
+        await self._chains.backup_succeeded(job.domain, job.checkpoint)
         await self._drop_intent(job)
 
     async def recover(self) -> list[str]:
-        """At start-up: undo the jobs a previous agent left behind (killed mid-way)."""
+        """At start-up: finish or undo the jobs a previous agent left behind (killed)."""
         jobs_dir = self._config.run_path / "jobs"
         intents = await asyncio.to_thread(
             lambda: sorted(jobs_dir.glob("*.json")) if jobs_dir.exists() else []
         )
-        undone = []
+        handled = []
         for path in intents:
-            job = _Job.from_json(await asyncio.to_thread(path.read_text))
             try:
-                await self._undo(job)
-            except VirtError as exc:
-                log.warning(
-                    "could not undo a left-over backup job yet",
-                    backup_id=job.backup_id,
-                    error=str(exc),
+                job = _Job.from_json(await asyncio.to_thread(path.read_text))
+                await (self._roll_forward(job) if job.published else self._undo(job))
+            except (AgentError, OSError, ValueError, KeyError) as exc:
+                log.error(
+                    "could not recover a left-over backup job yet", intent=str(path), error=str(exc)
                 )
                 continue
-            undone.append(job.backup_id)
+            handled.append(job.backup_id)
         for stale in await self.repository.cleanup_staging():
             log.info("removed staged backup left by a crash", path=str(stale))
-        return undone
+        return handled
 
     async def _write_intent(self, job: _Job) -> None:
         await asyncio.to_thread(_private_dir, job.socket.parent)
@@ -578,10 +633,21 @@ def _abort_own_job(conn: Any, uuid: str, socket: str) -> None:
     try:
         dom = conn.lookupByUUIDString(uuid)
         xml = dom.backupGetXMLDesc(0)
-    except libvirt.libvirtError:
-        return  # no domain, or no backup job: nothing to abort
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() in _NO_JOB:
+            return  # no domain, or no backup job: nothing to abort
+        raise
     if socket in xml:
-        dom.abortJob()
+        try:
+            dom.abortJob()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() not in _NO_JOB:
+                raise
+
+
+_NO_JOB = frozenset(
+    {libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_NO_DOMAIN_BACKUP, libvirt.VIR_ERR_OPERATION_INVALID}
+)
 
 
 def _completed_stats(conn: Any, uuid: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ ledger. It follows three rules:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -52,8 +53,16 @@ from agent.errors import ChainError, ImageError, VirtError
 from agent.faults import Faults, no_faults
 from agent.images import bitmap_problem, read_chain
 from agent.inventory import DomainInfo
-from agent.ledger import CheckpointDisk, CheckpointRecord, CheckpointState, Ledger
+from agent.ledger import (
+    CheckpointDisk,
+    CheckpointRecord,
+    CheckpointState,
+    Ledger,
+    SetParents,
+    SetState,
+)
 from agent.logs import get_logger
+from agent.statelock import state_lock
 
 log = get_logger("checkpoints")
 
@@ -85,6 +94,12 @@ async def standalone_chains(
 
     For one-shot work outside a running agent (``backup-agent reconcile``, tests).
     """
+    async with state_lock(config.agent.state_dir), _standalone(config, faults) as chains:
+        yield chains
+
+
+@contextlib.asynccontextmanager
+async def _standalone(config: AgentConfig, faults: Faults) -> AsyncIterator[Chains]:
     connection = VirtConnection(config.libvirt, lambda _event: None, _nothing)
     await connection.open_once()
     try:
@@ -162,9 +177,13 @@ class Chains:
             if d.target in bitmaps and d.identity is not None
         )
         parent = parent_in_xml(xml)
-        if parent is not None and await self.ledger.checkpoint(info.name, parent) is None:
-            # Another tool's checkpoint: the agent's chain starts here as far as it knows.
-            log.warning("checkpoint's parent is not the agent's", checkpoint=name, parent=parent)
+        known = await self.ledger.checkpoint(info.name, parent) if parent is not None else None
+        if parent is not None and (known is None or known.state not in LIVE_STATES):
+            # Another tool's checkpoint, or one of ours being discarded: the agent's chain
+            # starts here (a redefine naming a parent libvirt lost would always fail).
+            log.warning(
+                "checkpoint's parent is not live in the ledger", checkpoint=name, parent=parent
+            )
             parent = None
         record = CheckpointRecord(
             domain=info.name,
@@ -229,9 +248,14 @@ class Chains:
         plan = prune_plan(records, self._keep)
         if not plan.delete:
             return []
-        # Intent first: after a crash the next reconcile finishes what is marked pruning.
-        await self.ledger.set_parents(domain, plan.parents)
-        await self.ledger.set_state(domain, plan.delete, CheckpointState.PRUNING)
+        # Intent first, in one transaction: after a crash the next reconcile finishes
+        # what is marked pruning, with the parents the kept ones have then.
+        await self.ledger.transaction(
+            [
+                SetParents(domain, plan.parents),
+                SetState(domain, tuple(plan.delete), CheckpointState.PRUNING),
+            ]
+        )
         self._faults("prune:marked")
         return await self._finish_pruning(domain, uuid, list(plan.delete))
 
@@ -260,6 +284,12 @@ class Chains:
         if report.uuid_changed:
             live = await self._adopt_new_uuid(info, live)
         defined = await self._libvirt_checkpoints(uuid)
+        names = {r.name for r in live}
+        # A parent no longer live (pruned or discarded) cannot be named: define a root.
+        live = [
+            r if r.parent is None or r.parent in names else dataclasses.replace(r, parent=None)
+            for r in live
+        ]
         for record in live:
             if defined.get(record.name, _MISSING) == record.parent:
                 report.already_defined.append(record.name)

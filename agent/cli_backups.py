@@ -13,6 +13,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from agent.backup import BackupResult
 from agent.backup_plan import BackupMode
 from agent.config import AgentConfig
 from agent.errors import AgentError
@@ -144,7 +145,7 @@ def backup(config: AgentConfig, domain: str, mode: str) -> None:
     )
 
 
-async def _backup(config: AgentConfig, domain: str, mode: BackupMode):  # type: ignore[no-untyped-def]
+async def _backup(config: AgentConfig, domain: str, mode: BackupMode) -> BackupResult:
     from agent.service import Agent  # noqa: PLC0415 - libvirt only for this command
 
     agent = Agent(config)

@@ -21,7 +21,13 @@ from typing import Any, Protocol, TypeVar
 
 import libvirt
 
-from agent.errors import DomainNotFoundError, NotConnectedError, VirtError, VirtTimeoutError
+from agent.errors import (
+    AgentError,
+    DomainNotFoundError,
+    NotConnectedError,
+    VirtError,
+    VirtTimeoutError,
+)
 from agent.events import Event, EventSink, subscriptions
 from agent.libvirt_loop import register_event_loop
 from agent.logs import get_logger
@@ -175,9 +181,9 @@ class VirtConnection:
         log.info("connected", uri=self._settings.uri, reconnects=self.reconnects)
         try:
             await self._on_connected()
-        except VirtError as exc:
-            # The connection died during resynchronisation; the close callback (or the
-            # next call) notices, and the next connection resynchronises again.
+        except AgentError as exc:
+            # E.g. the connection died during resynchronisation: the close callback (or
+            # the next call) notices, and the next connection resynchronises again.
             log.warning("resynchronisation failed", error=str(exc))
             if isinstance(exc, NotConnectedError):
                 self._closed.set()

@@ -23,6 +23,7 @@ import libvirtaio
 from agent.errors import AgentError
 
 
+# libvirtaio has no type marker, so mypy sees its base class as Any.
 class ThreadSafeAsyncIOImpl(libvirtaio.virEventAsyncIOImpl):  # type: ignore[misc]
     """libvirtaio's implementation, with hooks from other threads run on the loop thread."""
 

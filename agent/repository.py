@@ -461,7 +461,10 @@ class Repository:
             )
         async with self._lock(domain):
             # Round trip: what is published must be readable by from_json's strict checks.
-            Manifest.from_json(manifest.to_json(), path=str(staging / MANIFEST_FILE))
+            # A manifest of a large disk is megabytes of JSON: not on the event loop.
+            await asyncio.to_thread(
+                lambda: Manifest.from_json(manifest.to_json(), path=str(staging / MANIFEST_FILE))
+            )
             await asyncio.to_thread(_check_publishable, staging, manifest)
             problems = [
                 p for d in manifest.disks for p in (await self._structure(staging, d, ""))[0]

@@ -20,11 +20,13 @@ from agent.config import AgentConfig
 from agent.connection import VirtConnection
 from agent.dispatch import Dispatcher, HandlerContext, Routes
 from agent.domains import Domains
+from agent.errors import AgentError
 from agent.events import DomainRef, Event, ReconcileRequested
 from agent.faults import Faults, from_environment
 from agent.ledger import Ledger
 from agent.logs import get_logger
 from agent.repository import Repository
+from agent.statelock import state_lock
 from handlers import default_routes
 
 log = get_logger("service")
@@ -59,11 +61,19 @@ class Agent:
         if not self._recovered:
             # Jobs a killed agent left behind (libvirt jobs, checkpoints, staged files),
             # undone before any reconcile could redefine their checkpoints.
-            undone = await self.backups.recover()
-            self._recovered = True
-            if undone:
-                log.warning("undid backups left by an earlier agent", backups=undone)
-        tracked = set(await self.chains.ledger.domains())
+            try:
+                handled = await self.backups.recover()
+            except AgentError as exc:
+                log.error("recovering left-over backup jobs failed", error=str(exc))
+            else:
+                self._recovered = True
+                if handled:
+                    log.warning("finished backups left by an earlier agent", backups=handled)
+        try:
+            tracked = set(await self.chains.ledger.domains())
+        except AgentError as exc:
+            log.error("cannot read the ledger; chains not reconciled", error=str(exc))
+            tracked = set()
         for uuid, info in self.domains.all().items():
             if info.name in tracked:
                 ref = DomainRef(name=info.name, uuid=uuid)
@@ -81,7 +91,12 @@ class Agent:
         connection task (it only ends by failing).
         """
         cfg = self.config
-        await asyncio.to_thread(cfg.agent.state_dir.mkdir, parents=True, exist_ok=True)
+        async with state_lock(cfg.agent.state_dir), self._running(wait_ready) as connection:
+            yield connection
+
+    @contextlib.asynccontextmanager
+    async def _running(self, wait_ready: float | None) -> AsyncIterator[asyncio.Task[None]]:
+        cfg = self.config
         log.info("agent starting", uri=cfg.libvirt.uri, state_dir=str(cfg.agent.state_dir))
         ledger = await Ledger.open(cfg.ledger_path)
         self._wire(ledger)

@@ -36,7 +36,8 @@ async def on_device_removed(event: Event, ctx: HandlerContext) -> None:
     )
     await ctx.domains.refresh(event.domain.uuid)
     if target is not None:
-        await ctx.chains.disk_removed(event.domain.name, target)
+        async with ctx.backups.domain_lock(event.domain.uuid):
+            await ctx.chains.disk_removed(event.domain.name, target)
 
 
 async def on_device_added(event: Event, ctx: HandlerContext) -> None:
@@ -53,7 +54,8 @@ async def on_device_added(event: Event, ctx: HandlerContext) -> None:
     )
     info = ctx.domains.get(event.domain.uuid)
     if disk is not None and info is not None:
-        await ctx.chains.disk_added(info, disk.target)
+        async with ctx.backups.domain_lock(event.domain.uuid):
+            await ctx.chains.disk_added(info, disk.target)
 
 
 async def on_device_removal_failed(event: Event, ctx: HandlerContext) -> None:

@@ -32,12 +32,14 @@ async def on_lifecycle(event: Event, ctx: HandlerContext) -> None:
     info = await ctx.domains.refresh(event.domain.uuid)
     if info is None:
         log.info("domain left libvirt", kind=kind.name.lower())
-    if kind is LifecycleKind.STOPPED and event.detail in _UNCLEAN:
-        await ctx.chains.stopped_uncleanly(event.domain.name, event.detail)
-    elif kind is LifecycleKind.STOPPED and event.detail == "migrated":
-        await ctx.chains.migrated_away(event.domain.name)
-    elif (_arrived(event) or kind is LifecycleKind.UNDEFINED) and info and info.state.active:
-        await ctx.chains.reconcile(event.domain.uuid)
+    # A running backup of this domain finishes (or fails) before its chain changes.
+    async with ctx.backups.domain_lock(event.domain.uuid):
+        if kind is LifecycleKind.STOPPED and event.detail in _UNCLEAN:
+            await ctx.chains.stopped_uncleanly(event.domain.name, event.detail)
+        elif kind is LifecycleKind.STOPPED and event.detail == "migrated":
+            await ctx.chains.migrated_away(event.domain.name)
+        elif (_arrived(event) or kind is LifecycleKind.UNDEFINED) and info and info.state.active:
+            await ctx.chains.reconcile(event.domain.uuid)
 
 
 def _arrived(event: Lifecycle) -> bool:

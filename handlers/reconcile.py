@@ -14,4 +14,5 @@ async def on_reconcile_requested(event: Event, ctx: HandlerContext) -> None:
     if ctx.domains.get(event.domain.uuid) is None:
         log.info("reconcile skipped: domain not in libvirt", reason=event.reason)
         return
-    await ctx.chains.reconcile(event.domain.uuid)
+    async with ctx.backups.domain_lock(event.domain.uuid):
+        await ctx.chains.reconcile(event.domain.uuid)
