@@ -51,7 +51,7 @@ from agent.connection import VirtConnection
 from agent.domains import Domains
 from agent.errors import ChainError, ImageError, VirtError
 from agent.faults import Faults, no_faults
-from agent.images import bitmap_problem, read_chain
+from agent.images import bitmap_problem, read_chain, remove_bitmap
 from agent.inventory import DomainInfo
 from agent.ledger import (
     CheckpointDisk,
@@ -222,7 +222,7 @@ class Chains:
         """A checkpoint whose backup failed: delete it; the older one still covers everything."""
         await self.ledger.set_state(domain, [checkpoint], CheckpointState.DISCARDED)
         try:
-            await self._connection.call("delete checkpoint", _delete, uuid, checkpoint)
+            await self._delete_checkpoint(uuid, checkpoint)
         except VirtError as exc:
             # Recorded as discarded; the next reconcile deletes it as the agent's leftover.
             log.warning(
@@ -235,7 +235,7 @@ class Chains:
             await self.discard(domain, uuid, checkpoint)
             return
         try:
-            await self._connection.call("delete checkpoint", _delete, uuid, checkpoint)
+            await self._delete_checkpoint(uuid, checkpoint)
         except VirtError as exc:
             # Not recorded: the next reconcile deletes it as the agent's own leftover.
             log.warning("could not delete checkpoint", checkpoint=checkpoint, error=str(exc))
@@ -263,7 +263,7 @@ class Chains:
         defined = await self._libvirt_checkpoints(uuid)
         for name in names:
             if name in defined:
-                await self._connection.call("delete checkpoint", _delete, uuid, name)
+                await self._delete_checkpoint(uuid, name)
             self._faults(f"pruned:{name}")
             await self.ledger.set_state(domain, [name], CheckpointState.PRUNED)
             log.info("checkpoint pruned", checkpoint=name)
@@ -338,7 +338,7 @@ class Chains:
         keep = {r.name for r in records if r.state in LIVE_STATES}
         for name in sorted(set(defined) - keep):
             if is_own(name):
-                await self._connection.call("delete checkpoint", _delete, info.uuid, name)
+                await self._delete_checkpoint(info.uuid, name)
                 report.leftovers_deleted.append(name)
             else:
                 report.foreign.append(name)
@@ -497,6 +497,32 @@ class Chains:
 
     # -- helpers --------------------------------------------------------------------
 
+    async def _delete_checkpoint(self, uuid: str, name: str) -> None:
+        """Delete a checkpoint from libvirt, and its bitmaps from the images.
+
+        libvirt deletes a stopped domain's checkpoint only as metadata; its bitmaps would
+        stay in the qcow2 files and record again at the next boot, so the agent removes
+        them itself (no QEMU has the images open then).
+        """
+        if not await self._connection.call("delete checkpoint", _delete, uuid, name):
+            return
+        info = self._domains.get(uuid)
+        if info is None or info.state.active:
+            return
+        for disk in info.backup_disks:
+            if disk.source is None:
+                continue
+            try:
+                await remove_bitmap(disk.source, name)
+            except ImageError as exc:
+                if "not found" not in str(exc):
+                    log.warning(
+                        "could not remove a pruned bitmap",
+                        disk=disk.target,
+                        bitmap=name,
+                        error=str(exc),
+                    )
+
     async def _require(self, uuid: str) -> DomainInfo:
         info = await self._domains.refresh(uuid)
         if info is None:
@@ -564,16 +590,19 @@ def _list(conn: Any, uuid: str) -> dict[str, str | None]:
     return found
 
 
-def _delete(conn: Any, uuid: str, name: str) -> None:
+def _delete(conn: Any, uuid: str, name: str) -> bool:
+    """Delete the checkpoint; True if only its metadata could be deleted."""
     try:
         cp = _dom(conn, uuid).checkpointLookupByName(name)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
-            return
+            return False
         raise
     try:
         cp.delete(0)
     except libvirt.libvirtError:
-        # The bitmap is already gone from the image (removed by hand, or never written):
-        # only the metadata is left to delete.
+        # The bitmap is gone from the image (removed by hand, never written), or the
+        # domain is stopped (libvirt then refuses): only the metadata goes here.
         cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+        return True
+    return False

@@ -430,3 +430,24 @@ async def test_migration_departure_hands_the_chain_over(
         await run.recorder.wait_for(lambda e: e is departure, since=mark)
         chains = await run.agent.chains.ledger.disk_chains(td.name)
         assert {t: c.reason for t, c in chains.items()} == {"vda": "migrated-away"}
+
+
+async def test_pruning_a_stopped_domain_removes_the_bitmaps_too(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    async with running_agent(test_config(tmp_path / "state")) as run:
+        chains = run.agent.chains
+        td = await asyncio.to_thread(domain_factory, persistent=True)
+        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        first = await chains.create_checkpoint(td.uuid)
+        await chains.backup_succeeded(td.name, first.name)
+        second = await chains.create_checkpoint(td.uuid)
+        await asyncio.to_thread(td.destroy)
+        await run.recorder.wait_for(lifecycle(td.uuid, K.STOPPED, "destroyed"))
+        assert bitmaps_in(td.disk_paths["vda"]) == {first.name, second.name}
+        # libvirt deletes a stopped domain's checkpoint only as metadata; the agent
+        # removes the bitmap from the image itself.
+        async with run.agent.backups.domain_lock(td.uuid):
+            await chains.backup_succeeded(td.name, second.name)
+        assert set(libvirt_chain(td)) == {second.name}
+        assert bitmaps_in(td.disk_paths["vda"]) == {second.name}
