@@ -132,16 +132,22 @@ def redefine_xml(record: CheckpointRecord, *, keep_domain: bool) -> str:
     return etree.tostring(root, encoding="unicode")
 
 
+def _root(xml: str) -> etree._Element:
+    try:
+        return etree.fromstring(xml.encode(), _PARSER)
+    except etree.XMLSyntaxError as exc:
+        raise ChainError(f"checkpoint XML cannot be parsed: {exc}") from exc
+
+
 def domain_uuid_in_xml(xml: str) -> str | None:
     """The UUID of the ``<domain>`` saved inside a checkpoint XML, or None."""
-    root = etree.fromstring(xml.encode(), _PARSER)
-    return root.findtext("domain/uuid")
+    return _root(xml).findtext("domain/uuid")
 
 
 def restrict_disks(xml: str, targets: Iterable[str]) -> str:
     """The checkpoint XML with every disk not in ``targets`` marked ``checkpoint='no'``."""
     keep = set(targets)
-    root = etree.fromstring(xml.encode(), _PARSER)
+    root = _root(xml)
     for disk in root.findall("disks/disk"):
         if disk.get("name") not in keep and disk.get("checkpoint") == "bitmap":
             disk.set("checkpoint", "no")
@@ -152,8 +158,7 @@ def restrict_disks(xml: str, targets: Iterable[str]) -> str:
 
 def parent_in_xml(xml: str) -> str | None:
     """The ``<parent><name>`` of a checkpoint XML, or None."""
-    root = etree.fromstring(xml.encode(), _PARSER)
-    return root.findtext("parent/name")
+    return _root(xml).findtext("parent/name")
 
 
 def checkpoint_xml(name: str, disks: Sequence[Disk]) -> str:
@@ -171,7 +176,7 @@ def checkpoint_xml(name: str, disks: Sequence[Disk]) -> str:
 
 def bitmap_disks(xml: str) -> dict[str, str]:
     """target -> bitmap name, for the disks of a checkpoint XML that have a bitmap."""
-    root = etree.fromstring(xml.encode(), _PARSER)
+    root = _root(xml)
     return {
         d.get("name", ""): d.get("bitmap") or root.findtext("name") or ""
         for d in root.findall("disks/disk")

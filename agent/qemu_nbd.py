@@ -92,12 +92,23 @@ async def _start(
         )
     except OSError as exc:
         raise ImageError(f"cannot start qemu-nbd: {exc}", image=str(image)) from exc
+    # Read stderr all along: a pipe nobody reads can block a chatty qemu-nbd.
+    errors = asyncio.create_task(_tail(process))
     try:
-        await _wait_for_socket(process, socket, image, timeout)
+        await _wait_for_socket(process, socket, image, timeout, errors)
     except BaseException:
         await asyncio.shield(_stop(process, timeout))
         raise
     return process
+
+
+async def _tail(process: asyncio.subprocess.Process, keep: int = 4096) -> bytes:
+    """The last ``keep`` bytes qemu-nbd wrote to stderr, once it has exited."""
+    assert process.stderr is not None
+    tail = b""
+    while chunk := await process.stderr.read(4096):
+        tail = (tail + chunk)[-keep:]
+    return tail
 
 
 def _remove(path: Path) -> None:
@@ -106,7 +117,11 @@ def _remove(path: Path) -> None:
 
 
 async def _wait_for_socket(
-    process: asyncio.subprocess.Process, socket: Path, image: Path, timeout: float
+    process: asyncio.subprocess.Process,
+    socket: Path,
+    image: Path,
+    timeout: float,
+    errors: asyncio.Task[bytes],
 ) -> None:
     """Wait until qemu-nbd accepts connections on ``socket``.
 
@@ -116,8 +131,7 @@ async def _wait_for_socket(
     deadline = asyncio.get_running_loop().time() + timeout
     while not await _accepts(socket):
         if process.returncode is not None:
-            assert process.stderr is not None
-            err = (await process.stderr.read()).decode(errors="replace").strip()
+            err = (await asyncio.wait_for(errors, timeout)).decode(errors="replace").strip()
             raise ImageError(f"qemu-nbd exited at start: {err}", image=str(image))
         if asyncio.get_running_loop().time() > deadline:
             raise ImageError(f"qemu-nbd did not listen within {timeout:g} s", image=str(image))
@@ -144,4 +158,6 @@ async def _stop(process: asyncio.subprocess.Process, timeout: float) -> None:
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
-            await process.wait()
+            # Bounded too: a process stuck in the kernel (hung NFS) must not hang us.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), timeout)

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import libvirt
@@ -53,7 +54,7 @@ def libvirt_chain(td: TestDomain) -> dict[str, str | None]:
 def allocated_ranges(image: Path) -> list[tuple[int, int]]:
     """(offset, length) of the data clusters in a qcow2 with no backing file."""
     out = subprocess.run(
-        ["qemu-img", "map", "-U", "--output=json", str(image)],
+        ["qemu-img", "map", "--output=json", str(image)],
         check=True,
         capture_output=True,
         text=True,
@@ -97,7 +98,20 @@ async def push_backup(
         lambda e: isinstance(e, JobCompleted) and e.domain.uuid == td.uuid, since=mark
     )
     assert isinstance(done, JobCompleted) and done.succeeded, done
+    # JOB_COMPLETED comes before QEMU closes (and flushes) the target images: wait
+    # until it lets go of them (their write lock), else they may read as empty.
+    for path in targets.values():
+        await asyncio.to_thread(wait_unlocked, path)
     return targets
+
+
+def wait_unlocked(image: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    probe = ["qemu-img", "info", str(image)]
+    while subprocess.run(probe, check=False, capture_output=True).returncode:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{image} still held by QEMU after {timeout} s")
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("new_uuid", [False, True], ids=["same-uuid", "new-uuid"])
