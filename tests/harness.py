@@ -23,6 +23,7 @@ from agent.events import Event, Lifecycle, LifecycleKind
 from agent.faults import Faults, SimulatedCrash, no_faults
 from agent.service import Agent
 from handlers import default_routes, with_extra
+from tests.testbed.domains import DomainFactory, TestDomain
 
 
 @dataclass
@@ -132,3 +133,10 @@ def crash_at(point: str) -> Faults:
             raise SimulatedCrash(point)
 
     return hook
+
+
+async def started_domain(run: RunningAgent, factory: DomainFactory, **kwargs: Any) -> TestDomain:
+    """Make a running test domain and wait until the agent has handled its start."""
+    td = await asyncio.to_thread(factory, **kwargs)
+    await run.recorder.wait_for(lifecycle(td.uuid, LifecycleKind.STARTED, "booted"))
+    return td

@@ -30,6 +30,7 @@ from tests.harness import (
     lifecycle,
     one_shot_chains,
     running_agent,
+    started_domain,
     test_config,
 )
 from tests.testbed.domains import DiskSpec, DomainFactory, TestDomain, image_has_pattern
@@ -121,8 +122,7 @@ async def test_transient_chain_is_redefined_in_order_after_recreate(
     disks = [DiskSpec("vda", "virtio"), DiskSpec("sda", "scsi")]
     async with running_agent(test_config(tmp_path / "state")) as run:
         chains = run.agent.chains
-        td = await asyncio.to_thread(domain_factory, persistent=False, disks=disks)
-        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        td = await started_domain(run, domain_factory, persistent=False, disks=disks)
         names = []
         for i in range(3):
             await asyncio.to_thread(td.write_pattern, "vda", i * MiB, 64 * KiB, 0xA0 + i)
@@ -177,8 +177,7 @@ async def test_redefine_killed_at_every_step_converges(
 ) -> None:
     config = test_config(tmp_path / "state")
     async with running_agent(config) as run:
-        td = await asyncio.to_thread(domain_factory, persistent=False)
-        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        td = await started_domain(run, domain_factory, persistent=False)
         names = await _chain_of_three(run, td)
     full = {names[0]: None, names[1]: names[0], names[2]: names[1]}
 
@@ -222,8 +221,7 @@ async def test_qemu_killed_marks_chain_inconsistent_before_any_backup(
 ) -> None:
     disks = [DiskSpec("vda", "virtio"), DiskSpec("sda", "scsi")]
     async with running_agent(test_config(tmp_path / "state")) as run:
-        td = await asyncio.to_thread(domain_factory, persistent=True, disks=disks)
-        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        td = await started_domain(run, domain_factory, persistent=True, disks=disks)
         cp = await run.agent.chains.create_checkpoint(td.uuid)
         await run.agent.chains.backup_succeeded(td.name, cp.name)
         chains = await run.agent.chains.ledger.disk_chains(td.name)
@@ -246,8 +244,7 @@ async def test_bitmap_removed_on_stopped_domain_is_missing(
 ) -> None:
     disks = [DiskSpec("vda", "virtio"), DiskSpec("sda", "scsi")]
     async with running_agent(test_config(tmp_path / "state")) as run:
-        td = await asyncio.to_thread(domain_factory, persistent=True, disks=disks)
-        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        td = await started_domain(run, domain_factory, persistent=True, disks=disks)
         cp = await run.agent.chains.create_checkpoint(td.uuid)
         await run.agent.chains.backup_succeeded(td.name, cp.name)
         await asyncio.to_thread(td.destroy)
@@ -279,8 +276,7 @@ async def test_scsi_disk_swapped_breaks_only_that_disk(
 ) -> None:
     disks = [DiskSpec("vda", "virtio"), DiskSpec("sda", "scsi"), DiskSpec("sdb", "scsi")]
     async with running_agent(test_config(tmp_path / "state")) as run:
-        td = await asyncio.to_thread(domain_factory, persistent=False, disks=disks)
-        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        td = await started_domain(run, domain_factory, persistent=False, disks=disks)
         cp = await run.agent.chains.create_checkpoint(td.uuid)
         await run.agent.chains.backup_succeeded(td.name, cp.name)
 
@@ -306,8 +302,7 @@ async def test_pruning_keeps_only_what_the_next_backup_needs(
     disks = [DiskSpec("vda", "virtio"), DiskSpec("sda", "scsi")]
     async with running_agent(test_config(tmp_path / "state")) as run:
         chains = run.agent.chains
-        td = await asyncio.to_thread(domain_factory, persistent=True, disks=disks)
-        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        td = await started_domain(run, domain_factory, persistent=True, disks=disks)
         names: list[str] = []
         for i in range(5):
             await asyncio.to_thread(td.write_pattern, "vda", i * MiB, 64 * KiB, 0x60 + i)
@@ -334,8 +329,7 @@ async def test_interrupted_pruning_is_finished_by_reconcile(
 ) -> None:
     config = test_config(tmp_path / "state")
     async with running_agent(config) as run:
-        td = await asyncio.to_thread(domain_factory, persistent=False)
-        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        td = await started_domain(run, domain_factory, persistent=False)
         names = await _chain_of_three(run, td)
         for name in names[:2]:
             await run.agent.chains.ledger.mark_backed_up(td.name, name, 1.0)
@@ -360,8 +354,7 @@ async def test_undefine_of_a_running_domain_redefines_at_once(
     domain_factory: DomainFactory, tmp_path: Path
 ) -> None:
     async with running_agent(test_config(tmp_path / "state")) as run:
-        td = await asyncio.to_thread(domain_factory, persistent=True)
-        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        td = await started_domain(run, domain_factory, persistent=True)
         names = await _chain_of_three(run, td)
         mark = run.recorder.mark()
         # Undefining drops the checkpoint metadata; the domain runs on, now transient.
@@ -375,8 +368,7 @@ async def test_leftover_and_foreign_checkpoints(
 ) -> None:
     config = test_config(tmp_path / "state")
     async with running_agent(config) as run:
-        td = await asyncio.to_thread(domain_factory, persistent=False)
-        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        td = await started_domain(run, domain_factory, persistent=False)
         kept = await run.agent.chains.create_checkpoint(td.uuid)
     # The agent dies between creating a checkpoint in libvirt and recording it.
     async with one_shot_chains(config, faults=_crash_after_create()) as chains:
@@ -434,8 +426,7 @@ async def test_migration_departure_hands_the_chain_over(
     # A real migration needs a second host; the event libvirt sends on departure is
     # injected into the real agent instead, for a real domain with a real chain.
     async with running_agent(test_config(tmp_path / "state")) as run:
-        td = await asyncio.to_thread(domain_factory, persistent=True)
-        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        td = await started_domain(run, domain_factory, persistent=True)
         cp = await run.agent.chains.create_checkpoint(td.uuid)
         await run.agent.chains.backup_succeeded(td.name, cp.name)
         mark = run.recorder.mark()
@@ -451,8 +442,7 @@ async def test_pruning_a_stopped_domain_removes_the_bitmaps_too(
 ) -> None:
     async with running_agent(test_config(tmp_path / "state")) as run:
         chains = run.agent.chains
-        td = await asyncio.to_thread(domain_factory, persistent=True)
-        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        td = await started_domain(run, domain_factory, persistent=True)
         first = await chains.create_checkpoint(td.uuid)
         await chains.backup_succeeded(td.name, first.name)
         second = await chains.create_checkpoint(td.uuid)

@@ -24,7 +24,7 @@ from agent.events import (
     Lifecycle,
 )
 from agent.events import LifecycleKind as K
-from tests.harness import lifecycle, running_agent, test_config
+from tests.harness import lifecycle, running_agent, started_domain, test_config
 from tests.testbed.domains import DiskSpec, DomainFactory
 
 pytestmark = pytest.mark.libvirt
@@ -86,8 +86,7 @@ async def test_transient_domain_is_forgotten_when_it_stops(
 ) -> None:
     disks = [DiskSpec("vda", "virtio"), DiskSpec("sda", "scsi")]
     async with running_agent(test_config(tmp_path / "state")) as run:
-        td = await asyncio.to_thread(domain_factory, persistent=False, disks=disks)
-        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        td = await started_domain(run, domain_factory, persistent=False, disks=disks)
         info = run.agent.domains.get(td.uuid)
         assert info is not None and not info.persistent
         assert [(d.target, d.bus, d.alias) for d in info.disks] == [
@@ -141,8 +140,7 @@ async def test_scsi_unplug_and_plug_are_seen_with_the_disk(
 
 async def test_qemu_killed_is_stopped_failed(domain_factory: DomainFactory, tmp_path: Path) -> None:
     async with running_agent(test_config(tmp_path / "state")) as run:
-        td = await asyncio.to_thread(domain_factory, persistent=True)
-        await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
+        td = await started_domain(run, domain_factory, persistent=True)
         await asyncio.to_thread(td.crash)
         event = await run.recorder.wait_for(lifecycle(td.uuid, K.STOPPED))
         assert isinstance(event, Lifecycle) and event.detail == "failed"

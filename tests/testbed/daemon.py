@@ -112,7 +112,8 @@ def _spawn_daemon(argv: list[str]) -> str:
     return text
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
     deadline = time.monotonic() + timeout
     while True:
         if predicate():
@@ -127,7 +128,7 @@ def start_virtlogd(timeout: float = 30) -> None:
     if virtlogd_pid() is not None:
         return
     output = _spawn_daemon(["virtlogd", "-d"])
-    if not _wait_for(lambda: virtlogd_pid() is not None and VIRTLOGD_SOCKET.exists(), timeout):
+    if not wait_until(lambda: virtlogd_pid() is not None and VIRTLOGD_SOCKET.exists(), timeout):
         raise RuntimeError(
             f"virtlogd did not come up within {timeout:g}s (output: {output!r}); "
             f"tail of {VIRTLOGD_LOG}:\n{_tail(VIRTLOGD_LOG)}"
@@ -140,7 +141,7 @@ def start_libvirtd(timeout: float = 30) -> None:
     output = ""
     if libvirtd_pid() is None:
         output = _spawn_daemon(["libvirtd", "-d"])
-    if not _wait_for(can_connect, timeout):
+    if not wait_until(can_connect, timeout):
         raise RuntimeError(
             f"libvirtd did not accept connections on {URI} within {timeout:g}s "
             f"(pid {libvirtd_pid()}, output: {output!r}); tail of {LIBVIRTD_LOG}:\n"
@@ -161,7 +162,7 @@ def ensure_libvirtd(timeout: float = 30) -> None:
 def _kill_and_wait(pid: int, comm: str, sig: int, timeout: float) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    if not _wait_for(lambda: not _alive(pid, comm), timeout):
+    if not wait_until(lambda: not _alive(pid, comm), timeout):
         raise RuntimeError(f"{comm} (pid {pid}) still alive {timeout:g}s after signal {sig}")
 
 

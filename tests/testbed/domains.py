@@ -23,7 +23,6 @@ import threading
 import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol
@@ -31,7 +30,7 @@ from typing import ClassVar, Literal, Protocol
 import libvirt
 import libvirt_qemu
 
-from .daemon import URI
+from .daemon import URI, wait_until
 
 MiB = 1024 * 1024
 NAME_PREFIX = "lbat-"
@@ -145,16 +144,6 @@ def domain_xml(name: str, uuid: str | None, disks: list[tuple[DiskSpec, Path]]) 
 
 def _is_no_domain(exc: libvirt.libvirtError) -> bool:
     return exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(_POLL)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -413,7 +402,7 @@ class TestDomain:
         if active and (tgt is None or tgt.get("bus") != "scsi"):
             raise ValueError(f"live unplug of non-SCSI disk {target} would hang on the guest")
         self.dom().detachDeviceFlags(ET.tostring(disk, encoding="unicode"), self._affect_flags())
-        if active and not _wait_for(lambda: target not in self.disk_targets(), timeout):
+        if active and not wait_until(lambda: target not in self.disk_targets(), timeout):
             raise RuntimeError(f"disk {target} still in {self.name} {timeout:g}s after detach")
         self.disk_paths.pop(target, None)
 
@@ -436,7 +425,7 @@ class TestDomain:
         """SIGKILL QEMU and wait until libvirt reports the domain not running (or gone)."""
         pid = self.qemu_pid()
         os.kill(pid, signal.SIGKILL)
-        if not _wait_for(lambda: not _pid_alive(pid) and not self.is_active(), timeout):
+        if not wait_until(lambda: not _pid_alive(pid) and not self.is_active(), timeout):
             raise RuntimeError(f"{self.name} still active {timeout:g}s after killing QEMU {pid}")
 
     def destroy(self) -> None:
