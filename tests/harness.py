@@ -21,9 +21,10 @@ from agent.config import AgentConfig
 from agent.dispatch import HandlerContext
 from agent.events import Event, Lifecycle, LifecycleKind
 from agent.faults import Faults, SimulatedCrash, no_faults
+from agent.ledger import CheckpointRecord
 from agent.service import Agent
 from handlers import default_routes, with_extra
-from tests.testbed.domains import DomainFactory, TestDomain
+from tests.testbed.domains import DiskSpec, DomainFactory, TestDomain
 
 
 @dataclass
@@ -140,3 +141,13 @@ async def started_domain(run: RunningAgent, factory: DomainFactory, **kwargs: An
     td = await asyncio.to_thread(factory, **kwargs)
     await run.recorder.wait_for(lifecycle(td.uuid, LifecycleKind.STARTED, "booted"))
     return td
+
+
+TWO_DISKS = [DiskSpec("vda", "virtio"), DiskSpec("sda", "scsi")]
+
+
+async def backed_up_checkpoint(run: RunningAgent, td: TestDomain) -> CheckpointRecord:
+    """A checkpoint the agent created and then saw a backup based on succeed."""
+    cp = await run.agent.chains.create_checkpoint(td.uuid)
+    await run.agent.chains.backup_succeeded(td.name, cp.name)
+    return cp

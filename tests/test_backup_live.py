@@ -26,7 +26,7 @@ from agent.events import LifecycleKind as K
 from agent.faults import CRASH_ENV
 from agent.ledger import CheckpointState
 from agent.repository import Repository
-from tests.harness import RunningAgent, lifecycle, running_agent
+from tests.harness import TWO_DISKS, RunningAgent, lifecycle, running_agent, started_domain
 from tests.testbed.domains import DiskSpec, DomainFactory, TestDomain
 
 pytestmark = pytest.mark.libvirt
@@ -116,12 +116,7 @@ async def assert_restores(
 async def started_guest(
     run: RunningAgent, factory: DomainFactory, disks: list[DiskSpec], *, persistent: bool = True
 ) -> Guest:
-    td = await asyncio.to_thread(factory, persistent=persistent, disks=disks)
-    await run.recorder.wait_for(lifecycle(td.uuid, K.STARTED, "booted"))
-    return Guest(td)
-
-
-TWO_DISKS = [DiskSpec("vda", "virtio"), DiskSpec("sda", "scsi")]
+    return Guest(await started_domain(run, factory, persistent=persistent, disks=disks))
 
 
 async def test_full_and_two_incrementals_restore_bit_for_bit(

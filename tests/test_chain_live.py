@@ -25,7 +25,9 @@ from agent.events import LifecycleKind as K
 from agent.faults import CRASH_ENV, Faults, SimulatedCrash
 from agent.ledger import CheckpointState
 from tests.harness import (
+    TWO_DISKS,
     RunningAgent,
+    backed_up_checkpoint,
     crash_at,
     lifecycle,
     one_shot_chains,
@@ -119,7 +121,7 @@ def wait_unlocked(image: Path, timeout: float = 30) -> None:
 async def test_transient_chain_is_redefined_in_order_after_recreate(
     domain_factory: DomainFactory, tmp_path: Path, new_uuid: bool
 ) -> None:
-    disks = [DiskSpec("vda", "virtio"), DiskSpec("sda", "scsi")]
+    disks = TWO_DISKS
     async with running_agent(test_config(tmp_path / "state")) as run:
         chains = run.agent.chains
         td = await started_domain(run, domain_factory, persistent=False, disks=disks)
@@ -219,11 +221,10 @@ async def test_redefine_killed_at_every_step_converges(
 async def test_qemu_killed_marks_chain_inconsistent_before_any_backup(
     domain_factory: DomainFactory, tmp_path: Path
 ) -> None:
-    disks = [DiskSpec("vda", "virtio"), DiskSpec("sda", "scsi")]
+    disks = TWO_DISKS
     async with running_agent(test_config(tmp_path / "state")) as run:
         td = await started_domain(run, domain_factory, persistent=True, disks=disks)
-        cp = await run.agent.chains.create_checkpoint(td.uuid)
-        await run.agent.chains.backup_succeeded(td.name, cp.name)
+        await backed_up_checkpoint(run, td)
         chains = await run.agent.chains.ledger.disk_chains(td.name)
         assert all(c.valid for c in chains.values())
 
@@ -242,11 +243,10 @@ async def test_qemu_killed_marks_chain_inconsistent_before_any_backup(
 async def test_bitmap_removed_on_stopped_domain_is_missing(
     domain_factory: DomainFactory, tmp_path: Path
 ) -> None:
-    disks = [DiskSpec("vda", "virtio"), DiskSpec("sda", "scsi")]
+    disks = TWO_DISKS
     async with running_agent(test_config(tmp_path / "state")) as run:
         td = await started_domain(run, domain_factory, persistent=True, disks=disks)
-        cp = await run.agent.chains.create_checkpoint(td.uuid)
-        await run.agent.chains.backup_succeeded(td.name, cp.name)
+        cp = await backed_up_checkpoint(run, td)
         await asyncio.to_thread(td.destroy)
         await run.recorder.wait_for(lifecycle(td.uuid, K.STOPPED, "destroyed"))
         assert bitmaps_in(td.disk_paths["vda"]) == {cp.name}  # written back on a clean stop
@@ -277,8 +277,7 @@ async def test_scsi_disk_swapped_breaks_only_that_disk(
     disks = [DiskSpec("vda", "virtio"), DiskSpec("sda", "scsi"), DiskSpec("sdb", "scsi")]
     async with running_agent(test_config(tmp_path / "state")) as run:
         td = await started_domain(run, domain_factory, persistent=False, disks=disks)
-        cp = await run.agent.chains.create_checkpoint(td.uuid)
-        await run.agent.chains.backup_succeeded(td.name, cp.name)
+        await backed_up_checkpoint(run, td)
 
         mark = run.recorder.mark()
         await asyncio.to_thread(td.detach_disk, "sdb")
@@ -299,7 +298,7 @@ async def test_scsi_disk_swapped_breaks_only_that_disk(
 async def test_pruning_keeps_only_what_the_next_backup_needs(
     domain_factory: DomainFactory, tmp_path: Path
 ) -> None:
-    disks = [DiskSpec("vda", "virtio"), DiskSpec("sda", "scsi")]
+    disks = TWO_DISKS
     async with running_agent(test_config(tmp_path / "state")) as run:
         chains = run.agent.chains
         td = await started_domain(run, domain_factory, persistent=True, disks=disks)
@@ -427,8 +426,7 @@ async def test_migration_departure_hands_the_chain_over(
     # injected into the real agent instead, for a real domain with a real chain.
     async with running_agent(test_config(tmp_path / "state")) as run:
         td = await started_domain(run, domain_factory, persistent=True)
-        cp = await run.agent.chains.create_checkpoint(td.uuid)
-        await run.agent.chains.backup_succeeded(td.name, cp.name)
+        await backed_up_checkpoint(run, td)
         mark = run.recorder.mark()
         departure = Lifecycle(domain=DomainRef(td.name, td.uuid), kind=K.STOPPED, detail="migrated")
         run.agent.dispatcher.submit(departure)
