@@ -38,6 +38,8 @@ from typing import Any, Final, Protocol, TypeVar
 
 from agent.errors import LedgerCorruptError, LedgerError, LedgerImportError
 from agent.logs import get_logger
+from agent.sqlite import read_transaction as _read_transaction
+from agent.sqlite import write_transaction as _write_transaction
 
 log = get_logger("ledger")
 
@@ -302,31 +304,6 @@ def _text_arg(value: object, what: str) -> None:
 
 
 # --- statements run in the worker thread ---------------------------------------------------
-
-
-def _write_transaction(db: sqlite3.Connection, body: Callable[[], T]) -> T:
-    # IMMEDIATE takes the write lock up front, so a concurrent writer (the CLI) makes us wait
-    # at BEGIN (busy timeout) instead of failing half-way with SQLITE_BUSY.
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        result = body()
-        db.execute("COMMIT")  # deferred foreign keys are checked here
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-    return result
-
-
-def _read_transaction(db: sqlite3.Connection, body: Callable[[], T]) -> T:
-    # One snapshot for several SELECTs, so a concurrent writer cannot be seen half-way.
-    if db.in_transaction:  # already inside one (a write, or an outer read)
-        return body()
-    db.execute("BEGIN")
-    try:
-        return body()
-    finally:
-        db.execute("COMMIT")
 
 
 def _exists(db: sqlite3.Connection, domain: str, name: str) -> bool:
