@@ -28,7 +28,14 @@ need to know which library failed, and the original stays in ``__cause__``.
     ├── RepositoryError            the backup repository could not be read or written
     │   ├── RepositorySpaceError   not enough room for the worst case
     │   └── BackupNotFoundError    no such backup in the repository
-    └── BackupError                a backup job failed; ``code`` is machine-readable
+    ├── BackupError                a backup job failed; ``code`` is machine-readable
+    ├── JobError                   a job could not be submitted, found or changed; ``code``
+    │   ├── RequestError           a job request is invalid; ``field`` names what is wrong
+    │   ├── JobNotFoundError       no job with that id
+    │   ├── JobConflictError       the id belongs to a job with a different request
+    │   ├── JobsClosedError        the agent is stopping and takes no new jobs
+    │   └── JobStoreError          the job store (SQLite) could not be read or written
+    └── MessagingError             NATS JetStream could not be reached or used
 
 Each error carries the facts a user needs to act, as attributes and in its message.
 """
@@ -181,3 +188,58 @@ class BackupError(AgentError):
         super().__init__(message)
         self.code = code
         self.domain = domain
+
+
+class JobError(AgentError):
+    """A job could not be submitted, found or changed. ``code`` is machine-readable and
+    is what the HTTP API and the NATS error events carry."""
+
+    code = "job-error"
+
+    def __init__(self, message: str, *, code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class RequestError(JobError):
+    """A job request is malformed; ``field`` names the offending field (dotted path)."""
+
+    code = "invalid-request"
+
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None):
+        super().__init__(message, code=code)
+        self.field = field
+
+
+class JobNotFoundError(JobError):
+    """No job with that id in the store."""
+
+    code = "job-not-found"
+
+
+class JobConflictError(JobError):
+    """The id was already used for a job with a different request (or one that has ended
+    and cannot be cancelled)."""
+
+    code = "job-conflict"
+
+
+class JobsClosedError(JobError):
+    """The agent is shutting down (or not ready yet) and takes no new jobs."""
+
+    code = "not-accepting-jobs"
+
+
+class JobStoreError(JobError):
+    """The job store could not be read or written; ``path`` names the file."""
+
+    code = "job-store-failed"
+
+    def __init__(self, message: str, *, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+class MessagingError(AgentError):
+    """NATS JetStream could not be reached, or refused a request of the agent."""
