@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import ipaddress
 import json
 import socket
 import sys
@@ -32,6 +33,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import ErrorDetails
 
@@ -133,7 +135,122 @@ class HttpSection(BaseModel):
     model_config = _SECTION_CONFIG
 
     listen: str = Field(default="127.0.0.1", min_length=1, description="Address to listen on.")
-    port: int = Field(default=8710, ge=1, le=65535, description="TCP port to listen on.")
+    port: int = Field(
+        default=8710, ge=0, le=65535, description="TCP port to listen on; 0 picks a free one."
+    )
+    token_file: Annotated[str, AfterValidator(_empty_or_absolute)] = Field(
+        default="",
+        description="File holding the bearer token that /v1 requests must present; empty "
+        "means no token, allowed only when listening on a loopback address.",
+    )
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> HttpSection:
+        # Anyone who can reach the port could start restores and backups.
+        if not self.token_file and not _is_loopback(self.listen):
+            raise ValueError(
+                f"listen = {self.listen!r} is not a loopback address: set token_file too"
+            )
+        return self
+
+
+class JobsSection(BaseModel):
+    """How many jobs run at once, and how the agent stops."""
+
+    model_config = _SECTION_CONFIG
+
+    max_concurrent_backups: int = Field(
+        default=2, ge=1, le=64, description="Backup jobs running at once on this host."
+    )
+    max_concurrent_jobs: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Jobs of any kind running at once (backups count here too).",
+    )
+    shutdown_grace: Seconds = Field(
+        default=60.0,
+        description="Seconds running jobs may take to finish after SIGTERM before they are "
+        "cancelled (and undone).",
+    )
+    restore_dir: Annotated[str, AfterValidator(_empty_or_absolute)] = Field(
+        default="",
+        description="Directory restore jobs write into (their 'to' is a name inside it); "
+        "empty means <state_dir>/restores.",
+    )
+    keep_finished_days: Seconds = Field(
+        default=30.0, description="Days finished jobs stay in the job store."
+    )
+
+
+class NatsSection(BaseModel):
+    """Job requests from a central scheduler over NATS JetStream (off unless url is set)."""
+
+    model_config = _SECTION_CONFIG
+
+    url: str = Field(
+        default="", description="NATS server, e.g. nats://127.0.0.1:4222; empty turns NATS off."
+    )
+    stream: str = Field(
+        default="BACKUP_AGENT",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="JetStream stream holding job requests (created if missing).",
+    )
+    subject_prefix: str = Field(
+        default="backup-agent",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+        description="Requests arrive on <prefix>.<host_id>.jobs; job events are published on "
+        "<prefix>.<host_id>.events.",
+    )
+    token_file: Annotated[str, AfterValidator(_empty_or_absolute)] = Field(
+        default="", description="File holding the NATS authentication token; empty: none."
+    )
+    connect_timeout: Seconds = Field(
+        default=5.0, description="Seconds to wait for the NATS server at each attempt."
+    )
+    ack_wait: Seconds = Field(
+        default=30.0,
+        description="Seconds JetStream waits for the agent's acknowledgement before "
+        "redelivering a request.",
+    )
+
+
+class ScheduleEntry(BaseModel):
+    """One local schedule: back up the matching domains at every cron slot."""
+
+    model_config = _SECTION_CONFIG
+
+    name: str = Field(
+        min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Unique name of the schedule."
+    )
+    cron: str = Field(
+        min_length=1, description="Five-field cron expression, in the host's local time."
+    )
+    domains: list[str] = Field(
+        default=["*"],
+        min_length=1,
+        description="Shell-style patterns (fnmatch) of domain names to back up.",
+    )
+    mode: Literal["auto", "full", "incremental"] = Field(
+        default="auto", description="Backup mode of the jobs this schedule starts."
+    )
+    keep_last: int | None = Field(
+        default=None,
+        ge=0,
+        description="Backups kept per domain after each of its backups; unset means "
+        "[retention] keep_last.",
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        from croniter import croniter  # noqa: PLC0415 - only needed when schedules exist
+
+        if len(value.split()) != 5 or not croniter.is_valid(value):
+            raise ValueError("not a valid five-field cron expression")
+        return value
 
 
 class RepositorySection(BaseModel):
@@ -214,6 +331,20 @@ class AgentConfig(BaseModel):
     checkpoints: CheckpointsSection = Field(default_factory=CheckpointsSection)
     backup: BackupSection = Field(default_factory=BackupSection)
     retention: RetentionSection = Field(default_factory=RetentionSection)
+    jobs: JobsSection = Field(default_factory=JobsSection)
+    nats: NatsSection = Field(default_factory=NatsSection)
+    schedules: list[ScheduleEntry] = Field(
+        default=[], description="Local schedules ([[schedules]] tables)."
+    )
+
+    @field_validator("schedules")
+    @classmethod
+    def _unique_schedule_names(cls, value: list[ScheduleEntry]) -> list[ScheduleEntry]:
+        names = [entry.name for entry in value]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"schedule names must be unique: {', '.join(duplicates)}")
+        return value
 
     @property
     def repository_path(self) -> Path:
@@ -252,6 +383,18 @@ class AgentConfig(BaseModel):
         return self.agent.state_dir / "ledger.sqlite"
 
     @property
+    def jobs_path(self) -> Path:
+        """The job store's SQLite file."""
+        return self.agent.state_dir / "jobs.sqlite"
+
+    @property
+    def restore_path(self) -> Path:
+        """Where restore jobs write: ``jobs.restore_dir`` or its default."""
+        if self.jobs.restore_dir:
+            return Path(self.jobs.restore_dir)
+        return self.agent.state_dir / "restores"
+
+    @property
     def resolved_host_id(self) -> str:
         """The host id the agent uses: ``agent.host_id`` or the host's name."""
         return self.agent.host_id or socket.gethostname()
@@ -265,8 +408,18 @@ class AgentConfig(BaseModel):
                     update={"path": str(self.repository_path)}
                 ),
                 "backup": self.backup.model_copy(update={"scratch_dir": str(self.scratch_path)}),
+                "jobs": self.jobs.model_copy(update={"restore_dir": str(self.restore_path)}),
             }
         )
+
+
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def load_config(path: Path | None) -> AgentConfig:
@@ -291,7 +444,8 @@ def load_config(path: Path | None) -> AgentConfig:
 
 def render_toml(cfg: AgentConfig) -> str:
     """The effective configuration as TOML, with defaulted keys shown resolved."""
-    return tomli_w.dumps(cfg.resolved().model_dump(mode="json"))
+    # TOML has no null: an unset optional key (a schedule's keep_last) is left out.
+    return tomli_w.dumps(cfg.resolved().model_dump(mode="json", exclude_none=True))
 
 
 def json_schema() -> dict[str, Any]:

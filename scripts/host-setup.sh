@@ -13,6 +13,7 @@ PACKAGES=(
   qemu-system-x86 qemu-utils
   libvirt-dev pkg-config gcc   # libvirt-python is built against the host's libvirt
   nbdkit libnbd-bin            # NBD peers for the tests; nbdcopy for the benchmark
+  nats-server                  # JetStream for the scheduler-message tests (started by them)
 )
 
 say() { printf '==> %s\n' "$*" >&2; }

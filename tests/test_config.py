@@ -23,10 +23,13 @@ from agent.config import (
     AgentSection,
     BackupSection,
     HttpSection,
+    JobsSection,
     LibvirtSection,
     LoggingSection,
+    NatsSection,
     RepositorySection,
     RetentionSection,
+    ScheduleEntry,
     json_schema,
     load_config,
     render_toml,
@@ -93,9 +96,49 @@ def test_committed_default_file_lists_every_key() -> None:
     # Equality with the defaults alone would pass for an empty file.
     written = tomllib.loads(DEFAULT_FILE.read_text(encoding="utf-8"))
     expected = AgentConfig().model_dump()
+    # [[schedules]] are a list, empty by default: the file shows a commented example.
+    assert expected.pop("schedules") == []
     assert {s: set(keys) for s, keys in written.items()} == {
         s: set(keys) for s, keys in expected.items()
     }
+
+
+def test_the_commented_schedule_example_is_valid(tmp_path: Path) -> None:
+    text = DEFAULT_FILE.read_text(encoding="utf-8")
+    example = text[text.index("#   [[schedules]]") :]
+    lines = [line.removeprefix("#   ") for line in example.splitlines() if line.startswith("#   ")]
+    cfg = load_config(write(tmp_path, "\n".join(lines)))
+    [entry] = cfg.schedules
+    assert (entry.name, entry.cron, entry.domains, entry.keep_last) == (
+        "nightly",
+        "30 1 * * *",
+        ["web-*", "db1"],
+        7,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[http]\nlisten = "0.0.0.0"\n',
+            "listen = '0.0.0.0' is not a loopback address: set token_file too",
+        ),
+        (
+            '[[schedules]]\nname = "a"\ncron = "61 * * * *"\n',
+            "[schedules.0] cron: not a valid five-field cron expression",
+        ),
+        (
+            '[[schedules]]\nname = "a"\ncron = "* * * * *"\n'
+            '[[schedules]]\nname = "a"\ncron = "0 1 * * *"\n',
+            "schedule names must be unique: a",
+        ),
+    ],
+)
+def test_control_plane_settings_are_checked(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert message in str(caught.value)
 
 
 def test_committed_schema_is_current() -> None:
@@ -197,6 +240,9 @@ def test_render_round_trips_explicit_config(tmp_path: Path) -> None:
         repository=RepositorySection(path=str(tmp_path / "repo")),
         backup=BackupSection(scratch_dir=str(tmp_path / "scratch"), connections=2),
         retention=RetentionSection(keep_last=3),
+        jobs=JobsSection(restore_dir=str(tmp_path / "restores"), max_concurrent_backups=3),
+        nats=NatsSection(url="nats://127.0.0.1:4222", ack_wait=10.0),
+        schedules=[ScheduleEntry(name="nightly", cron="0 2 * * *", domains=["web-*"])],
     )
     assert load_config(write(tmp_path, render_toml(cfg))) == cfg
 
