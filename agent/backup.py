@@ -155,15 +155,21 @@ class Backups:
     # -- the job ---------------------------------------------------------------------
 
     async def run(
-        self, uuid: str, mode: BackupMode = BackupMode.AUTO, *, progress: Progress | None = None
+        self,
+        uuid: str,
+        mode: BackupMode = BackupMode.AUTO,
+        *,
+        progress: Progress | None = None,
+        keep_last: int | None = None,
     ) -> BackupResult:
+        """Back up the running domain ``uuid``; ``keep_last`` overrides [retention]."""
         if uuid in self._running:
             raise BackupError("a backup of this domain is already running", code="busy")
         self._running.add(uuid)
         timeout = self._config.backup.job_timeout
         try:
             async with self.domain_lock(uuid):
-                return await asyncio.wait_for(self._run(uuid, mode, progress), timeout)
+                return await asyncio.wait_for(self._run(uuid, mode, progress, keep_last), timeout)
         except TimeoutError as exc:
             raise BackupError(
                 f"the backup did not finish within {timeout:g} s; it was undone", code="timeout"
@@ -176,7 +182,9 @@ class Backups:
         domain's chain, so neither sees the other's work half-done."""
         return self._locks.setdefault(uuid, asyncio.Lock())
 
-    async def _run(self, uuid: str, mode: BackupMode, progress: Progress | None) -> BackupResult:
+    async def _run(
+        self, uuid: str, mode: BackupMode, progress: Progress | None, keep_last: int | None
+    ) -> BackupResult:
         started = time.monotonic()
         info = await self._domains.refresh(uuid)
         if info is None or not info.state.active:
@@ -202,7 +210,7 @@ class Backups:
         job = dataclasses.replace(job, published=True)
         await self._write_intent(job)
         try:
-            await self._finish(info, job)
+            await self._finish(info, job, keep_last)
         except AgentError as exc:
             log.error(
                 "backup published, but marking it in the ledger failed; retried at next start",
@@ -435,9 +443,9 @@ class Backups:
                 domain=info.name,
             )
 
-    async def _finish(self, info: DomainInfo, job: _Job) -> None:
+    async def _finish(self, info: DomainInfo, job: _Job, keep_last: int | None) -> None:
         await self._chains.backup_succeeded(info.name, job.checkpoint)
-        keep = self._config.retention.keep_last
+        keep = self._config.retention.keep_last if keep_last is None else keep_last
         if keep:
             dropped = await self.repository.apply_retention(info.name, keep)
             if dropped:

@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,8 +129,10 @@ class Chains:
         *,
         keep: int = 1,
         faults: Faults = no_faults,
+        on_redefine: Callable[[bool], None] = lambda ok: None,
     ) -> None:
         self.ledger = ledger
+        self._on_redefine = on_redefine  # metrics: each redefine's outcome
         self.domains = domains
         self._connection = connection
         self._domains = domains
@@ -296,7 +298,12 @@ class Chains:
                 continue
             self._faults(f"redefine:{record.name}")
             xml = redefine_xml(record, keep_domain=_keeps_domain(record, info))
-            await self._connection.call("redefine checkpoint", _redefine, uuid, xml, 0)
+            try:
+                await self._connection.call("redefine checkpoint", _redefine, uuid, xml, 0)
+            except Exception:
+                self._on_redefine(False)
+                raise
+            self._on_redefine(True)
             report.redefined.append(record.name)
         if pruning:
             report.prunes_finished = await self._finish_pruning(info.name, uuid, pruning)

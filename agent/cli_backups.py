@@ -17,7 +17,7 @@ from agent.backup import BackupResult
 from agent.backup_plan import BackupMode
 from agent.config import AgentConfig
 from agent.errors import AgentError
-from agent.repository import Manifest, Repository
+from agent.repository import Repository
 
 
 class CommandError(AgentError):
@@ -28,15 +28,10 @@ def _when(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _mode(manifest: Manifest) -> str:
-    modes = {d.mode for d in manifest.disks}
-    return modes.pop() if len(modes) == 1 else "mixed"
-
-
 def list_backups(config: AgentConfig, domain: str, as_json: bool) -> None:
     manifests = asyncio.run(Repository(config.repository_path).backups(domain))
     if as_json:
-        print(json.dumps([_summary(m) for m in manifests], indent=2))
+        print(json.dumps([m.summary() for m in manifests], indent=2))
         return
     if not manifests:
         raise CommandError(f"no backups of {domain!r} in {config.repository_path}")
@@ -45,7 +40,7 @@ def list_backups(config: AgentConfig, domain: str, as_json: bool) -> None:
         [
             m.backup_id,
             _when(m.completed_at),
-            _mode(m),
+            m.mode,
             str(sum(d.bytes_copied for d in m.disks)),
             m.parent or "-",
             ",".join(f"{d.target}:{d.mode}" for d in m.disks),
@@ -55,31 +50,6 @@ def list_backups(config: AgentConfig, domain: str, as_json: bool) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _summary(m: Manifest) -> dict[str, object]:
-    return {
-        "id": m.backup_id,
-        "domain": m.domain,
-        "domain_uuid": m.domain_uuid,
-        "created_at": m.created_at,
-        "completed_at": m.completed_at,
-        "mode": _mode(m),
-        "parent": m.parent,
-        "checkpoint": m.checkpoint,
-        "bytes": sum(d.bytes_copied for d in m.disks),
-        "disks": [
-            {
-                "target": d.target,
-                "mode": d.mode,
-                "reason": d.reason,
-                "bytes": d.bytes_copied,
-                "virtual_size": d.virtual_size,
-                "image": d.image,
-            }
-            for d in m.disks
-        ],
-    }
 
 
 class _Bar:
@@ -148,7 +118,7 @@ def backup(config: AgentConfig, domain: str, mode: str) -> None:
 async def _backup(config: AgentConfig, domain: str, mode: BackupMode) -> BackupResult:
     from agent.service import Agent  # noqa: PLC0415 - libvirt only for this command
 
-    agent = Agent(config)
+    agent = Agent(config, services=False)  # one job, no API: no port, no job store runner
     async with agent.started(wait_ready=config.libvirt.call_timeout):
         info = next((i for i in agent.domains.all().values() if domain in (i.name, i.uuid)), None)
         if info is None:

@@ -173,6 +173,37 @@ class Manifest:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
+    @property
+    def mode(self) -> str:
+        """``full`` or ``incremental`` when every disk agrees, else ``mixed``."""
+        modes = {d.mode for d in self.disks}
+        return modes.pop() if len(modes) == 1 else "mixed"
+
+    def summary(self) -> dict[str, object]:
+        """What ``backups --json`` and ``GET /v1/domains/{domain}/backups`` show."""
+        return {
+            "id": self.backup_id,
+            "domain": self.domain,
+            "domain_uuid": self.domain_uuid,
+            "created_at": self.created_at,
+            "completed_at": self.completed_at,
+            "mode": self.mode,
+            "parent": self.parent,
+            "checkpoint": self.checkpoint,
+            "bytes": sum(d.bytes_copied for d in self.disks),
+            "disks": [
+                {
+                    "target": d.target,
+                    "mode": d.mode,
+                    "reason": d.reason,
+                    "bytes": d.bytes_copied,
+                    "virtual_size": d.virtual_size,
+                    "image": d.image,
+                }
+                for d in self.disks
+            ],
+        }
+
     @classmethod
     def from_json(cls, text: str, *, path: str) -> Manifest:
         """Parse and strictly validate a manifest; RepositoryError names the bad field."""

@@ -1,4 +1,5 @@
-"""The agent as a whole: connection, inventory, ledger, chains and event dispatch, wired.
+"""The agent as a whole: connection, inventory, ledger, chains, event dispatch, jobs,
+the HTTP API, NATS messages, local schedules and metrics, wired.
 
 :class:`Agent` is what ``backup-agent run`` starts and what the tests run in-process.
 On every (re)connection it resynchronises: it reads every domain, dispatches the
@@ -6,28 +7,45 @@ changes it missed as synthetic events, and asks for a reconcile of every domain 
 ledger knows (libvirt may have forgotten their checkpoints while the agent was away:
 a libvirtd restart drops a transient domain's checkpoints). On the first connection
 that is every domain, so each is seen, and each chain repaired, once at start.
+
+Start-up order: the stores open and the HTTP API listens at once (``/healthz`` answers,
+``/readyz`` says what is missing); once libvirt is connected and the jobs a killed agent
+left behind are undone, the job runner takes over the store (running jobs become
+``agent-restarted``), NATS and the schedules start, and systemd hears ``READY=1``.
+Shutdown runs the other way: stop taking requests, let running jobs finish within
+``[jobs] shutdown_grace``, cancel the rest (each undoes its work), close everything.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
+from agent.api import ApiParts, serving
 from agent.backup import Backups
 from agent.checkpoints import Chains
 from agent.config import AgentConfig
-from agent.connection import VirtConnection
+from agent.connection import ConnState, VirtConnection
 from agent.dispatch import Dispatcher, HandlerContext, Routes
 from agent.domains import Domains
 from agent.errors import AgentError
 from agent.events import DomainRef, Event, ReconcileRequested
 from agent.faults import Faults, from_environment
+from agent.job_requests import Job, JobKind, JobState
+from agent.job_store import JobStore
+from agent.jobs import Jobs
 from agent.ledger import Ledger
 from agent.logs import get_logger
+from agent.messages import SchedulerMessages
+from agent.metrics import Metrics, StateCollector, watch_loop_lag
 from agent.repository import Repository
+from agent.schedules import Schedules
+from agent.sdnotify import notify
 from agent.statelock import state_lock
 from handlers import default_routes
+from handlers.job_kinds import find_domain, job_runners
 
 log = get_logger("service")
 
@@ -35,24 +53,39 @@ log = get_logger("service")
 class Agent:
     """One agent: ``await agent.run(stop)`` until ``stop`` is set.
 
-    ``dispatcher``, ``chains`` and ``backups`` exist once it has opened the ledger.
+    ``dispatcher``, ``chains``, ``backups`` and ``jobs`` exist once it has opened its
+    stores. With ``services=False`` (one-shot commands) there is no API, no job runner,
+    no NATS and no schedules: only the connection, the chains and the backups.
     """
 
     def __init__(
-        self, config: AgentConfig, routes: Routes | None = None, faults: Faults | None = None
+        self,
+        config: AgentConfig,
+        routes: Routes | None = None,
+        faults: Faults | None = None,
+        *,
+        services: bool = True,
     ) -> None:
         self.config = config
         self._routes = routes if routes is not None else default_routes()
         self._faults = faults if faults is not None else from_environment()
+        self._services = services
         self.connection = VirtConnection(config.libvirt, self._submit, self._resync)
         self.domains = Domains(self.connection)
+        self.metrics = Metrics(domain_name=self._domain_name)
         self.chains: Chains
         self.backups: Backups
         self.dispatcher: Dispatcher
+        self.jobs: Jobs
+        self.messages: SchedulerMessages | None = None
+        self.urls: list[str] = []  # where the API listens, once it does
         self._recovered = False
+        self._chain_counts: set[asyncio.Task[None]] = set()
         self.ready = asyncio.Event()  # connected, resynchronised, leftovers undone
+        self.taking_jobs = asyncio.Event()  # the job runner, NATS and schedules started
 
     def _submit(self, event: Event) -> None:
+        self.metrics.event(type(event).__name__)
         self.dispatcher.submit(event)
 
     async def _resync(self) -> None:
@@ -98,26 +131,78 @@ class Agent:
     async def _running(self, wait_ready: float | None) -> AsyncIterator[asyncio.Task[None]]:
         cfg = self.config
         log.info("agent starting", uri=cfg.libvirt.uri, state_dir=str(cfg.agent.state_dir))
-        ledger = await Ledger.open(cfg.ledger_path)
-        self._wire(ledger)
-        connection = asyncio.create_task(self.connection.run(), name="libvirt-connection")
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            ledger = await Ledger.open(cfg.ledger_path)
+            stack.push_async_callback(ledger.close)
+            store = await JobStore.open(cfg.jobs_path)
+            stack.push_async_callback(store.close)
+            self._wire(ledger, store)
+            stack.push_async_callback(self.dispatcher.close)
+            if self._services:
+                self.urls = await stack.enter_async_context(serving(self._api_parts(), cfg.http))
+            background = _Background()
+            stack.push_async_callback(background.stop)
+            connection = background.start(self.connection.run(), "libvirt-connection")
+            background.start(watch_loop_lag(self.metrics), "loop-lag")
+            if self._services:
+                stack.push_async_callback(self._stop_jobs)
+                background.start(self._take_jobs(background), "take-jobs")
             if wait_ready is not None:
                 await asyncio.wait_for(self.ready.wait(), wait_ready)
                 await self.dispatcher.drain()
             yield connection
-        finally:
-            connection.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await connection
-            await self.dispatcher.close()
-            await ledger.close()
-            log.info("agent stopped")
+        log.info("agent stopped")
 
-    def _wire(self, ledger: Ledger) -> None:
+    async def _take_jobs(self, background: _Background) -> None:
+        """Once connected and recovered: run jobs, then listen to NATS and the schedules."""
+        await self.ready.wait()
+        restarted = await self.jobs.start()
+        if restarted:
+            log.warning("jobs were running when the agent died", jobs=[j.id for j in restarted])
+        cfg = self.config
+        if cfg.nats.url:
+            self.messages = SchedulerMessages(
+                cfg.nats, cfg.resolved_host_id, self.jobs, faults=self._faults
+            )
+            background.start(self.messages.run(), "nats")
+        if cfg.schedules:
+            schedules = Schedules(cfg.schedules, self.jobs, self.jobs.store, self._running_names)
+            background.start(schedules.run(), "schedules")
+        self.taking_jobs.set()
+        notify("READY=1")
+        log.info(
+            "taking jobs",
+            api=self.urls,
+            nats=bool(cfg.nats.url),
+            schedules=[s.name for s in cfg.schedules],
+        )
+
+    async def _stop_jobs(self) -> None:
+        notify("STOPPING=1")
+        await self.jobs.stop()
+
+    def _running_names(self) -> list[str]:
+        return [info.name for info in self.domains.all().values() if info.state.active]
+
+    def _api_parts(self) -> ApiParts:
+        return ApiParts(
+            jobs=self.jobs,
+            chains=self.chains,
+            domains=self.domains,
+            connection=self.connection,
+            repository=self.backups.repository,
+            metrics=self.metrics,
+        )
+
+    def _wire(self, ledger: Ledger, store: JobStore) -> None:
         cfg = self.config
         self.chains = Chains(
-            ledger, self.connection, self.domains, keep=cfg.checkpoints.keep, faults=self._faults
+            ledger,
+            self.connection,
+            self.domains,
+            keep=cfg.checkpoints.keep,
+            faults=self._faults,
+            on_redefine=self.metrics.redefined,
         )
         self.backups = Backups(
             cfg,
@@ -127,15 +212,58 @@ class Agent:
             Repository(cfg.repository_path),
             faults=self._faults,
         )
-        self.dispatcher = Dispatcher(
-            self._routes,
-            HandlerContext(
-                connection=self.connection,
-                domains=self.domains,
-                chains=self.chains,
-                backups=self.backups,
-            ),
+        context = HandlerContext(
+            connection=self.connection,
+            domains=self.domains,
+            chains=self.chains,
+            backups=self.backups,
         )
+        self.dispatcher = Dispatcher(self._routes, context)
+        self.jobs = Jobs(
+            store,
+            job_runners(context, cfg),
+            cfg.jobs,
+            domain_key=lambda domain: _domain_key(context, domain),
+            can_start=lambda: self.connection.state is ConnState.CONNECTED,
+        )
+        self.jobs.subscribe(self.metrics.job_changed)
+        self.jobs.subscribe(self._after_job)
+        self.metrics.add_collector(
+            StateCollector(
+                connected=lambda: self.connection.state is ConnState.CONNECTED,
+                reconnects=lambda: self.connection.reconnects,
+                job_counts=self.jobs.counts,
+                messages=self._message_counts,
+            )
+        )
+
+    def _after_job(self, job: Job) -> None:
+        if job.kind is JobKind.BACKUP and job.state is JobState.SUCCEEDED:
+            # Retention may have shortened the chain: count what the repository holds.
+            name = self._domain_name(job.domain)
+            task = asyncio.create_task(self._count_chain(name), name="chain-length")
+            self._chain_counts.add(task)
+            task.add_done_callback(self._chain_counts.discard)
+
+    def _domain_name(self, domain: str) -> str:
+        for info in self.domains.all().values():
+            if domain in (info.name, info.uuid):
+                return info.name
+        return domain
+
+    async def _count_chain(self, domain: str) -> None:
+        try:
+            backups = await self.backups.repository.backups(domain)
+        except AgentError as exc:
+            log.warning("cannot count the repository's backups", domain=domain, error=str(exc))
+            return
+        self.metrics.chain_length.labels(domain=domain).set(len(backups))
+
+    def _message_counts(self) -> dict[str, int]:
+        if self.messages is None:
+            return {}
+        rejected = self.messages.messages_rejected
+        return {"accepted": self.messages.messages_received - rejected, "rejected": rejected}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set (or the task is cancelled); then shut down cleanly."""
@@ -147,3 +275,36 @@ class Agent:
                     connection.result()  # the connection loop only ends by failing: surface it
             finally:
                 stopping.cancel()
+
+
+def _domain_key(context: HandlerContext, domain: str) -> str:
+    info = find_domain(context, domain)
+    return info.uuid if info is not None else domain
+
+
+class _Background:
+    """Tasks that run alongside the agent; stopped (cancelled and awaited) together."""
+
+    def __init__(self) -> None:
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(work, name=name)
+        task.add_done_callback(_log_failure)
+        self._tasks.append(task)
+        return task
+
+    async def stop(self) -> None:
+        for task in reversed(self._tasks):
+            task.cancel()
+        # Failures were logged when they happened (the connection's is raised by run()).
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if (
+        not task.cancelled()
+        and task.exception() is not None
+        and task.get_name() != "libvirt-connection"
+    ):
+        log.error("background task failed", task=task.get_name(), error=repr(task.exception()))

@@ -1,0 +1,152 @@
+"""What each kind of job does: ``backup``, ``restore``, ``verify``, ``reconcile``.
+
+One small runner per kind (see :class:`agent.jobs.JobRunner`): it gets the job and a
+progress callback, does the work through the agent's parts, and returns what it
+produced or raises an :class:`~agent.errors.AgentError` whose code the job reports.
+Cancellation (``DELETE /v1/jobs/{id}``, shutdown) arrives as ``CancelledError``; the
+backup undoes its work itself, a restore removes its partial image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from pathlib import Path
+
+from agent.backup_plan import BackupMode
+from agent.config import AgentConfig
+from agent.dispatch import HandlerContext
+from agent.errors import JobError
+from agent.inventory import DomainInfo
+from agent.job_requests import Job, JobDisk, JobKind
+from agent.jobs import JobFailedError, JobOutcome, JobRunner, Progress
+
+
+def job_runners(ctx: HandlerContext, config: AgentConfig) -> dict[JobKind, JobRunner]:
+    return {
+        JobKind.BACKUP: functools.partial(backup, ctx),
+        JobKind.RESTORE: functools.partial(restore, ctx, config.restore_path),
+        JobKind.VERIFY: functools.partial(verify, ctx),
+        JobKind.RECONCILE: functools.partial(reconcile, ctx),
+    }
+
+
+def find_domain(ctx: HandlerContext, domain: str) -> DomainInfo | None:
+    """The libvirt domain a job names, by name or UUID; None if libvirt has none."""
+    for info in ctx.domains.all().values():
+        if domain in (info.name, info.uuid):
+            return info
+    return None
+
+
+def _require(ctx: HandlerContext, domain: str) -> DomainInfo:
+    info = find_domain(ctx, domain)
+    if info is None:
+        raise JobError(f"no domain {domain!r} in libvirt on this host", code="domain-not-found")
+    return info
+
+
+def repository_name(ctx: HandlerContext, domain: str) -> str:
+    """The name the repository keeps a domain's backups under (a UUID is looked up)."""
+    info = find_domain(ctx, domain)
+    return info.name if info is not None else domain
+
+
+async def backup(ctx: HandlerContext, job: Job, progress: Progress) -> JobOutcome:
+    info = _require(ctx, job.domain)
+    mode = BackupMode(job.request.mode or "auto")
+    result = await ctx.backups.run(
+        info.uuid, mode, progress=progress, keep_last=job.request.keep_last
+    )
+    return JobOutcome(
+        backup_id=result.backup_id,
+        disks=tuple(JobDisk(d.target, d.mode, d.reason, d.bytes_copied) for d in result.disks),
+        result={"checkpoint": result.checkpoint, "seconds": round(result.seconds, 3)},
+    )
+
+
+async def restore(
+    ctx: HandlerContext, restore_dir: Path, job: Job, progress: Progress
+) -> JobOutcome:
+    request = job.request
+    assert request.backup is not None and request.to is not None  # checked at submission
+    domain = repository_name(ctx, job.domain)
+    fmt = request.format or "qcow2"
+    manifest = await ctx.backups.repository.backup(domain, request.backup)
+    targets = [d.target for d in manifest.disks]
+    if request.disk is not None and request.disk not in targets:
+        raise JobError(
+            f"backup {request.backup} has no disk {request.disk!r} (it has {', '.join(targets)})",
+            code="disk-not-found",
+        )
+    dest = restore_dir / request.to
+    if request.disk is None and len(targets) > 1:
+        await asyncio.to_thread(_new_directory, dest)
+        plan = [(t, dest / f"{t}.{fmt}") for t in targets]
+    else:
+        await asyncio.to_thread(restore_dir.mkdir, parents=True, exist_ok=True)
+        plan = [(request.disk or targets[0], dest)]
+    sizes = {d.target: d.virtual_size for d in manifest.disks}
+    total = sum(sizes[t] for t, _ in plan)
+    done = 0
+    files = []
+    for target, path in plan:
+        size = sizes[target]
+
+        def step(fraction: float, base: int = done, size: int = size) -> None:
+            progress(base + int(fraction * size), total)
+
+        await ctx.backups.repository.restore(
+            domain, request.backup, target, path, fmt=fmt, progress=step
+        )
+        done += size
+        files.append({"target": target, "path": str(path), "format": fmt})
+    return JobOutcome(backup_id=request.backup, result={"files": files})
+
+
+def _new_directory(path: Path) -> None:
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError as exc:
+        raise JobError(f"{path} already exists; restores never overwrite", code="exists") from exc
+
+
+async def verify(ctx: HandlerContext, job: Job, progress: Progress) -> JobOutcome:
+    domain = repository_name(ctx, job.domain)
+    problems = await ctx.backups.repository.verify(domain, job.request.backup)
+    found = [
+        {
+            "backup_id": p.backup_id,
+            "target": p.target,
+            "image": str(p.image),
+            "offset": p.offset,
+            "length": p.length,
+            "message": p.message,
+        }
+        for p in problems
+    ]
+    if found:
+        raise JobFailedError(
+            f"verify found {len(found)} problem(s); first: {found[0]['message']}",
+            code="verify-failed",
+            result={"problems": found},
+        )
+    return JobOutcome(backup_id=job.request.backup, result={"problems": []})
+
+
+async def reconcile(ctx: HandlerContext, job: Job, progress: Progress) -> JobOutcome:
+    info = _require(ctx, job.domain)
+    async with ctx.backups.domain_lock(info.uuid):
+        report = await ctx.chains.reconcile(info.uuid)
+    return JobOutcome(
+        result={
+            "redefined": report.redefined,
+            "leftovers_deleted": report.leftovers_deleted,
+            "foreign": report.foreign,
+            "broken_disks": {
+                target: verdict.reason
+                for target, verdict in report.verdicts.items()
+                if not verdict.valid
+            },
+        }
+    )
