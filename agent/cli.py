@@ -1,6 +1,9 @@
 """``backup-agent``: the command line.
 
-Verbs: ``run`` (the service) and ``config --show`` (the effective configuration).
+Verbs: ``run`` (the service), ``config --show`` (the effective configuration), the
+chain and repository commands that work without a running agent, and the operator's
+commands that talk to the running agent's API (``backup``, ``jobs``, ``cancel``,
+``status``).
 A configuration problem is one line on stderr and exit status 2, never a traceback.
 """
 
@@ -12,6 +15,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config, render_toml
 from agent.errors import AgentError, ConfigError
@@ -58,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         "--replace", action="store_true", help="replace what the ledger holds for that domain"
     )
     imp.add_argument("--config", type=Path, metavar="FILE", help=config_help)
-    bk = verbs.add_parser("backup", help="back up a domain now, in this process")
+    bk = verbs.add_parser("backup", help="ask the running agent to back up a domain now")
     bk.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
     bk.add_argument(
         "--mode",
@@ -66,7 +70,16 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: incremental where the chain allows, full per disk elsewhere",
     )
+    bk.add_argument(
+        "--wait", action="store_true", help="wait for the job to end (progress bar on a terminal)"
+    )
+    bk.add_argument(
+        "--local",
+        action="store_true",
+        help="run the backup in this process instead, with no agent running",
+    )
     bk.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    _control_verbs(verbs, config_help)
     lst = verbs.add_parser("backups", help="list a domain's backups in the repository")
     lst.add_argument("domain", metavar="DOMAIN", help="domain name")
     lst.add_argument("--json", action="store_true", help="machine-readable output")
@@ -89,6 +102,21 @@ def _parser() -> argparse.ArgumentParser:
     vf.add_argument("--backup", metavar="ID", help="default: every backup of the domain")
     vf.add_argument("--config", type=Path, metavar="FILE", help=config_help)
     return parser
+
+
+def _control_verbs(verbs: Any, config_help: str) -> None:
+    """The verbs that talk to the running agent (besides ``backup``)."""
+    jb = verbs.add_parser("jobs", help="list the running agent's jobs, newest first")
+    jb.add_argument("--domain", metavar="DOMAIN", help="only this domain's")
+    jb.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    jb.add_argument("--json", action="store_true", help="machine-readable output")
+    jb.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    cn = verbs.add_parser("cancel", help="cancel a queued or running job")
+    cn.add_argument("job", metavar="ID", help="job id (see `jobs`)")
+    cn.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    st = verbs.add_parser("status", help="domains, chains, last backups and running jobs")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--config", type=Path, metavar="FILE", help=config_help)
 
 
 def _config_path(given: Path | None) -> Path | None:
@@ -131,8 +159,10 @@ def _dispatch(args: argparse.Namespace, config: AgentConfig) -> int:
 
     if args.verb == "run":
         asyncio.run(_run(config))
-    elif args.verb == "backup":
+    elif args.verb == "backup" and args.local:
         cli_backups.backup(config, args.domain, args.mode)
+    elif args.verb in ("backup", "jobs", "cancel", "status"):
+        return _control(args, config)
     elif args.verb == "backups":
         cli_backups.list_backups(config, args.domain, args.json)
     elif args.verb == "restore":
@@ -148,3 +178,15 @@ def _dispatch(args: argparse.Namespace, config: AgentConfig) -> int:
     else:
         cli_chains.import_chain(config, args.file, args.replace)
     return 0
+
+
+def _control(args: argparse.Namespace, config: AgentConfig) -> int:
+    from agent import cli_control  # noqa: PLC0415 - `config --show` without aiohttp
+
+    if args.verb == "backup":
+        return cli_control.backup(config, args.domain, args.mode, args.wait)
+    if args.verb == "jobs":
+        return cli_control.jobs(config, args.domain, args.state, args.json)
+    if args.verb == "cancel":
+        return cli_control.cancel(config, args.job)
+    return cli_control.status(config, args.json)

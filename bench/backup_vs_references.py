@@ -57,7 +57,16 @@ def agent_backup(config: Path, domain: str, mode: str) -> tuple[float, int]:
     """Run `backup-agent backup`; its copy time and the process's peak RSS (bytes)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     done = sh(
-        sys.executable, "-m", "agent", "backup", domain, "--mode", mode, "--config", str(config)
+        sys.executable,
+        "-m",
+        "agent",
+        "backup",
+        domain,
+        "--local",
+        "--mode",
+        mode,
+        "--config",
+        str(config),
     )
     out = done.stdout
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

@@ -86,7 +86,13 @@ def test_config(state_dir: Path, **libvirt: Any) -> AgentConfig:
     """A configuration for tests: state under ``state_dir``, quick reconnects."""
     settings: dict[str, Any] = {"reconnect_initial_delay": 0.2, "reconnect_max_delay": 2.0}
     settings.update(libvirt)
-    return AgentConfig.model_validate({"agent": {"state_dir": str(state_dir)}, "libvirt": settings})
+    return AgentConfig.model_validate(
+        {
+            "agent": {"state_dir": str(state_dir)},
+            "libvirt": settings,
+            "http": {"port": 0},  # a free port: agents of several tests never collide
+        }
+    )
 
 
 test_config.__test__ = False  # type: ignore[attr-defined]  # not a test, despite the name
@@ -110,7 +116,15 @@ async def running_agent(
     task = asyncio.create_task(agent.run(stop))
     try:
         if connect_timeout is not None:
-            await asyncio.wait_for(agent.ready.wait(), connect_timeout)
+            ready = asyncio.create_task(agent.ready.wait())
+            await asyncio.wait(
+                {ready, task}, timeout=connect_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            ready.cancel()
+            if task.done():
+                task.result()  # the agent failed to start: its error, not a timeout
+            if not agent.ready.is_set():
+                raise AssertionError(f"the agent was not ready within {connect_timeout} s")
             await agent.dispatcher.drain()
         yield RunningAgent(agent, recorder)
     finally:

@@ -1,0 +1,105 @@
+"""A test domain and a model of what each of its disks holds, and restore checks.
+
+Every write a test makes through QEMU is applied to the model too; a snapshot of the
+model taken when a backup starts is what restoring that backup must give, byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from agent.config import AgentConfig
+from agent.repository import Repository
+from tests.harness import RunningAgent, started_domain
+from tests.testbed.domains import DiskSpec, DomainFactory, TestDomain
+
+KiB = 1024
+MiB = 1024 * KiB
+SIZE = 64 * MiB
+
+
+class Guest:
+    """A test domain and the model of what each of its disks holds."""
+
+    def __init__(self, td: TestDomain) -> None:
+        self.td = td
+        self.disks = {target: bytearray(SIZE) for target in td.disk_paths}
+
+    async def write(self, target: str, offset: int, length: int, byte: int) -> None:
+        await asyncio.to_thread(self.td.write_pattern, target, offset, length, byte)
+        self.disks[target][offset : offset + length] = bytes([byte]) * length
+
+    async def zero(self, target: str, offset: int, length: int) -> None:
+        await asyncio.to_thread(
+            self.td.qemu_io,
+            target,
+            f"write -z {offset} {length}",
+            f"wrote {length}/{length} bytes at offset {offset}",
+        )
+        self.disks[target][offset : offset + length] = bytes(length)
+
+    async def discard(self, target: str, offset: int, length: int) -> None:
+        await asyncio.to_thread(
+            self.td.qemu_io,
+            target,
+            f"discard {offset} {length}",
+            f"discard {length}/{length} bytes at offset {offset}",
+        )
+        # Whether a discard zeroes depends on the disk's discard mode: ask the guest.
+        held = await asyncio.to_thread(self.td.read_guest, target, offset, length)
+        self.disks[target][offset : offset + length] = held
+
+    async def flush(self) -> None:
+        """What a guest does before it may lose power: QEMU writes out its qcow2 metadata.
+
+        Without it, killing QEMU loses writes the guest never flushed, and the model of
+        what the disk holds would be wrong, not the backup.
+        """
+        for target in self.disks:
+            device = self.td._qemu_io_device(target)
+            await asyncio.to_thread(self.td.hmp, f'qemu-io -d {device} "flush"')
+            # The monitor runs commands in order: a read after it proves it finished.
+            await asyncio.to_thread(self.td.read_guest, target, 0, 512)
+
+    def attach(self, target: str) -> None:
+        self.disks[target] = bytearray(SIZE)
+
+    def snapshot(self) -> dict[str, bytes]:
+        return {t: bytes(d) for t, d in self.disks.items()}
+
+
+def config(tmp_path: Path, **sections: dict[str, object]) -> AgentConfig:
+    data: dict[str, object] = {
+        "agent": {"state_dir": str(tmp_path / "state")},
+        "libvirt": {"reconnect_initial_delay": 0.2, "reconnect_max_delay": 2.0},
+        "repository": {"path": str(tmp_path / "repo")},
+        "http": {"port": 0},
+    }
+    data.update(sections)
+    return AgentConfig.model_validate(data)
+
+
+async def assert_restores(
+    repo: Repository, domain: str, backup_id: str, expected: dict[str, bytes], tmp_path: Path
+) -> None:
+    for target, content in expected.items():
+        dest = tmp_path / f"restore-{backup_id}-{target}.raw"
+        await repo.restore(domain, backup_id, target, dest, fmt="raw")
+        restored = await asyncio.to_thread(dest.read_bytes)
+        await asyncio.to_thread(dest.unlink)
+        if restored != content:
+            first = (
+                next(i for i, (a, b) in enumerate(zip(restored, content, strict=True)) if a != b)
+                if len(restored) == len(content)
+                else -1
+            )
+            pytest.fail(f"{backup_id} {target}: restored image differs at byte {first}")
+
+
+async def started_guest(
+    run: RunningAgent, factory: DomainFactory, disks: list[DiskSpec], *, persistent: bool = True
+) -> Guest:
+    return Guest(await started_domain(run, factory, persistent=persistent, disks=disks))
