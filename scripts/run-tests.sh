@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/host-setup.sh
 echo "==> ruff" >&2
-.venv/bin/ruff check agent handlers tests
-.venv/bin/ruff format --check agent handlers tests
+.venv/bin/ruff check agent handlers tests bench demo
+.venv/bin/ruff format --check agent handlers tests bench demo
 echo "==> mypy --strict" >&2
 .venv/bin/mypy
 echo "==> pytest" >&2
