@@ -432,10 +432,26 @@ class Backups:
         self, info: DomainInfo, completion: asyncio.Future[Mapping[str, Any]]
     ) -> None:
         await self._connection.call("end backup job", _abort_job, info.uuid)
-        try:
-            stats = await asyncio.wait_for(completion, self._config.libvirt.call_timeout)
-        except TimeoutError:
-            stats = await self._connection.call("read job stats", _completed_stats, info.uuid)
+        # JOB_COMPLETED normally wakes us; but the event waits in the domain's queue
+        # behind any handler that needs this domain's lock (which this backup holds),
+        # so libvirt is also asked, every second, whether the job is over.
+        deadline = time.monotonic() + self._config.libvirt.call_timeout
+        while True:
+            try:
+                stats = await asyncio.wait_for(asyncio.shield(completion), 1.0)
+                break
+            except TimeoutError:
+                if not await self._connection.call("read job", _job_active, info.uuid):
+                    stats = await self._connection.call(
+                        "read job stats", _completed_stats, info.uuid
+                    )
+                    break
+                if time.monotonic() > deadline:
+                    raise BackupError(
+                        "libvirt's backup job did not end after it was asked to",
+                        code="job-stuck",
+                        domain=info.name,
+                    ) from None
         if not stats.get("success", False):
             raise BackupError(
                 f"libvirt reported the backup job failed: {stats.get('errmsg')}",
@@ -656,6 +672,11 @@ def _abort_own_job(conn: Any, uuid: str, socket: str) -> None:
 _NO_JOB = frozenset(
     {libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_NO_DOMAIN_BACKUP, libvirt.VIR_ERR_OPERATION_INVALID}
 )
+
+
+def _job_active(conn: Any, uuid: str) -> bool:
+    info = conn.lookupByUUIDString(uuid).jobInfo()
+    return bool(info[0] != libvirt.VIR_DOMAIN_JOB_NONE)
 
 
 def _completed_stats(conn: Any, uuid: str) -> dict[str, Any]:

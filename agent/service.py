@@ -156,6 +156,9 @@ class Agent:
     async def _take_jobs(self, background: _Background) -> None:
         """Once connected and recovered: run jobs, then listen to NATS and the schedules."""
         await self.ready.wait()
+        # The start-up reconciles first: a job would otherwise hold a domain's lock while
+        # that domain's events wait behind a reconcile that needs it.
+        await self.dispatcher.drain()
         restarted = await self.jobs.start()
         if restarted:
             log.warning("jobs were running when the agent died", jobs=[j.id for j in restarted])

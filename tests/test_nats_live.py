@@ -1,0 +1,112 @@
+"""The real agent process consuming a real nats-server: a request redelivered after the
+agent was killed before acknowledging it is still one job and one backup."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from agent.faults import CRASH_ENV
+from agent.repository import Repository
+from tests.guest_model import MiB
+from tests.testbed.agent_process import agent_process
+from tests.testbed.domains import DiskSpec, DomainFactory
+from tests.testbed.nats import NatsServer
+
+pytestmark = pytest.mark.libvirt
+
+JOBS = "backup-agent.test-host.jobs"
+EVENTS = "backup-agent.test-host.events"
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def _consumer_settled(url: str, timeout: float = 30) -> dict[str, Any]:
+    """Wait until the agent's durable consumer has nothing pending or unacknowledged."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        deadline = time.monotonic() + timeout
+        while True:
+            info = await js.consumer_info("BACKUP_AGENT", "agent-test-host")
+            if info.num_pending == 0 and info.num_ack_pending == 0:
+                return {
+                    "delivered": info.delivered.consumer_seq,
+                    "redelivered": info.num_redelivered,
+                }
+            assert time.monotonic() < deadline, f"consumer not settled: {info}"
+            await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+
+
+async def _job_events(url: str) -> list[dict[str, Any]]:
+    """Every job event the agents published (they are kept in the stream)."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        sub = await js.subscribe(EVENTS, ordered_consumer=True)
+        found = []
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1)
+            except nats.errors.TimeoutError:
+                return found
+            found.append(json.loads(msg.data))
+    finally:
+        await nc.close()
+
+
+async def test_redelivery_after_kill_before_ack_is_one_backup(
+    domain_factory: DomainFactory, tmp_path: Path, nats_server: NatsServer
+) -> None:
+    settings = {"nats": {"url": nats_server.url, "ack_wait": 2.0}}
+    with agent_process(tmp_path, settings) as agent:
+        td = await asyncio.to_thread(domain_factory, persistent=True, disks=[DiskSpec("vda")])
+        await asyncio.to_thread(td.write_pattern, "vda", 0, 2 * MiB, 0x61)
+        # The first agent records the job, then dies before it acknowledges the message.
+        await asyncio.to_thread(agent.start, extra_env={CRASH_ENV: "nats:before-ack"})
+        nc = await nats.connect(nats_server.url)
+        try:
+            request = {"id": "scheduler-7", "kind": "backup", "domain": td.name}
+            await nc.jetstream().publish(JOBS, json.dumps(request).encode())
+        finally:
+            await nc.close()
+        assert await asyncio.to_thread(agent.wait_exit, 60) == -signal.SIGKILL, agent.tail()
+
+        # The next agent runs the recorded job; JetStream redelivers the message to it.
+        await asyncio.to_thread(agent.start)
+        job = await asyncio.to_thread(
+            agent.wait_job, "scheduler-7", {"succeeded", "failed", "cancelled"}, 120
+        )
+        assert job["state"] == "succeeded", job
+        assert job["source"] == "nats"
+        settled = await _consumer_settled(nats_server.url)
+        assert settled["redelivered"] >= 1 or settled["delivered"] >= 2, settled
+        _, metrics = await asyncio.to_thread(agent.call, "GET", "/metrics")
+        assert 'backup_agent_nats_messages_total{outcome="accepted"} 1.0' in metrics
+        backups = await Repository(tmp_path / "repo").backups(td.name)
+        assert [b.backup_id for b in backups] == [job["backup_id"]]
+        _, jobs = await asyncio.to_thread(agent.call, "GET", "/v1/jobs")
+        assert [j["id"] for j in jobs["jobs"]] == ["scheduler-7"]
+
+    events = await _job_events(nats_server.url)
+    states = [e["job"]["state"] for e in events if e["type"] == "job"]
+    assert states[-2:] == ["running", "succeeded"], events
+    assert all(e["job"]["id"] == "scheduler-7" for e in events if e["type"] == "job")
