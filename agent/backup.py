@@ -46,6 +46,7 @@ from agent.checkpoints import Chains
 from agent.config import AgentConfig
 from agent.connection import VirtConnection
 from agent.copy import RateLimit, Run, copy_runs, first_cause, runs_to_copy
+from agent.data_plane import DataPlane
 from agent.domains import Domains
 from agent.errors import AgentError, BackupError, RepositorySpaceError, VirtError
 from agent.events import JobCompleted
@@ -140,6 +141,7 @@ class Backups:
         self._locks: dict[str, asyncio.Lock] = {}
         self._running: set[str] = set()
         self._completions: dict[str, asyncio.Future[Mapping[str, Any]]] = {}
+        self._data_plane = DataPlane()
 
     # -- events ----------------------------------------------------------------------
 
@@ -335,7 +337,26 @@ class Backups:
             if self._config.backup.bandwidth_limit
             else None
         )
-        tally = _Tally(progress, faults=self._faults)
+        main = asyncio.get_running_loop()
+        forward = None
+        if progress is not None:
+            report = progress
+
+            def forward(done: int, total: int) -> None:
+                main.call_soon_threadsafe(report, done, total)
+
+        tally = _Tally(forward, faults=self._faults)
+        # The bytes move on the data plane's loop, so this loop stays responsive.
+        return await self._data_plane.run(self._copy_disks(plan, job, parent, limit, tally))
+
+    async def _copy_disks(
+        self,
+        plan: BackupPlan,
+        job: _Job,
+        parent: Manifest | None,
+        limit: RateLimit | None,
+        tally: _Tally,
+    ) -> tuple[DiskManifest, ...]:
         try:
             async with asyncio.TaskGroup() as group:
                 # One failing disk cancels the others before anything is undone.
@@ -346,6 +367,10 @@ class Backups:
         except BaseExceptionGroup as failed:
             raise first_cause(failed) from failed
         return tuple(copy.result() for copy in copies)
+
+    async def close(self) -> None:
+        """Stop the data plane (at agent shutdown, after every job has ended)."""
+        await self._data_plane.close()
 
     async def _copy_disk(
         self,

@@ -137,6 +137,7 @@ class Agent:
             store = await JobStore.open(cfg.jobs_path)
             stack.push_async_callback(store.close)
             self._wire(ledger, store)
+            stack.push_async_callback(self.backups.close)
             stack.push_async_callback(self.dispatcher.close)
             if self._services:
                 self.urls = await stack.enter_async_context(serving(self._api_parts(), cfg.http))
