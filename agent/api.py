@@ -41,7 +41,13 @@ from agent.errors import (
     RepositoryError,
     RequestError,
 )
-from agent.job_requests import JOB_ID_RE, MAX_REQUEST_BYTES, JobState, parse_request
+from agent.job_requests import (
+    JOB_ID_RE,
+    MAX_REQUEST_BYTES,
+    JobState,
+    domain_name_problem,
+    parse_request,
+)
 from agent.jobs import Jobs
 from agent.ledger import CheckpointRecord
 from agent.logs import get_logger
@@ -142,7 +148,7 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-            value.strip().encode(), token.encode()
+            value.strip().encode(errors="surrogatepass"), token.encode()
         ):
             reason = "missing bearer token" if not given else "wrong bearer token"
             raise ApiError(401, "unauthorized", reason)
@@ -171,14 +177,9 @@ def _job_id(request: web.Request) -> str:
 
 def _domain_param(request: web.Request) -> str:
     name = request.match_info["domain"]
-    if (
-        not name
-        or len(name) > 255
-        or name in (".", "..")
-        or "/" in name
-        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)
-    ):
-        raise ApiError(400, "invalid-request", f"{name!r} is not a usable domain name", "domain")
+    problem = domain_name_problem(name)
+    if problem is not None:
+        raise ApiError(400, "invalid-request", f"domain {name!r}: {problem}", "domain")
     return name
 
 

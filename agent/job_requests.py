@@ -17,6 +17,7 @@ import json
 import re
 import secrets
 import time
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -25,6 +26,7 @@ from typing import Annotated, Any, Final, Literal, Protocol
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -61,11 +63,35 @@ class JobState(enum.StrEnum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
+def domain_name_problem(value: str) -> str | None:
+    """Why ``value`` cannot name a domain here, or None.
+
+    A domain's name becomes a repository directory: nothing that could leave it, nothing
+    a file system refuses (over 255 bytes), nothing a terminal or a log line would
+    misread (control characters, line separators, undecodable bytes).
+    """
+    if not value:
+        return "must not be empty"
+    if len(value.encode("utf-8", errors="surrogatepass")) > 255:
+        return "longer than 255 bytes"
+    if value in (".", "..") or "/" in value:
+        return "not a usable domain name (no '/', '.' or '..')"
+    if any(unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") for c in value):
+        return "not a usable domain name (control characters)"
+    return None
+
+
 def _domain_name(value: str) -> str:
-    # A domain's name becomes a repository directory: nothing that could leave it, and
-    # nothing a terminal or a log line would misread.
-    if value in (".", "..") or "/" in value or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        raise ValueError("not a usable domain name (no '/', '.', '..' or control characters)")
+    problem = domain_name_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _rfc3339(value: object) -> object:
+    # JSON carries times as strings; a bare number would be read as Unix time, unasked.
+    if value is not None and not isinstance(value, str | datetime):
+        raise ValueError("expected an RFC 3339 time as a string, e.g. 2026-11-28T06:00:00+00:00")
     return value
 
 
@@ -78,7 +104,7 @@ def _pattern(regex: re.Pattern[str], what: str) -> AfterValidator:
     return AfterValidator(check)
 
 
-DomainName = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_domain_name)]
+DomainName = Annotated[str, AfterValidator(_domain_name)]
 JobId = Annotated[str, _pattern(JOB_ID_RE, "job id (letters, digits, _ . : -; up to 128)")]
 BackupId = Annotated[str, _pattern(_BACKUP_ID_RE, "backup id (like 20261128T101500Z-1a2b3c)")]
 DiskTarget = Annotated[str, _pattern(_TARGET_RE, "disk target (like vda)")]
@@ -123,7 +149,7 @@ class JobRequest(BaseModel):
     format: Literal["qcow2", "raw"] | None = Field(
         default=None, description="Restore only: image format (default qcow2)."
     )
-    deadline: datetime | None = Field(
+    deadline: Annotated[datetime | None, BeforeValidator(_rfc3339)] = Field(
         default=None,
         # strict mode would refuse the RFC 3339 strings JSON carries
         strict=False,
@@ -176,7 +202,7 @@ def parse_request(body: bytes | str | Mapping[str, Any]) -> JobRequest:
         return JobRequest.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or None
+        where = ".".join(str(part) for part in first["loc"]) if first["loc"] else None
         message = first["msg"]
         if first["type"] == "value_error":
             message = str(first.get("ctx", {}).get("error", message))

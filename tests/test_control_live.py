@@ -5,8 +5,11 @@ kill -9 and SIGTERM of a real agent process, metrics, local schedules, readiness
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -109,6 +112,15 @@ async def test_the_same_job_submitted_twice_is_one_backup(
         assert status == 200 and [j["id"] for j in listed["jobs"]] == ["nightly-42"]
         status, shown = await api.call("GET", f"/v1/domains/{guest.td.name}/backups")
         assert [b["id"] for b in shown["backups"]] == [done["backup_id"]]
+        status, cps = await api.call("GET", f"/v1/domains/{guest.td.uuid}/checkpoints")
+        assert status == 200 and [c["state"] for c in cps["checkpoints"]] == ["active"]
+        status, job = await api.call(
+            "POST", "/v1/jobs", {"kind": "reconcile", "domain": guest.td.name}
+        )
+        assert status == 201
+        reconciled = await api.wait_job(job["id"])
+        assert reconciled["state"] == "succeeded"
+        assert reconciled["result"]["broken_disks"] == {}
 
 
 def _value(metrics: dict[str, float], name: str, **labels: str) -> float:
@@ -361,3 +373,78 @@ async def _wait_finished(run: RunningAgent, job_id: str, timeout: float = 120) -
             return job
         assert time.monotonic() < deadline, f"job {job_id} still {job.state}"
         await asyncio.sleep(0.1)
+
+
+def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args, "--config", str(config)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def test_operator_commands_talk_to_the_running_agent(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    token = "t" * 32
+    (tmp_path / "token").write_text(token + "\n")
+    settings = {"http": {"token_file": str(tmp_path / "token")}}
+    with agent_process(tmp_path, settings) as agent:
+        td = await asyncio.to_thread(domain_factory, persistent=True, disks=ONE_DISK)
+        await asyncio.to_thread(td.write_pattern, "vda", 0, 1 * MiB, 0x21)
+        await asyncio.to_thread(agent.start)
+        # Without the token the API refuses; the CLI reads it from the configuration.
+        status, body = await asyncio.to_thread(agent.call, "GET", "/v1/jobs")
+        assert status == 401 and body["error"]["code"] == "unauthorized"
+        done = await asyncio.to_thread(_cli, agent.config, "backup", td.name, "--wait")
+        assert done.returncode == 0, done.stderr
+        assert "succeeded: backup " in done.stdout and "vda full [first-backup]" in done.stdout
+        listed = await asyncio.to_thread(_cli, agent.config, "jobs", "--json")
+        jobs = json.loads(listed.stdout)
+        assert [(j["kind"], j["domain"], j["state"]) for j in jobs] == [
+            ("backup", td.name, "succeeded")
+        ]
+        shown = await asyncio.to_thread(_cli, agent.config, "status")
+        assert shown.returncode == 0
+        row = next(line for line in shown.stdout.splitlines() if line.startswith(td.name))
+        assert "running" in row and " ok " in row and "full" in row
+        gone = await asyncio.to_thread(_cli, agent.config, "cancel", jobs[0]["id"])
+        assert gone.returncode == 1 and "job-conflict" in gone.stderr
+        missing = await asyncio.to_thread(_cli, agent.config, "cancel", "no-such-job")
+        assert missing.returncode == 1 and "job-not-found" in missing.stderr
+        refused = await asyncio.to_thread(
+            _cli, agent.config, "backup", td.name, "--mode", "incremental", "--wait"
+        )
+        assert refused.returncode == 0, refused.stderr  # the chain allows it
+        assert "vda incremental" in refused.stdout
+    unreachable = await asyncio.to_thread(_cli, agent.config, "jobs")
+    assert unreachable.returncode == 1
+    assert "cannot reach the agent" in unreachable.stderr
+
+
+async def test_readyz_says_what_is_missing(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    cfg = config(
+        tmp_path,
+        http={"port": 0},
+        libvirt={"uri": f"qemu+unix:///system?socket={tmp_path}/no-libvirtd.sock"},
+    )
+    async with running_agent(cfg, connect_timeout=None) as run:
+        deadline = time.monotonic() + 10
+        while not run.agent.urls:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        url = run.agent.urls[0]
+        async with session.get(url + "/healthz") as response:
+            assert response.status == 200
+        async with session.get(url + "/readyz") as response:
+            assert response.status == 503
+            body = await response.json()
+        assert body["ready"] is False
+        assert body["checks"]["libvirt"] == "disconnected"
+        assert body["checks"]["jobs"] == "not taking jobs"
+        assert body["checks"]["state_store"] == "ok" and body["checks"]["repository"] == "ok"
+        async with session.post(url + "/v1/jobs", json={"kind": "reconcile", "domain": "x"}) as r:
+            assert r.status == 503
+            assert (await r.json())["error"]["code"] == "not-accepting-jobs"
