@@ -4,7 +4,10 @@ The backup writes into repository images through it (qemu-nbd knows qcow2; the a
 only speaks NBD). An incremental overlay must be opened with its backing chain: qcow2
 allocates whole clusters, and a write covering part of one is completed from the
 backing file (with ``backing=False`` that would be zeroes). A full image has none.
-The process is stopped (SIGTERM, then SIGKILL) and reaped on every way out.
+The process is stopped (SIGTERM, then SIGKILL) and reaped on every way out. If the
+agent itself dies (``kill -9``), the kernel stops qemu-nbd too: it is started through
+``setpriv --pdeathsig KILL`` (util-linux), so no orphan keeps serving, and keeping open,
+files the next agent removes.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +23,8 @@ from pathlib import Path
 from agent.errors import ImageError
 
 QEMU_NBD = "/usr/bin/qemu-nbd"
+# Sends qemu-nbd SIGKILL when the thread that started it ends (with the agent, if killed).
+_ORPHAN_GUARD = ["/usr/bin/setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
 
 
 def _json_filename(image: Path, *, backing: bool) -> str:
@@ -71,6 +77,7 @@ async def _start(
 ) -> asyncio.subprocess.Process:
     cache = ["--cache=none", "--aio=native"] if direct else ["--cache=writeback"]
     args = [
+        *_ORPHAN_GUARD,
         QEMU_NBD,
         f"--socket={socket}",
         f"--shared={clients}",

@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,7 @@ from agent.faults import CRASH_ENV
 from agent.ledger import CheckpointState
 from tests.guest_model import KiB, MiB, assert_restores, config, started_guest
 from tests.harness import TWO_DISKS, lifecycle, running_agent
+from tests.testbed.daemon import live_processes_mentioning
 from tests.testbed.domains import DiskSpec, DomainFactory
 
 pytestmark = pytest.mark.libvirt
@@ -184,6 +185,8 @@ async def test_agent_killed_halfway_through_the_copy(
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert _leftovers(cfg), "the killed job left nothing behind; it cannot have been mid-copy"
+    # Its qemu-nbd died with it: no orphan keeps serving (and holding) the staged images.
+    await wait_until_async(lambda: not live_processes_mentioning(str(cfg.socket_path)), 10)
     async with running_agent(cfg) as run:  # start-up undoes the killed job
         assert _leftovers(cfg) == []
         jobs = await asyncio.to_thread(guest.td.dom().jobInfo)
@@ -382,3 +385,10 @@ async def test_cli_lists_and_restores(domain_factory: DomainFactory, tmp_path: P
         str(tmp_path / "x.raw"),
     )
     assert missing.returncode == 1 and "has no disk 'vdz'" in missing.stderr
+
+
+async def wait_until_async(predicate: Callable[[], bool], timeout: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await asyncio.to_thread(predicate):
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)

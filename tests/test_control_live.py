@@ -26,6 +26,7 @@ from agent.repository import Repository
 from tests.guest_model import Guest, MiB, assert_restores, config, started_guest
 from tests.harness import RunningAgent, lifecycle, running_agent
 from tests.testbed.agent_process import agent_process
+from tests.testbed.daemon import live_processes_mentioning
 from tests.testbed.domains import DiskSpec, DomainFactory, TestDomain
 
 pytestmark = pytest.mark.libvirt
@@ -253,6 +254,9 @@ async def test_kill_9_with_queued_and_running_jobs(
         killed_xml = await asyncio.to_thread(_backup_job_xml, one)
         assert killed_xml is not None
         await asyncio.to_thread(agent.kill9)
+        # Its qemu-nbd died with it (no orphan serving the staged image).
+        sockets = _export_socket(killed_xml).rsplit("/", 1)[0]
+        await _wait(lambda: not live_processes_mentioning(sockets), 10, "qemu-nbd to die")
 
         await asyncio.to_thread(agent.start)  # same configuration: still slow, one at a time
         killed = await asyncio.to_thread(agent.wait_job, "run-1", {"failed"}, 30)

@@ -194,3 +194,19 @@ def restart_libvirtd(sig: int = signal.SIGKILL, timeout: float = 30) -> None:
     if libvirtd_pid() is not None:
         kill_libvirtd(sig, timeout)
     start_libvirtd(timeout)
+
+
+def live_processes_mentioning(text: str) -> list[int]:
+    """Pids of live (not zombie) processes whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
