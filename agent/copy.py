@@ -117,6 +117,11 @@ def _zero_digest(length: int) -> str:
     return digest
 
 
+# Up to this many bytes a chunk is hashed on the copy's own loop (tens of microseconds);
+# larger ones in a worker thread, in parallel with the socket I/O (hashlib drops the GIL).
+_INLINE_HASH = 256 * 1024
+
+
 def _sha256(data: memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -155,7 +160,10 @@ async def copy_runs(
             else:
                 view = buffer[: run.length]
                 await source.read_into(run.offset, view)
-                digest = await asyncio.to_thread(_sha256, view)
+                if run.length <= _INLINE_HASH:
+                    digest = _sha256(view)  # cheaper than a hop to a worker thread
+                else:
+                    digest = await asyncio.to_thread(_sha256, view)
                 await target.write(run.offset, view)
             checksums.append(RangeChecksum(run.offset, run.length, digest))
             if progress is not None:
