@@ -51,9 +51,9 @@ from agent.job_requests import (
 from agent.jobs import Jobs
 from agent.ledger import CheckpointRecord
 from agent.logs import get_logger
-from agent.metrics import CONTENT_TYPE, Metrics
+from agent.metrics import CONTENT_TYPE, Metrics, chain_length
 from agent.openapi import openapi_document
-from agent.repository import Repository
+from agent.repository import Manifest, Repository
 
 log = get_logger("api")
 
@@ -215,8 +215,11 @@ async def _list_jobs(request: web.Request) -> web.Response:
             raise ApiError(
                 400, "invalid-request", f"state must be one of {allowed}", "state"
             ) from exc
-    domain = request.query.get("domain")
-    jobs = await _parts(request).jobs.find(domain=domain, state=state)
+    parts = _parts(request)
+    jobs = await parts.jobs.find(state=state)
+    if "domain" in request.query:  # by name or UUID, whichever the jobs were submitted with
+        wanted = _name_of(parts, request.query["domain"])
+        jobs = [job for job in jobs if _name_of(parts, job.domain) == wanted]
     return web.json_response({"jobs": [job.to_json() for job in jobs]})
 
 
@@ -237,7 +240,8 @@ async def _domains(request: web.Request) -> web.Response:
     for name in names:
         info = live.get(name)
         chains = await parts.chains.ledger.disk_chains(name)
-        latest = await _latest(parts.repository, name)
+        backups, problem = await _backups_of(parts.repository, name)
+        latest = backups[-1] if backups else None
         result.append(
             {
                 "name": name,
@@ -254,17 +258,20 @@ async def _domains(request: web.Request) -> web.Response:
                     "completed_at": latest.completed_at,
                     "mode": latest.mode,
                 },
-                "chain_length": len(await parts.repository.backups(name)),
+                "backups": len(backups),
+                "chain_length": chain_length(backups),
+                "repository_problem": problem,
             }
         )
     return web.json_response({"domains": result})
 
 
-async def _latest(repository: Repository, name: str) -> Any:
+async def _backups_of(repository: Repository, name: str) -> tuple[list[Manifest], str | None]:
+    """The domain's backups, or none and why: one bad manifest must not hide the host."""
     try:
-        return await repository.latest(name)
-    except RepositoryError:
-        return None
+        return await repository.backups(name), None
+    except RepositoryError as exc:
+        return [], str(exc)
 
 
 def _checkpoint_json(record: CheckpointRecord) -> dict[str, Any]:
@@ -283,7 +290,7 @@ async def _checkpoints(request: web.Request) -> web.Response:
     parts = _parts(request)
     name = _name_of(parts, _domain_param(request))
     records = await parts.chains.ledger.checkpoints(name)
-    if not records and name not in {i.name for i in parts.domains.all().values()}:
+    if not records and not await _known(parts, name):
         raise ApiError(404, "domain-not-found", f"no domain {name!r} here or in the ledger")
     return web.json_response(
         {"domain": name, "checkpoints": [_checkpoint_json(r) for r in records]}
@@ -294,7 +301,17 @@ async def _backups(request: web.Request) -> web.Response:
     parts = _parts(request)
     name = _name_of(parts, _domain_param(request))
     manifests = await parts.repository.backups(name)
+    if not manifests and not await _known(parts, name):
+        raise ApiError(
+            404, "domain-not-found", f"no domain {name!r} here, in the ledger or in the repository"
+        )
     return web.json_response({"domain": name, "backups": [m.summary() for m in manifests]})
+
+
+async def _known(parts: ApiParts, name: str) -> bool:
+    if name in {i.name for i in parts.domains.all().values()}:
+        return True
+    return name in await parts.chains.ledger.domains()
 
 
 # -- operations -----------------------------------------------------------------------

@@ -554,6 +554,14 @@ class Backups:
             log.info("removed staged backup left by a crash", path=str(stale))
         return handled
 
+    async def leftovers(self) -> list[Path]:
+        """Intents of jobs not yet undone (an undo keeps its intent until libvirt's job
+        is known to be over); empty once recovery is complete."""
+        jobs_dir = self._config.run_path / "jobs"
+        return await asyncio.to_thread(
+            lambda: sorted(jobs_dir.glob("*.json")) if jobs_dir.exists() else []
+        )
+
     async def _write_intent(self, job: _Job) -> None:
         await asyncio.to_thread(_private_dir, job.socket.parent)
         await asyncio.to_thread(_write_private, self._intent_path(job), job.to_json())

@@ -190,7 +190,7 @@ def status(config: AgentConfig, as_json: bool) -> int:
                 chain,
                 when,
                 last["mode"] if last else "-",
-                str(d["chain_length"]),
+                str(d["backups"]),
             ]
         )
     _table(rows)

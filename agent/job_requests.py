@@ -171,8 +171,14 @@ class JobRequest(BaseModel):
         return self
 
     def fingerprint(self) -> str:
-        """The request without its id: the same id must come with the same request."""
-        return json.dumps(self.model_dump(mode="json", exclude={"id"}), sort_keys=True)
+        """The request without its id, defaults spelled out: the same id must come with
+        the same request (``"mode": "auto"`` and no mode are the same request)."""
+        data = self.model_dump(mode="json", exclude={"id"})
+        defaults = {"backup": {"mode": "auto"}, "restore": {"format": "qcow2"}}
+        for key, value in defaults.get(self.kind, {}).items():
+            if data[key] is None:
+                data[key] = value
+        return json.dumps(data, sort_keys=True)
 
 
 _KIND_FIELDS: Final = {

@@ -185,8 +185,12 @@ class Jobs:
         )
         async with self._submit_lock:
             stored, created = await self.store.insert_or_get(job)
-            if created:
+            known = job_id in self._queued or job_id in self._running
+            if created or (stored.state is JobState.QUEUED and not known):
+                # (A retry of a submit whose store write timed out but still committed
+                # finds the job stored and queued, yet never queued here.)
                 self._queued[job_id] = stored
+                self._wake.set()
         if created:
             log.info(
                 "job queued", job=job_id, kind=request.kind, domain=request.domain, source=source

@@ -60,6 +60,7 @@ from agent.config import NatsSection
 from agent.errors import (
     JobConflictError,
     JobError,
+    JobsClosedError,
     MessagingError,
     RequestError,
 )
@@ -72,6 +73,11 @@ log = get_logger("messages")
 _SUBJECT_UNSAFE: Final = re.compile(r"[^A-Za-z0-9_-]")
 
 FETCH_BATCH: Final = 8
+#: Deliveries of a request the agent could not record (store failing) before it is
+#: answered with an error event and dropped instead of redelivered again.
+MAX_ATTEMPTS: Final = 20
+#: Seconds a stream the agent creates keeps requests and events.
+STREAM_MAX_AGE: Final = 7 * 86400.0
 FETCH_TIMEOUT: Final = 2.0
 RETRY_FIRST_DELAY: Final = 1.0
 RETRY_MAX_DELAY: Final = 30.0
@@ -304,7 +310,10 @@ class SchedulerMessages:
             try:
                 info = await js.stream_info(name)
             except nats.js.errors.NotFoundError:
-                await js.add_stream(name=name, subjects=missing)
+                # Kept a week: well within the job store's memory of finished jobs
+                # ([jobs] keep_finished_days), so a replayed request with an id is
+                # recognised as the job it already was.
+                await js.add_stream(name=name, subjects=missing, max_age=STREAM_MAX_AGE)
                 log.info("stream created", stream=name, subjects=missing)
             else:
                 subjects = [*(info.config.subjects or []), *missing]
@@ -330,6 +339,15 @@ class SchedulerMessages:
             await self._reject(msg, exc)
             return
         except Exception as exc:  # JobsClosedError, JobStoreError, or a bug: try later
+            attempts = _delivered(msg)
+            if not isinstance(exc, JobsClosedError) and attempts >= MAX_ATTEMPTS:
+                # A poison message is not redelivered forever: it is answered and dropped.
+                failed = JobError(
+                    f"the request could not be recorded after {attempts} attempts: {exc}",
+                    code="undeliverable",
+                )
+                await self._reject(msg, failed)
+                return
             log.warning(
                 "request not taken now, redelivery requested",
                 stream_seq=_stream_seq(msg),
@@ -444,3 +462,10 @@ def _stream_seq(msg: Msg) -> int | None:
         return msg.metadata.sequence.stream
     except (nats.errors.Error, ValueError, IndexError):
         return None
+
+
+def _delivered(msg: Msg) -> int:
+    try:
+        return int(msg.metadata.num_delivered)
+    except (AttributeError, TypeError, ValueError, nats.errors.Error):
+        return 1

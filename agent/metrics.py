@@ -15,7 +15,7 @@ whose chain could not be trusted are counted per disk by ``reason``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final
 
 from prometheus_client import (
@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 
 from agent.job_requests import Job, JobKind, JobState
 from agent.logs import get_logger
+from agent.repository import Manifest
 
 log = get_logger("metrics")
 
@@ -88,8 +89,8 @@ class Metrics:
         )
         self.chain_length = Gauge(
             "backup_agent_chain_length",
-            "Backups in each domain's repository chain (images a restore of the newest "
-            "point reads at most).",
+            "Images a restore of each domain's newest backup reads (its newest full and "
+            "the incrementals since; the longest over the disks).",
             ["domain"],
             registry=r,
         )
@@ -151,8 +152,12 @@ class Metrics:
         self.bytes_copied.inc(sum(d.bytes_copied for d in job.disks))
         if job.started_at is not None and job.finished_at is not None:
             self.duration.observe(max(0.0, job.finished_at - job.started_at))
+        domain = self._domain_name(job.domain)
         if job.finished_at is not None:
-            self.last_success.labels(domain=self._domain_name(job.domain)).set(job.finished_at)
+            self.last_success.labels(domain=domain).set(job.finished_at)
+        length = job.result.get("chain_length")
+        if isinstance(length, int):
+            self.chain_length.labels(domain=domain).set(length)
 
     def redefined(self, ok: bool) -> None:
         self.redefines.labels(result="ok" if ok else "failed").inc()
@@ -224,3 +229,23 @@ async def watch_loop_lag(metrics: Metrics, interval: float = 0.1) -> None:
         metrics.lag(lag)
         if lag > 0.1:
             log.warning("event loop was blocked", seconds=round(lag, 3))
+
+
+def chain_length(manifests: Sequence[Manifest]) -> int:
+    """Images a restore of the newest backup reads: per disk, the backups from the newest
+    back to that disk's last full copy; the longest over the disks. 0 without backups."""
+    if not manifests:
+        return 0
+    by_id = {m.backup_id: m for m in manifests}
+    newest = manifests[-1]
+    longest = 0
+    for disk in newest.disks:
+        length, current = 1, newest
+        while True:
+            own = current.disk(disk.target)
+            if own is None or own.mode == "full" or current.parent not in by_id:
+                break
+            current = by_id[current.parent]
+            length += 1
+        longest = max(longest, length)
+    return longest

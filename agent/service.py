@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
 from typing import Any
 
 from agent.api import ApiParts, serving
@@ -33,13 +34,12 @@ from agent.domains import Domains
 from agent.errors import AgentError
 from agent.events import DomainRef, Event, ReconcileRequested
 from agent.faults import Faults, from_environment
-from agent.job_requests import Job, JobKind, JobState
 from agent.job_store import JobStore
 from agent.jobs import Jobs
 from agent.ledger import Ledger
 from agent.logs import get_logger
 from agent.messages import SchedulerMessages
-from agent.metrics import Metrics, StateCollector, watch_loop_lag
+from agent.metrics import Metrics, StateCollector, chain_length, watch_loop_lag
 from agent.repository import Repository
 from agent.schedules import Schedules
 from agent.sdnotify import notify
@@ -48,6 +48,8 @@ from handlers import default_routes
 from handlers.job_kinds import find_domain, job_runners
 
 log = get_logger("service")
+
+_RETRY = 10.0  # seconds between attempts to undo what a killed agent left
 
 
 class Agent:
@@ -80,7 +82,6 @@ class Agent:
         self.messages: SchedulerMessages | None = None
         self.urls: list[str] = []  # where the API listens, once it does
         self._recovered = False
-        self._chain_counts: set[asyncio.Task[None]] = set()
         self.ready = asyncio.Event()  # connected, resynchronised, leftovers undone
         self.taking_jobs = asyncio.Event()  # the job runner, NATS and schedules started
 
@@ -99,7 +100,7 @@ class Agent:
             except AgentError as exc:
                 log.error("recovering left-over backup jobs failed", error=str(exc))
             else:
-                self._recovered = True
+                self._recovered = not await self._leftovers()
                 if handled:
                     log.warning("finished backups left by an earlier agent", backups=handled)
         try:
@@ -157,6 +158,17 @@ class Agent:
     async def _take_jobs(self, background: _Background) -> None:
         """Once connected and recovered: run jobs, then listen to NATS and the schedules."""
         await self.ready.wait()
+        # Jobs run only once everything a killed agent left is undone: a new backup of a
+        # domain whose old libvirt job still runs would fail, and the jobs reported as
+        # "agent-restarted" say their libvirt jobs were cleaned up.
+        while not self._recovered:
+            log.warning("left-over backup jobs not undone yet; jobs wait", retry_in=_RETRY)
+            await asyncio.sleep(_RETRY)
+            try:
+                await self.backups.recover()
+                self._recovered = not await self._leftovers()
+            except AgentError as exc:
+                log.error("recovering left-over backup jobs failed", error=str(exc))
         # The start-up reconciles first: a job would otherwise hold a domain's lock while
         # that domain's events wait behind a reconcile that needs it.
         await self.dispatcher.drain()
@@ -172,6 +184,7 @@ class Agent:
         if cfg.schedules:
             schedules = Schedules(cfg.schedules, self.jobs, self.jobs.store, self._running_names)
             background.start(schedules.run(), "schedules")
+        await self._metrics_from_repository()
         self.taking_jobs.set()
         notify("READY=1")
         log.info(
@@ -184,6 +197,13 @@ class Agent:
     async def _stop_jobs(self) -> None:
         notify("STOPPING=1")
         await self.jobs.stop()
+
+    async def _leftovers(self) -> list[Path]:
+        try:
+            return await self.backups.leftovers()
+        except OSError as exc:
+            log.error("cannot read the job intents", error=str(exc))
+            return [Path("?")]
 
     def _running_names(self) -> list[str]:
         return [info.name for info in self.domains.all().values() if info.state.active]
@@ -231,7 +251,6 @@ class Agent:
             can_start=lambda: self.connection.state is ConnState.CONNECTED,
         )
         self.jobs.subscribe(self.metrics.job_changed)
-        self.jobs.subscribe(self._after_job)
         self.metrics.add_collector(
             StateCollector(
                 connected=lambda: self.connection.state is ConnState.CONNECTED,
@@ -240,14 +259,6 @@ class Agent:
                 messages=self._message_counts,
             )
         )
-
-    def _after_job(self, job: Job) -> None:
-        if job.kind is JobKind.BACKUP and job.state is JobState.SUCCEEDED:
-            # Retention may have shortened the chain: count what the repository holds.
-            name = self._domain_name(job.domain)
-            task = asyncio.create_task(self._count_chain(name), name="chain-length")
-            self._chain_counts.add(task)
-            task.add_done_callback(self._chain_counts.discard)
 
     def _domain_name(self, domain: str) -> str:
         for info in self.domains.all().values():
@@ -259,9 +270,22 @@ class Agent:
         try:
             backups = await self.backups.repository.backups(domain)
         except AgentError as exc:
-            log.warning("cannot count the repository's backups", domain=domain, error=str(exc))
+            log.warning("cannot read the repository's backups", domain=domain, error=str(exc))
             return
-        self.metrics.chain_length.labels(domain=domain).set(len(backups))
+        if backups:
+            self.metrics.chain_length.labels(domain=domain).set(chain_length(backups))
+            newest = max(b.completed_at for b in backups)
+            self.metrics.last_success.labels(domain=domain).set(newest)
+
+    async def _metrics_from_repository(self) -> None:
+        """At start: each domain's last backup and chain, so a restart loses no series."""
+        try:
+            names = set(await self.chains.ledger.domains())
+        except AgentError:
+            names = set()
+        names |= {info.name for info in self.domains.all().values()}
+        for name in sorted(names):
+            await self._count_chain(name)
 
     def _message_counts(self) -> dict[str, int]:
         if self.messages is None:

@@ -16,10 +16,14 @@ from pathlib import Path
 from agent.backup_plan import BackupMode
 from agent.config import AgentConfig
 from agent.dispatch import HandlerContext
-from agent.errors import JobError
+from agent.errors import AgentError, JobError
 from agent.inventory import DomainInfo
 from agent.job_requests import Job, JobDisk, JobKind
 from agent.jobs import JobFailedError, JobOutcome, JobRunner, Progress
+from agent.logs import get_logger
+from agent.metrics import chain_length
+
+log = get_logger("handlers.job_kinds")
 
 
 def job_runners(ctx: HandlerContext, config: AgentConfig) -> dict[JobKind, JobRunner]:
@@ -58,10 +62,18 @@ async def backup(ctx: HandlerContext, job: Job, progress: Progress) -> JobOutcom
     result = await ctx.backups.run(
         info.uuid, mode, progress=progress, keep_last=job.request.keep_last
     )
+    outcome: dict[str, object] = {
+        "checkpoint": result.checkpoint,
+        "seconds": round(result.seconds, 3),
+    }
+    try:  # after retention: the images a restore of this backup reads
+        outcome["chain_length"] = chain_length(await ctx.backups.repository.backups(info.name))
+    except AgentError as exc:
+        log.warning("cannot read the repository's backups", error=str(exc))
     return JobOutcome(
         backup_id=result.backup_id,
         disks=tuple(JobDisk(d.target, d.mode, d.reason, d.bytes_copied) for d in result.disks),
-        result={"checkpoint": result.checkpoint, "seconds": round(result.seconds, 3)},
+        result=outcome,
     )
 
 
