@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -284,7 +285,7 @@ async def test_sigterm_cancels_a_running_backup_cleanly_and_notifies_systemd(
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(notify_path))
     listener.settimeout(60)
-    settings = {"backup": {"bandwidth_limit": 4 * MiB}, "jobs": {"shutdown_grace": 1.0}}
+    settings = {"backup": {"bandwidth_limit": 4 * MiB}, "jobs": {"shutdown_grace": 3.0}}
     try:
         with agent_process(tmp_path, settings, env={"NOTIFY_SOCKET": str(notify_path)}) as agent:
             td = await asyncio.to_thread(domain_factory, persistent=True, disks=ONE_DISK)
@@ -306,9 +307,17 @@ async def test_sigterm_cancels_a_running_backup_cleanly_and_notifies_systemd(
             await asyncio.to_thread(agent.wait_job, "b2", {"running"}, 30)
             await _wait(lambda: _backup_job_running(td), 30, "the backup job in libvirt")
 
-            exit_status = await asyncio.to_thread(agent.terminate, 90)
-            assert exit_status == 0, agent.tail()
+            assert agent.proc is not None
+            agent.proc.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(listener.recv, 100) == b"STOPPING=1"
+            # During the grace period the agent answers, but takes no new job.
+            late = {"id": "late", "kind": "backup", "domain": td.name}
+            status, refused = await asyncio.to_thread(agent.call, "POST", "/v1/jobs", late)
+            assert status == 503 and refused["error"]["code"] == "not-accepting-jobs"
+            status, running = await asyncio.to_thread(agent.call, "GET", "/v1/jobs/b2")
+            assert running["state"] == "running", "b2 was cancelled before its grace period"
+            exit_status = await asyncio.to_thread(agent.wait_exit, 90)
+            assert exit_status == 0, agent.tail()
             assert not await asyncio.to_thread(_backup_job_running, td)
             store = await JobStore.open(tmp_path / "state" / "jobs.sqlite")
             try:
