@@ -17,13 +17,12 @@ connections the export allows. A :class:`RateLimit` caps the bytes per second.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from agent.nbd import STATE_DIRTY, STATE_ZERO, Extent, NbdClient
-from agent.repository import RangeChecksum
+from agent.repository import RangeChecksum, digest_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,18 +111,9 @@ _ZERO_DIGESTS: dict[int, str] = {}
 def _zero_digest(length: int) -> str:
     digest = _ZERO_DIGESTS.get(length)
     if digest is None:
-        digest = hashlib.sha256(bytes(length)).hexdigest()
+        digest = digest_of(bytes(length))
         _ZERO_DIGESTS[length] = digest
     return digest
-
-
-# Up to this many bytes a chunk is hashed on the copy's own loop (tens of microseconds);
-# larger ones in a worker thread, in parallel with the socket I/O (hashlib drops the GIL).
-_INLINE_HASH = 256 * 1024
-
-
-def _sha256(data: memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 async def copy_runs(
@@ -160,10 +150,9 @@ async def copy_runs(
             else:
                 view = buffer[: run.length]
                 await source.read_into(run.offset, view)
-                if run.length <= _INLINE_HASH:
-                    digest = _sha256(view)  # cheaper than a hop to a worker thread
-                else:
-                    digest = await asyncio.to_thread(_sha256, view)
+                # XXH3 hashes a 2 MiB chunk in about a tenth of a millisecond: on the
+                # copy's own loop, cheaper than any hop to a worker thread.
+                digest = digest_of(view)
                 await target.write(run.offset, view)
             checksums.append(RangeChecksum(run.offset, run.length, digest))
             if progress is not None:

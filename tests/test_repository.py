@@ -33,6 +33,7 @@ from agent.repository import (
     Manifest,
     RangeChecksum,
     Repository,
+    digest_of,
 )
 
 QEMU_IMG = "/usr/bin/qemu-img"
@@ -82,7 +83,8 @@ def _flip_byte(path: Path, offset: int) -> None:
 
 
 def _sha(pattern: int, length: int) -> str:
-    return hashlib.sha256(bytes([pattern]) * length).hexdigest()
+    """The checksum new backups record for ``length`` bytes of ``pattern``."""
+    return digest_of(bytes([pattern]) * length)
 
 
 def _edit_manifest(directory: Path, edit: Callable[[dict[str, Any]], None]) -> None:
@@ -423,6 +425,31 @@ async def test_verify_finds_a_flipped_byte_in_the_layer_that_holds_it(tmp_path: 
     assert await repo.verify(DOMAIN, builder.ids[2]) == []
 
 
+async def test_version_1_manifests_are_verified_with_sha256(tmp_path: Path) -> None:
+    builder = await _five(tmp_path / "repo")
+    repo = builder.repo
+    b1 = builder.ids[1]
+    writes = FIVE[1][0]
+
+    def as_version_1(data: dict[str, Any]) -> None:
+        data["version"] = 1
+        for disk in data["disks"]:
+            disk["checksums"] = [
+                {"offset": o, "length": n, "sha256": hashlib.sha256(bytes([p]) * n).hexdigest()}
+                for o, n, p in writes[disk["target"]]
+            ]
+
+    _edit_manifest(_backups_dir(repo.root) / b1, as_version_1)
+    manifest = await repo.backup(DOMAIN, b1)
+    assert manifest.version == 1
+    assert {c.algorithm for d in manifest.disks for c in d.checksums} == {"sha256"}
+    assert await repo.verify(DOMAIN, b1) == []
+    image = _backups_dir(repo.root) / b1 / "vda.qcow2"
+    _flip_byte(image, _host_offset(image, 64 * KiB + 100))
+    [problem] = await repo.verify(DOMAIN, b1)
+    assert (problem.offset, problem.length) == (64 * KiB, 64 * KiB)
+
+
 async def test_verify_reports_a_missing_backing_file(tmp_path: Path) -> None:
     builder = await _five(tmp_path / "repo")
     repo = builder.repo
@@ -469,7 +496,7 @@ async def test_verify_reads_compressed_clusters_through_qemu(tmp_path: Path) -> 
         == (builder.points[b0.backup_id]["vda"])
     )
     wrong = _sha(0x33, 1000)
-    _edit_manifest(image.parent, lambda d: d["disks"][0]["checksums"][1].update(sha256=wrong))
+    _edit_manifest(image.parent, lambda d: d["disks"][0]["checksums"][1].update(digest=wrong))
     problems = await builder.repo.verify(DOMAIN)
     assert [(p.offset, p.length) for p in problems] == [(MiB + 7, 1000)]
 
@@ -597,11 +624,12 @@ def test_manifest_json_round_trip() -> None:
     text = manifest.to_json()
     assert Manifest.from_json(text, path="m.json") == manifest
     data = json.loads(text)
-    assert (data["format"], data["version"]) == ("libvirt-backup-agent/backup", 1)
+    assert (data["format"], data["version"]) == ("libvirt-backup-agent/backup", 2)
     assert data["disks"][0]["checksums"][1] == {
         "offset": MiB,
         "length": 512,
-        "sha256": _sha(2, 512),
+        "digest": _sha(2, 512),
+        "algorithm": "xxh3-128",
     }
 
 
@@ -628,9 +656,10 @@ _DELETE = object()
         (_set("domain", _DELETE), "domain: missing"),
         (_set("disks.0.virtual_size", "4M"), "disks[0].virtual_size: wrong type"),
         (_set("version", True), "version: wrong type"),
-        (_set("version", 2), "version: unsupported"),
+        (_set("version", 3), "version: unsupported"),
         (_set("format", "something/else"), "format"),
-        (_set("disks.0.checksums.1.sha256", "xyz"), "disks[0].checksums[1].sha256"),
+        (_set("disks.0.checksums.1.digest", "xyz"), "disks[0].checksums[1].digest"),
+        (_set("disks.0.checksums.1.algorithm", "md5"), "disks[0].checksums[1].algorithm"),
         (_set("disks.0.checksums.1.offset", 4 * MiB), "disks[0].checksums[1].length"),
         (_set("disks.1.mode", "differential"), "disks[1].mode"),
         (_set("disks.1.backing", "../20261124T183301Z-0a0b0c/vdb.qcow2"), "disks[1].backing"),
@@ -671,7 +700,8 @@ async def test_verify_reports_a_range_the_overlay_does_not_hold(tmp_path: Path) 
     b3 = builder.ids[3]
     # Zeros claimed written at 3 MiB, which b3 never wrote: reading through the chain (or
     # the bare layer as zeros) would wrongly accept it; the bytes must be in this layer.
-    claim = {"offset": 3 * MiB + 4096, "length": 4096, "sha256": _sha(0, 4096)}
+    claim = {"offset": 3 * MiB + 4096, "length": 4096, "digest": _sha(0, 4096)}
+    claim["algorithm"] = "xxh3-128"
     _edit_manifest(
         _backups_dir(builder.repo.root) / b3,
         lambda d: d["disks"][0]["checksums"].append(claim),
