@@ -9,8 +9,8 @@
   overlay would let the older backup's data show through).
 
 :func:`copy_runs` copies them with a fixed pool of workers (``in_flight``), each owning
-one reusable buffer: read into the buffer, hash it in a worker thread (SHA-256 releases
-the GIL, the loop stays free), write it out. Source requests are spread over the
+one reusable buffer: read into the buffer, hash it (XXH3-128, a tenth of a millisecond
+per 2 MiB), write it out. Source requests are spread over the
 connections the export allows. A :class:`RateLimit` caps the bytes per second.
 """
 
@@ -34,26 +34,32 @@ class Run:
     zero: bool
 
 
-def _clip(extents: Sequence[Extent], start: int, end: int) -> Iterator[Extent]:
-    for e in extents:
-        lo, hi = max(e.offset, start), min(e.offset + e.length, end)
-        if lo < hi:
-            yield Extent(lo, hi - lo, e.flags)
-
-
 def runs_to_copy(allocation: Sequence[Extent], dirty: Sequence[Extent] | None) -> list[Run]:
-    """The runs to copy (see the module docstring); adjacent runs of one kind are merged."""
-    if dirty is None:
-        wanted = [(e.offset, e.offset + e.length) for e in allocation]
-    else:
-        wanted = [(e.offset, e.offset + e.length) for e in dirty if e.flags & STATE_DIRTY]
+    """The runs to copy (see the module docstring); adjacent runs of one kind are merged.
+
+    One pass over both lists (each sorted, non-overlapping): a disk may report tens of
+    thousands of extents, and clipping every wanted range against every extent was
+    quadratic (a quarter of a second for 1,200 extents).
+    """
+    alloc = sorted(allocation, key=lambda e: e.offset)
     runs: list[Run] = []
+    if dirty is None:
+        for e in alloc:
+            if not e.flags & STATE_ZERO:
+                _append(runs, Run(e.offset, e.length, False))
+        return runs
+    wanted = sorted((e.offset, e.offset + e.length) for e in dirty if e.flags & STATE_DIRTY)
+    first = 0
     for start, end in wanted:
-        for e in _clip(allocation, start, end):
-            zero = bool(e.flags & STATE_ZERO)
-            if zero and dirty is None:
-                continue
-            _append(runs, Run(e.offset, e.length, zero))
+        while first < len(alloc) and alloc[first].offset + alloc[first].length <= start:
+            first += 1
+        index = first
+        while index < len(alloc) and alloc[index].offset < end:
+            e = alloc[index]
+            lo, hi = max(e.offset, start), min(e.offset + e.length, end)
+            if lo < hi:
+                _append(runs, Run(lo, hi - lo, bool(e.flags & STATE_ZERO)))
+            index += 1
     return runs
 
 

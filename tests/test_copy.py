@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.copy import RateLimit, Run, chunks, runs_to_copy
 from agent.nbd import Extent
@@ -74,3 +78,52 @@ async def test_rate_limit_sleeps_for_what_exceeds_the_budget() -> None:
     now[0] += 10  # idle time refills at most one second's worth
     await limit.take(1500)
     assert slept[-1] == pytest.approx(0.5)
+
+
+def _tiling(draw: st.DrawFn, size: int, flags: list[int]) -> list[Extent]:
+    """Extents covering [0, size) in order, each with one of ``flags``."""
+    cuts = sorted(draw(st.sets(st.integers(1, size - 1), max_size=30)))
+    edges = [0, *cuts, size]
+    return [Extent(a, b - a, draw(st.sampled_from(flags))) for a, b in itertools.pairwise(edges)]
+
+
+@st.composite
+def _status(draw: st.DrawFn) -> tuple[list[Extent], list[Extent] | None]:
+    size = draw(st.integers(2, 4096))
+    allocation = _tiling(draw, size, [DATA, HOLE_ZERO, ZERO])
+    dirty = draw(st.one_of(st.none(), st.just(_tiling(draw, size, [DIRTY, CLEAN]))))
+    return allocation, dirty
+
+
+def _byte_model(allocation: list[Extent], dirty: list[Extent] | None) -> list[str]:
+    """Per byte: what must happen to it ("copy", "zero" or "skip"), from first principles."""
+    size = allocation[-1].offset + allocation[-1].length
+    wanted = [dirty is None] * size
+    for e in dirty or []:
+        for b in range(e.offset, e.offset + e.length):
+            wanted[b] = bool(e.flags & DIRTY)
+    plan = ["skip"] * size
+    for e in allocation:
+        for b in range(e.offset, e.offset + e.length):
+            if wanted[b]:
+                reads_zero = bool(e.flags & ZERO)
+                plan[b] = ("skip" if dirty is None else "zero") if reads_zero else "copy"
+    return plan
+
+
+@given(_status())
+def test_runs_do_exactly_what_each_byte_needs(
+    status: tuple[list[Extent], list[Extent] | None],
+) -> None:
+    allocation, dirty = status
+    runs = runs_to_copy(allocation, dirty)
+    size = allocation[-1].offset + allocation[-1].length
+    plan = ["skip"] * size
+    for run in runs:
+        for b in range(run.offset, run.offset + run.length):
+            assert plan[b] == "skip", "runs overlap"
+            plan[b] = "zero" if run.zero else "copy"
+    assert plan == _byte_model(allocation, dirty)
+    # Merged: no two adjacent runs of the same kind.
+    for a, b in itertools.pairwise(runs):
+        assert not (a.zero == b.zero and a.offset + a.length == b.offset)
