@@ -183,13 +183,6 @@ def _domain_param(request: web.Request) -> str:
     return name
 
 
-def _name_of(parts: ApiParts, domain: str) -> str:
-    for info in parts.domains.all().values():
-        if domain in (info.name, info.uuid):
-            return info.name
-    return domain
-
-
 # -- /v1/jobs -------------------------------------------------------------------------
 
 
@@ -218,8 +211,8 @@ async def _list_jobs(request: web.Request) -> web.Response:
     parts = _parts(request)
     jobs = await parts.jobs.find(state=state)
     if "domain" in request.query:  # by name or UUID, whichever the jobs were submitted with
-        wanted = _name_of(parts, request.query["domain"])
-        jobs = [job for job in jobs if _name_of(parts, job.domain) == wanted]
+        wanted = parts.domains.name_of(request.query["domain"])
+        jobs = [job for job in jobs if parts.domains.name_of(job.domain) == wanted]
     return web.json_response({"jobs": [job.to_json() for job in jobs]})
 
 
@@ -288,7 +281,7 @@ def _checkpoint_json(record: CheckpointRecord) -> dict[str, Any]:
 
 async def _checkpoints(request: web.Request) -> web.Response:
     parts = _parts(request)
-    name = _name_of(parts, _domain_param(request))
+    name = parts.domains.name_of(_domain_param(request))
     records = await parts.chains.ledger.checkpoints(name)
     if not records and not await _known(parts, name):
         raise ApiError(404, "domain-not-found", f"no domain {name!r} here or in the ledger")
@@ -299,7 +292,7 @@ async def _checkpoints(request: web.Request) -> web.Response:
 
 async def _backups(request: web.Request) -> web.Response:
     parts = _parts(request)
-    name = _name_of(parts, _domain_param(request))
+    name = parts.domains.name_of(_domain_param(request))
     manifests = await parts.repository.backups(name)
     if not manifests and not await _known(parts, name):
         raise ApiError(

@@ -146,7 +146,7 @@ class Backups:
     # -- events ----------------------------------------------------------------------
 
     def job_completed(self, event: JobCompleted) -> None:
-        """Called by the JOB_COMPLETED handler: wakes the job waiting for this domain."""
+        """Called by the agent as JOB_COMPLETED arrives: wakes the job waiting for this domain."""
         future = self._completions.get(event.domain.uuid)
         operation = event.stats.get("operation")
         if operation is not None and operation != libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP:
@@ -457,9 +457,8 @@ class Backups:
         self, info: DomainInfo, completion: asyncio.Future[Mapping[str, Any]]
     ) -> None:
         await self._connection.call("end backup job", _abort_job, info.uuid)
-        # JOB_COMPLETED normally wakes us; but the event waits in the domain's queue
-        # behind any handler that needs this domain's lock (which this backup holds),
-        # so libvirt is also asked, every second, whether the job is over.
+        # JOB_COMPLETED wakes us as it arrives; an event lost with the connection would
+        # not, so libvirt is also asked, every second, whether the job is over.
         deadline = time.monotonic() + self._config.libvirt.call_timeout
         while True:
             try:

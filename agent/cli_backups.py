@@ -120,7 +120,7 @@ async def _backup(config: AgentConfig, domain: str, mode: BackupMode) -> BackupR
 
     agent = Agent(config, services=False)  # one job, no API: no port, no job store runner
     async with agent.started(wait_ready=config.libvirt.call_timeout):
-        info = next((i for i in agent.domains.all().values() if domain in (i.name, i.uuid)), None)
+        info = agent.domains.find(domain)
         if info is None:
             raise CommandError(f"domain {domain!r} is not in libvirt on {config.libvirt.uri}")
         bar = _Bar("backup")

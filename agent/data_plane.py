@@ -45,13 +45,13 @@ class DataPlane:
     def _ensure(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None:
+                # Work handed over before the thread runs the loop waits in its queue:
+                # nothing here waits for the thread to start.
                 loop = asyncio.new_event_loop()
-                ready = threading.Event()
                 thread = threading.Thread(
-                    target=_serve, args=(loop, ready), name="data-plane", daemon=True
+                    target=_serve, args=(loop,), name="data-plane", daemon=True
                 )
                 thread.start()
-                ready.wait()
                 self._loop, self._thread = loop, thread
             return self._loop
 
@@ -89,9 +89,8 @@ class DataPlane:
             log.error("the data plane's thread did not stop", timeout=_STOP_TIMEOUT)
 
 
-def _serve(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+def _serve(loop: asyncio.AbstractEventLoop) -> None:
     asyncio.set_event_loop(loop)
-    loop.call_soon(ready.set)
     try:
         loop.run_forever()
     finally:

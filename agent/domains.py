@@ -41,6 +41,19 @@ class Domains:
     def all(self) -> Mapping[str, DomainInfo]:
         return dict(self._known)
 
+    def find(self, domain: str) -> DomainInfo | None:
+        """The domain named ``domain`` by name or UUID, as libvirt has it now; or None."""
+        for info in self._known.values():
+            if domain in (info.name, info.uuid):
+                return info
+        return None
+
+    def name_of(self, domain: str) -> str:
+        """The name of the domain ``domain`` names (by name or UUID); ``domain`` itself when
+        libvirt does not have it (an undefined domain's backups are kept by name)."""
+        info = self.find(domain)
+        return info.name if info is not None else domain
+
     def forget(self, uuid: str) -> None:
         self._known.pop(uuid, None)
 

@@ -15,7 +15,6 @@ waits for the disk.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import time
@@ -26,7 +25,7 @@ from typing import Any, Final, TypeVar
 
 from agent.errors import JobConflictError, JobStoreError
 from agent.job_requests import Job, JobDisk, JobRequest, JobState
-from agent.sqlite import read_transaction, write_transaction
+from agent.sqlite import read_transaction, run_bounded, write_transaction
 
 T = TypeVar("T")
 
@@ -295,12 +294,11 @@ class JobStore:
 async def _bounded(
     what: str, path: Path, seconds: float, executor: ThreadPoolExecutor, fn: Callable[[], T]
 ) -> T:
-    future = asyncio.get_running_loop().run_in_executor(executor, fn)
-    try:
-        return await asyncio.wait_for(future, seconds)
-    except TimeoutError as exc:
-        raise JobStoreError(
-            f"{what}: job store {path} did not answer within {seconds:g}s", path=str(path)
-        ) from exc
-    except (sqlite3.Error, OSError) as exc:
-        raise JobStoreError(f"{what}: job store {path}: {exc}", path=str(path)) from exc
+    def failed(cause: sqlite3.Error | OSError | None) -> JobStoreError:
+        if cause is None:
+            return JobStoreError(
+                f"{what}: job store {path} did not answer within {seconds:g}s", path=str(path)
+            )
+        return JobStoreError(f"{what}: job store {path}: {cause}", path=str(path))
+
+    return await run_bounded(executor, fn, seconds, failed)

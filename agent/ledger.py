@@ -23,7 +23,6 @@ domain's records between hosts as JSON-able data.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import enum
 import math
@@ -39,6 +38,7 @@ from typing import Any, Final, Protocol, TypeVar
 from agent.errors import LedgerCorruptError, LedgerError, LedgerImportError
 from agent.logs import get_logger
 from agent.sqlite import read_transaction as _read_transaction
+from agent.sqlite import run_bounded
 from agent.sqlite import write_transaction as _write_transaction
 
 log = get_logger("ledger")
@@ -1003,17 +1003,18 @@ async def _bounded(
     what: str, path: str, seconds: float, executor: ThreadPoolExecutor, fn: Callable[[], T]
 ) -> T:
     """Run ``fn`` in the ledger's worker thread, waiting at most ``seconds``."""
-    future = asyncio.get_running_loop().run_in_executor(executor, fn)
-    try:
-        return await asyncio.wait_for(future, seconds)
-    except TimeoutError as exc:
-        raise LedgerError(
+
+    def failed(cause: sqlite3.Error | OSError | None) -> LedgerError:
+        if cause is not None:
+            return _map_error(cause, what, path)
+        return LedgerError(
             f"{what}: ledger {path} did not answer within {seconds:g}s"
             " (a write still queued or running may complete later)",
             path=path,
-        ) from exc
-    except (sqlite3.Error, OSError) as exc:
-        raise _map_error(exc, what, path) from exc
+        )
+
+    try:
+        return await run_bounded(executor, fn, seconds, failed)
     except LedgerError as exc:
         if exc.path is None:
             exc.path = path

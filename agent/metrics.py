@@ -171,10 +171,6 @@ class Metrics:
             self._max_lag = seconds
             self.loop_lag_max.set(seconds)
 
-    @property
-    def max_lag(self) -> float:
-        return self._max_lag
-
 
 class StateCollector(Collector):
     """Reads, at scrape time, values that live in other objects."""

@@ -174,10 +174,6 @@ class Schedules:
         self._tz = tz if tz is not None else local_zone()
         self._last: dict[str, float] = {}
 
-    def next_runs(self) -> dict[str, float]:
-        """Next slot per schedule name, by this instance's clock and time zone."""
-        return next_runs(self._entries, self._clock(), self._tz)
-
     async def run(self) -> None:
         """Handle every schedule's slots until cancelled; returns at once if there are none."""
         if not self._entries:

@@ -32,7 +32,7 @@ from agent.connection import ConnState, VirtConnection
 from agent.dispatch import Dispatcher, HandlerContext, Routes
 from agent.domains import Domains
 from agent.errors import AgentError
-from agent.events import DomainRef, Event, ReconcileRequested
+from agent.events import DomainRef, Event, JobCompleted, ReconcileRequested
 from agent.faults import Faults, from_environment
 from agent.job_store import JobStore
 from agent.jobs import Jobs
@@ -45,7 +45,7 @@ from agent.schedules import Schedules
 from agent.sdnotify import notify
 from agent.statelock import state_lock
 from handlers import default_routes
-from handlers.job_kinds import find_domain, job_runners
+from handlers.job_kinds import job_runners
 
 log = get_logger("service")
 
@@ -74,7 +74,7 @@ class Agent:
         self._services = services
         self.connection = VirtConnection(config.libvirt, self._submit, self._resync)
         self.domains = Domains(self.connection)
-        self.metrics = Metrics(domain_name=self._domain_name)
+        self.metrics = Metrics(domain_name=self.domains.name_of)
         self.chains: Chains
         self.backups: Backups
         self.dispatcher: Dispatcher
@@ -87,6 +87,10 @@ class Agent:
 
     def _submit(self, event: Event) -> None:
         self.metrics.event(type(event).__name__)
+        if isinstance(event, JobCompleted):
+            # The backup waiting for this holds its domain's lock; queued behind a handler
+            # that needs the lock, the event would reach it only after a timeout.
+            self.backups.job_completed(event)
         self.dispatcher.submit(event)
 
     async def _resync(self) -> None:
@@ -205,6 +209,11 @@ class Agent:
             log.error("cannot read the job intents", error=str(exc))
             return [Path("?")]
 
+    def _domain_key(self, domain: str) -> str:
+        """One key per domain, whether a job names it by name or by UUID."""
+        info = self.domains.find(domain)
+        return info.uuid if info is not None else domain
+
     def _running_names(self) -> list[str]:
         return [info.name for info in self.domains.all().values() if info.state.active]
 
@@ -247,7 +256,7 @@ class Agent:
             store,
             job_runners(context, cfg),
             cfg.jobs,
-            domain_key=lambda domain: _domain_key(context, domain),
+            domain_key=self._domain_key,
             can_start=lambda: self.connection.state is ConnState.CONNECTED,
         )
         self.jobs.subscribe(self.metrics.job_changed)
@@ -259,12 +268,6 @@ class Agent:
                 messages=self._message_counts,
             )
         )
-
-    def _domain_name(self, domain: str) -> str:
-        for info in self.domains.all().values():
-            if domain in (info.name, info.uuid):
-                return info.name
-        return domain
 
     async def _count_chain(self, domain: str) -> None:
         try:
@@ -303,11 +306,6 @@ class Agent:
                     connection.result()  # the connection loop only ends by failing: surface it
             finally:
                 stopping.cancel()
-
-
-def _domain_key(context: HandlerContext, domain: str) -> str:
-    info = find_domain(context, domain)
-    return info.uuid if info is not None else domain
 
 
 class _Background:

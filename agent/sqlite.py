@@ -2,13 +2,16 @@
 
 Both stores keep one connection per file in one dedicated worker thread, opened with
 ``isolation_level=None`` so transactions are explicit: every write is one
-``BEGIN IMMEDIATE`` ... ``COMMIT``, every multi-statement read one snapshot.
+``BEGIN IMMEDIATE`` ... ``COMMIT``, every multi-statement read one snapshot; and
+every call into that thread is awaited with a timeout (:func:`run_bounded`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -37,3 +40,23 @@ def read_transaction(db: sqlite3.Connection, body: Callable[[], T]) -> T:
         return body()
     finally:
         db.execute("COMMIT")
+
+
+async def run_bounded(
+    executor: ThreadPoolExecutor,
+    fn: Callable[[], T],
+    seconds: float,
+    failed: Callable[[sqlite3.Error | OSError | None], Exception],
+) -> T:
+    """Run ``fn`` in the store's worker thread, waiting at most ``seconds``.
+
+    ``failed(cause)`` builds the store's own error: ``cause`` is the SQLite or OS error,
+    or None when the thread did not answer in time (the call may still complete there).
+    """
+    future = asyncio.get_running_loop().run_in_executor(executor, fn)
+    try:
+        return await asyncio.wait_for(future, seconds)
+    except TimeoutError as exc:
+        raise failed(None) from exc
+    except (sqlite3.Error, OSError) as exc:
+        raise failed(exc) from exc

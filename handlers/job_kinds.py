@@ -35,25 +35,11 @@ def job_runners(ctx: HandlerContext, config: AgentConfig) -> dict[JobKind, JobRu
     }
 
 
-def find_domain(ctx: HandlerContext, domain: str) -> DomainInfo | None:
-    """The libvirt domain a job names, by name or UUID; None if libvirt has none."""
-    for info in ctx.domains.all().values():
-        if domain in (info.name, info.uuid):
-            return info
-    return None
-
-
 def _require(ctx: HandlerContext, domain: str) -> DomainInfo:
-    info = find_domain(ctx, domain)
+    info = ctx.domains.find(domain)
     if info is None:
         raise JobError(f"no domain {domain!r} in libvirt on this host", code="domain-not-found")
     return info
-
-
-def repository_name(ctx: HandlerContext, domain: str) -> str:
-    """The name the repository keeps a domain's backups under (a UUID is looked up)."""
-    info = find_domain(ctx, domain)
-    return info.name if info is not None else domain
 
 
 async def backup(ctx: HandlerContext, job: Job, progress: Progress) -> JobOutcome:
@@ -82,7 +68,7 @@ async def restore(
 ) -> JobOutcome:
     request = job.request
     assert request.backup is not None and request.to is not None  # checked at submission
-    domain = repository_name(ctx, job.domain)
+    domain = ctx.domains.name_of(job.domain)
     fmt = request.format or "qcow2"
     manifest = await ctx.backups.repository.backup(domain, request.backup)
     targets = [d.target for d in manifest.disks]
@@ -124,7 +110,7 @@ def _new_directory(path: Path) -> None:
 
 
 async def verify(ctx: HandlerContext, job: Job, progress: Progress) -> JobOutcome:
-    domain = repository_name(ctx, job.domain)
+    domain = ctx.domains.name_of(job.domain)
     problems = await ctx.backups.repository.verify(domain, job.request.backup)
     found = [
         {

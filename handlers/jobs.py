@@ -1,6 +1,8 @@
 """Domain job completion: the end of a backup job and its statistics.
 
-A running backup job waits for this event to learn that libvirt ended its job.
+The backup waiting for it is woken by the agent as the event arrives (it holds its
+domain's lock, so it cannot wait for the event's turn in the domain's queue); here the
+event is logged.
 """
 
 from __future__ import annotations
@@ -21,4 +23,3 @@ async def on_job_completed(event: Event, ctx: HandlerContext) -> None:
         operation=stats.get("operation"),
         errmsg=stats.get("errmsg"),
     )
-    ctx.backups.job_completed(event)

@@ -12,9 +12,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import libvirt
@@ -33,6 +33,7 @@ from tests.testbed.domains import DiskSpec, DomainFactory, TestDomain
 pytestmark = pytest.mark.libvirt
 
 ONE_DISK = [DiskSpec("vda", "virtio")]
+T = TypeVar("T")
 
 
 class Api:
@@ -49,14 +50,13 @@ class Api:
             return response.status, await response.text()
 
     async def wait_job(self, job_id: str, timeout: float = 120) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
+        async def fetch() -> dict[str, Any]:
             status, job = await self.call("GET", f"/v1/jobs/{job_id}")
             assert status == 200, job
-            if job["state"] in ("succeeded", "failed", "cancelled"):
-                return dict(job)
-            assert time.monotonic() < deadline, f"job {job_id} still {job['state']}"
-            await asyncio.sleep(0.1)
+            return dict(job)
+
+        ended = ("succeeded", "failed", "cancelled")
+        return await _until(fetch, lambda job: job["state"] in ended, timeout, f"job {job_id}")
 
     async def backup(self, domain: str, job_id: str, **extra: Any) -> dict[str, Any]:
         status, job = await self.call(
@@ -225,11 +225,9 @@ def _export_socket(xml: str) -> str:
     return match.group(1)
 
 
-async def _wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(predicate):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
+async def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait until the blocking ``predicate`` (run in a thread) holds."""
+    await _until(lambda: asyncio.to_thread(predicate), bool, timeout, what)
 
 
 async def test_kill_9_with_queued_and_running_jobs(
@@ -371,24 +369,30 @@ async def test_a_missed_schedule_slot_runs_once_at_start(
         assert len(await run.agent.jobs.find()) == len(jobs)
 
 
-async def _wait_jobs(run: RunningAgent, count: int, timeout: float = 30) -> list[Any]:
+async def _until(
+    fetch: Callable[[], Awaitable[T]], ok: Callable[[T], bool], timeout: float, what: str
+) -> T:
+    """Poll ``fetch`` until ``ok`` holds for its value; that value."""
     deadline = time.monotonic() + timeout
-    while True:
-        jobs = await run.agent.jobs.find()
-        if len(jobs) >= count:
-            return jobs
-        assert time.monotonic() < deadline, f"only {len(jobs)} jobs"
+    while not ok(value := await fetch()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {value}"
         await asyncio.sleep(0.1)
+    return value
+
+
+async def _wait_jobs(run: RunningAgent, count: int, timeout: float = 30) -> list[Any]:
+    return await _until(
+        run.agent.jobs.find, lambda jobs: len(jobs) >= count, timeout, f"{count} jobs"
+    )
 
 
 async def _wait_finished(run: RunningAgent, job_id: str, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = await run.agent.jobs.get(job_id)
-        if job.state.finished:
-            return job
-        assert time.monotonic() < deadline, f"job {job_id} still {job.state}"
-        await asyncio.sleep(0.1)
+    return await _until(
+        lambda: run.agent.jobs.get(job_id),
+        lambda job: job.state.finished,
+        timeout,
+        f"job {job_id} to end",
+    )
 
 
 def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
