@@ -441,6 +441,7 @@ class Backups:
                     targets,
                     runs,
                     request_size=settings.request_size,
+                    read_size=settings.read_size,
                     in_flight=settings.in_flight,
                     punch_holes=disk.full,
                     limit=limit,

@@ -8,6 +8,12 @@ The process is stopped (SIGTERM, then SIGKILL) and reaped on every way out. If t
 agent itself dies (``kill -9``), the kernel stops qemu-nbd too: it is started through
 ``setpriv --pdeathsig KILL`` (util-linux), so no orphan keeps serving, and keeping open,
 files the next agent removes.
+
+qemu-nbd allocates a buffer for every request and frees it once done. glibc serves
+buffers above its mmap threshold (128 KiB at first) with a fresh mmap each time, whose
+pages the kernel faults in and zeroes: for the backup's 2 MiB writes that was two
+thirds of qemu-nbd's CPU time (1.5 of 2.3 CPU-seconds per 2 GiB, on a host whose two
+cores the copy saturates). :data:`MALLOC_TUNING` keeps them in the heap instead.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import signal
 from collections.abc import AsyncIterator
@@ -25,6 +32,18 @@ from agent.errors import ImageError
 QEMU_NBD = "/usr/bin/qemu-nbd"
 # Sends qemu-nbd SIGKILL when the thread that started it ends (with the agent, if killed).
 _ORPHAN_GUARD = ["/usr/bin/setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
+
+
+# Buffers up to 32 MiB (the largest NBD request) come from the heap, and the heap is not
+# given back to the kernel below 256 MiB of free space at its top.
+MALLOC_TUNING = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
+
+
+def _environment() -> dict[str, str]:
+    env = dict(os.environ)
+    tunables = env.get("GLIBC_TUNABLES")
+    env["GLIBC_TUNABLES"] = f"{tunables}:{MALLOC_TUNING}" if tunables else MALLOC_TUNING
+    return env
 
 
 def _json_filename(image: Path, *, backing: bool) -> str:
@@ -96,6 +115,7 @@ async def _start(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            env=_environment(),
         )
     except OSError as exc:
         raise ImageError(f"cannot start qemu-nbd: {exc}", image=str(image)) from exc

@@ -1,0 +1,140 @@
+"""The copy engine between real NBD servers: nbdkit as QEMU's export, qemu-nbd as the target.
+
+What a run must get right, checked byte for byte: reads split into ``read_size``
+pieces land at the right place of the write buffer (the pieces go to different
+connections and complete in any order), writes stay ``request_size`` long, zero runs
+become zeroes, and the checksums describe what was written. The source is nbdkit's
+``pattern`` plugin (every 8 bytes hold their own offset, big-endian) behind its ``log``
+filter, which records every request the copy sent.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.copy import Run, copy_runs
+from agent.nbd import connect_many
+from agent.qemu_nbd import MALLOC_TUNING, serve_image
+from agent.repository import digest_of
+from tests.test_nbd import QEMU_IMG, _run, nbdkit
+
+KiB = 1024
+MiB = 1024 * KiB
+SIZE = 8 * MiB
+
+
+def _pattern(offset: int, length: int) -> bytes:
+    """What nbdkit's pattern plugin serves at ``offset`` (8-byte aligned here)."""
+    assert offset % 8 == 0 and length % 8 == 0
+    return b"".join(struct.pack(">Q", o) for o in range(offset, offset + length, 8))
+
+
+def _qemu_nbd_environment(socket: Path) -> str:
+    """The environment of the qemu-nbd process serving ``socket``."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if any(b"qemu-nbd" in a for a in cmdline) and f"--socket={socket}".encode() in cmdline:
+                return (proc / "environ").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+    raise AssertionError(f"no qemu-nbd serving {socket}")
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short directory for Unix sockets (pytest's tmp_path can exceed sun_path's 108)."""
+    with tempfile.TemporaryDirectory(prefix="copy", dir="/tmp") as path:
+        yield Path(path)
+
+
+async def test_split_reads_land_in_place_and_writes_stay_whole(sockdir: Path) -> None:
+    source_sock, target_sock = sockdir / "src.sock", sockdir / "dst.sock"
+    log = sockdir / "requests.log"
+    target = sockdir / "target.qcow2"
+    _run(QEMU_IMG, "create", "-q", "-f", "qcow2", target, str(SIZE))
+    # Lengths that are not multiples of the read size, a run longer than a write
+    # request, one shorter than a read piece, and a zero run over data.
+    runs = [
+        Run(0, 1 * MiB + 24 * KiB, False),
+        Run(2 * MiB, 8 * KiB, False),
+        Run(3 * MiB, 512 * KiB, True),
+        Run(4 * MiB + 64 * KiB, 2 * MiB + 8, False),
+    ]
+    read_size, request_size = 64 * KiB, 256 * KiB
+    with nbdkit(source_sock, "--filter=log", "pattern", f"size={SIZE}", f"logfile={log}"):
+        async with serve_image(target, target_sock, clients=2) as served:
+            environment = _qemu_nbd_environment(target_sock)
+            # (glibc splits the variable in place as it parses it)
+            for tunable in MALLOC_TUNING.split(":"):
+                assert tunable in environment
+            sources = await connect_many(3, socket_path=source_sock)
+            targets = await connect_many(2, socket_path=served)
+            try:
+                # Data over the zero run's range first: the zero run must replace it.
+                await targets[0].write(3 * MiB, b"\xee" * (512 * KiB))
+                checksums = await copy_runs(
+                    sources,
+                    targets,
+                    runs,
+                    request_size=request_size,
+                    read_size=read_size,
+                    in_flight=4,
+                    punch_holes=False,
+                )
+                for t in targets:
+                    await t.flush()
+                copied = bytearray(SIZE)
+                for offset in range(0, SIZE, 1 * MiB):
+                    await targets[0].read_into(offset, memoryview(copied)[offset : offset + MiB])
+            finally:
+                for client in [*sources, *targets]:
+                    await client.close()
+    assert len(sources) == 3, "nbdkit's pattern plugin allows multi-conn"
+
+    expected = bytearray(SIZE)
+    for run in runs:
+        if not run.zero:
+            start = run.offset - run.offset % 8
+            end = -(-(run.offset + run.length) // 8) * 8
+            data = _pattern(start, end - start)
+            expected[run.offset : run.offset + run.length] = data[
+                run.offset - start : run.offset - start + run.length
+            ]
+    assert copied == expected
+
+    # The checksums cover exactly the write requests, each hashing what was written.
+    covered = [(c.offset, c.length) for c in checksums]
+    assert covered == sorted(covered)
+    assert all(length <= request_size for _, length in covered)
+    for c in checksums:
+        assert c.digest == digest_of(bytes(expected[c.offset : c.offset + c.length])), c
+    assert sum(length for _, length in covered) == sum(r.length for r in runs)
+
+    # Every read the source saw was at most read_size, over several connections, and
+    # together they read each data byte exactly once.
+    reads = [
+        (int(m["offset"], 16), int(m["count"], 16), m["conn"])
+        for m in re.finditer(
+            r"connection=(?P<conn>\d+) Read id=\d+ offset=(?P<offset>0x[0-9a-f]+) "
+            r"count=(?P<count>0x[0-9a-f]+)",
+            log.read_text(),
+        )
+    ]
+    assert reads and max(count for _, count, _ in reads) == read_size
+    assert len({conn for _, _, conn in reads}) == 3
+    read_bytes = sorted((offset, count) for offset, count, _ in reads)
+    wanted = [(r.offset, r.length) for r in runs if not r.zero]
+    merged: list[tuple[int, int]] = []
+    for offset, count in read_bytes:
+        if merged and merged[-1][0] + merged[-1][1] == offset:
+            merged[-1] = (merged[-1][0], merged[-1][1] + count)
+        else:
+            merged.append((offset, count))
+    assert merged == wanted
