@@ -26,6 +26,7 @@ nothing half-written is published, and the next backup is correct.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -56,7 +57,7 @@ from agent.logs import get_logger
 from agent.nbd import BASE_ALLOCATION as ALLOCATION
 from agent.nbd import Extent, NbdClient, connect_many, extents
 from agent.qemu_nbd import serve_image
-from agent.repository import DiskManifest, Manifest, RangeChecksum, Repository
+from agent.repository import DiskManifest, Manifest, Repository
 
 log = get_logger("backup")
 
@@ -230,9 +231,11 @@ class Backups:
         )
 
     async def _plan(self, info: DomainInfo, mode: BackupMode) -> BackupPlan:
-        records = await self._chains.ledger.checkpoints(info.name)
-        chains = await self._chains.ledger.disk_chains(info.name)
-        latest = await self.repository.latest(info.name)
+        records, chains, latest = await asyncio.gather(
+            self._chains.ledger.checkpoints(info.name),
+            self._chains.ledger.disk_chains(info.name),
+            self.repository.latest(info.name),
+        )
         tip = None
         if latest is not None:
             tip = RepositoryTip(
@@ -283,6 +286,15 @@ class Backups:
         phases = _Phases()
         completion = asyncio.get_running_loop().create_future()
         self._completions[info.uuid] = completion
+        parent = (
+            await self.repository.backup(info.name, plan.parent_backup)
+            if plan.parent_backup
+            else None
+        )
+        # The repository images are created and served while libvirt begins the job;
+        # the copy itself waits for ``begun``.
+        begun: concurrent.futures.Future[None] = concurrent.futures.Future()
+        copy = asyncio.create_task(self._copy_all(plan, job, parent, progress, begun))
         try:
             await self._connection.call(
                 "begin backup",
@@ -292,20 +304,24 @@ class Backups:
                 _checkpoint_xml(plan, job),
             )
             self._faults("backup:begun")
+            # (cancelled if the copy failed already: then awaiting it below raises why)
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                begun.set_result(None)
             checkpoint = await self._chains.record(info, job.checkpoint, judge=False)
             phases.mark("begin")
-            disks = await self._copy_all(plan, job, progress)
+            disks = await copy
             phases.mark("copy")
             self._faults("backup:copied")
-            await self._end_job(info, completion)
+            domain_xml, _ = await asyncio.gather(
+                self._connection.call("read domain XML", _domain_xml, info.uuid),
+                self._end_job(info, completion),
+            )
             phases.mark("end")
+        except BaseException:
+            await _settle(copy)  # its finally blocks (qemu-nbd, sockets) before any undo
+            raise
         finally:
             self._completions.pop(info.uuid, None)
-        parent = (
-            await self.repository.backup(info.name, plan.parent_backup)
-            if plan.parent_backup
-            else None
-        )
         manifest = Manifest(
             backup_id=job.backup_id,
             domain=info.name,
@@ -315,7 +331,7 @@ class Backups:
             parent=parent.backup_id if parent is not None else None,
             checkpoint=job.checkpoint,
             checkpoint_xml=checkpoint.xml,
-            domain_xml=await self._connection.call("read domain XML", _domain_xml, info.uuid),
+            domain_xml=domain_xml,
             disks=disks,
         )
         await self.repository.publish(info.name, job.staging, manifest)
@@ -325,13 +341,13 @@ class Backups:
         return manifest
 
     async def _copy_all(
-        self, plan: BackupPlan, job: _Job, progress: Progress | None
+        self,
+        plan: BackupPlan,
+        job: _Job,
+        parent: Manifest | None,
+        progress: Progress | None,
+        begun: concurrent.futures.Future[None],
     ) -> tuple[DiskManifest, ...]:
-        parent = (
-            await self.repository.backup(plan.domain, plan.parent_backup)
-            if plan.parent_backup
-            else None
-        )
         limit = (
             RateLimit(self._config.backup.bandwidth_limit)
             if self._config.backup.bandwidth_limit
@@ -347,7 +363,7 @@ class Backups:
 
         tally = _Tally(forward, faults=self._faults)
         # The bytes move on the data plane's loop, so this loop stays responsive.
-        return await self._data_plane.run(self._copy_disks(plan, job, parent, limit, tally))
+        return await self._data_plane.run(self._copy_disks(plan, job, parent, limit, tally, begun))
 
     async def _copy_disks(
         self,
@@ -356,12 +372,13 @@ class Backups:
         parent: Manifest | None,
         limit: RateLimit | None,
         tally: _Tally,
+        begun: concurrent.futures.Future[None],
     ) -> tuple[DiskManifest, ...]:
         try:
             async with asyncio.TaskGroup() as group:
                 # One failing disk cancels the others before anything is undone.
                 copies = [
-                    group.create_task(self._copy_disk(disk, job, parent, limit, tally))
+                    group.create_task(self._copy_disk(disk, job, parent, limit, tally, begun))
                     for disk in plan.disks
                 ]
         except BaseExceptionGroup as failed:
@@ -379,26 +396,52 @@ class Backups:
         parent: Manifest | None,
         limit: RateLimit | None,
         tally: _Tally,
+        begun: concurrent.futures.Future[None],
     ) -> DiskManifest:
+        """Create and serve the disk's repository image, then (once the job has begun)
+        copy what the export's block status says into it."""
         settings = self._config.backup
         contexts = [ALLOCATION] + ([] if disk.full else [f"qemu:dirty-bitmap:backup-{disk.target}"])
-        sources = await connect_many(
-            settings.connections, socket_path=job.socket, export=disk.target, meta_contexts=contexts
-        )
-        try:
-            size = sources[0].info.size
-            # The target image is made while the source's block status is read.
-            runs, (image, backing) = await asyncio.gather(
-                _runs(sources[0], contexts),
-                self.repository.create_image(
-                    job.staging, disk.target, size, backing=None if disk.full else parent
-                ),
+        async with contextlib.AsyncExitStack() as stack:
+            size = disk.size
+            # Unless libvirt did not report the capacity (then the export will tell).
+            opened = await self._open_target(stack, disk, job, parent, size) if size else None
+            await asyncio.wrap_future(begun)
+            sources = await connect_many(
+                settings.connections,
+                socket_path=job.socket,
+                export=disk.target,
+                meta_contexts=contexts,
             )
+            stack.push_async_callback(_close_all, sources)
+            exported = sources[0].info.size
+            if opened is None:
+                size = exported
+                opened = await self._open_target(stack, disk, job, parent, size)
+            elif exported != size:
+                raise BackupError(
+                    f"QEMU exports {disk.target} with {exported} bytes, libvirt reported "
+                    f"{size}: the disk changed size",
+                    code="disk-resized",
+                    domain=job.domain,
+                )
+            image, backing, targets = opened
+            runs = await _runs(sources[0], contexts)
             tally.expect(sum(r.length for r in runs))
-            checksums = await self._write(job, disk, image, sources, runs, limit, tally)
-        finally:
-            for source in sources:
-                await source.close()
+            checksums = await copy_runs(
+                sources,
+                targets,
+                runs,
+                request_size=settings.request_size,
+                read_size=settings.read_size,
+                in_flight=settings.in_flight,
+                punch_holes=disk.full,
+                limit=limit,
+                progress=tally.add,
+            )
+            # The target advertises multi-conn whenever there are several connections:
+            # one flush covers the writes completed on all of them.
+            await targets[0].flush()
         return DiskManifest(
             target=disk.target,
             image=image,
@@ -410,49 +453,37 @@ class Backups:
             checksums=tuple(checksums),
         )
 
-    async def _write(
+    async def _open_target(
         self,
-        job: _Job,
+        stack: contextlib.AsyncExitStack,
         disk: DiskPlan,
-        image: str,
-        sources: list[NbdClient],
-        runs: list[Run],
-        limit: RateLimit | None,
-        tally: _Tally,
-    ) -> list[RangeChecksum]:
-        """Copy ``runs`` into the staged image through a local qemu-nbd."""
+        job: _Job,
+        parent: Manifest | None,
+        size: int,
+    ) -> tuple[str, str | None, list[NbdClient]]:
+        """The staged image (name, backing), served by a local qemu-nbd, and connections
+        to it."""
         settings = self._config.backup
+        image, backing = await self.repository.create_image(
+            job.staging, disk.target, size, backing=None if disk.full else parent
+        )
         socket = self._config.socket_path / f"{job.backup_id}-{disk.target}.sock"
         # An overlay is served with its backing: a write covering part of a cluster
         # must be completed from the parent backup's data, not with zeroes. Direct I/O
         # speeds up the big copies of full disks, but costs ~50 ms to tear down: not
         # worth it for an incremental's few changed blocks (fsync'd at publish anyway).
-        async with serve_image(
-            job.staging / image,
-            socket,
-            clients=settings.connections,
-            backing=not disk.full,
-            direct=disk.full,
-        ) as served:
-            targets = await connect_many(settings.connections, socket_path=served)
-            try:
-                checksums = await copy_runs(
-                    sources,
-                    targets,
-                    runs,
-                    request_size=settings.request_size,
-                    read_size=settings.read_size,
-                    in_flight=settings.in_flight,
-                    punch_holes=disk.full,
-                    limit=limit,
-                    progress=tally.add,
-                )
-                for target in targets:
-                    await target.flush()
-            finally:
-                for target in targets:
-                    await target.close()
-        return checksums
+        served = await stack.enter_async_context(
+            serve_image(
+                job.staging / image,
+                socket,
+                clients=settings.connections,
+                backing=not disk.full,
+                direct=disk.full,
+            )
+        )
+        targets = await connect_many(settings.connections, socket_path=served)
+        stack.push_async_callback(_close_all, targets)
+        return image, backing, targets
 
     async def _end_job(
         self, info: DomainInfo, completion: asyncio.Future[Mapping[str, Any]]
@@ -571,6 +602,21 @@ class Backups:
 
     def _intent_path(self, job: _Job) -> Path:
         return self._config.run_path / "jobs" / f"{job.uuid}.json"
+
+
+async def _close_all(clients: list[NbdClient]) -> None:
+    for client in clients:
+        await client.close()
+
+
+async def _settle(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` unless it is over, and wait until it is; its outcome is dropped
+    (the caller is already failing for a reason of its own)."""
+    if not task.done():
+        task.cancel()
+        await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" warning
 
 
 async def _runs(source: NbdClient, contexts: list[str]) -> list[Run]:

@@ -152,6 +152,10 @@ async def copy_runs(
     size = min(request_size, *(c.info.max_block for c in [*sources, *sinks]))
     piece = min(size, read_size or size, *(c.info.max_block for c in sources))
     pending = chunks(runs, size)
+    # Buffers as large as the largest data chunk: an incremental's scattered 64 KiB
+    # runs need no 2 MiB buffers (whose zeroing alone costs page faults).
+    longest = max((r.length for r in runs if not r.zero), default=0)
+    buffer_size = min(size, longest)
     checksums: list[RangeChecksum] = []
     turn = 0  # the source connection the next piece of a split read goes to
 
@@ -170,7 +174,7 @@ async def copy_runs(
     async def worker(index: int) -> None:
         source = sources[index % len(sources)]
         target = sinks[index % len(sinks)]
-        buffer = memoryview(bytearray(size))
+        buffer = memoryview(bytearray(buffer_size))
         for run in pending:  # a shared iterator: each chunk goes to exactly one worker
             if limit is not None:
                 await limit.take(run.length)

@@ -1408,16 +1408,22 @@ async def connect_many(
             max_in_flight=max_in_flight,
         )
 
-    clients = [await one()]
+    first = await one()
+    if n == 1 or not first.info.can_multi_conn:
+        return [first]
+    # The others are opened together: each handshake is a few round trips.
+    tasks = [asyncio.ensure_future(one()) for _ in range(n - 1)]
     try:
-        if clients[0].info.can_multi_conn:
-            for _ in range(n - 1):
-                clients.append(await one())
+        await asyncio.gather(*tasks)
     except BaseException:
-        for client in clients:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        opened = [t.result() for t in tasks if not t.cancelled() and t.exception() is None]
+        for client in [first, *opened]:
             await client.close()
         raise
-    return clients
+    return [first, *(t.result() for t in tasks)]
 
 
 async def extents(

@@ -534,13 +534,16 @@ class Repository:
         async with self._lock(domain):
             # Round trip: what is published must be readable by from_json's strict checks.
             # A manifest of a large disk is megabytes of JSON: not on the event loop.
-            await asyncio.to_thread(
-                lambda: Manifest.from_json(manifest.to_json(), path=str(staging / MANIFEST_FILE))
+            checked = await asyncio.gather(
+                asyncio.to_thread(
+                    lambda: Manifest.from_json(
+                        manifest.to_json(), path=str(staging / MANIFEST_FILE)
+                    )
+                ),
+                asyncio.to_thread(_check_publishable, staging, manifest),
+                asyncio.gather(*(self._structure(staging, d, "") for d in manifest.disks)),
             )
-            await asyncio.to_thread(_check_publishable, staging, manifest)
-            problems = [
-                p for d in manifest.disks for p in (await self._structure(staging, d, ""))[0]
-            ]
+            problems = [p for found, _ in checked[2] for p in found]
             if problems:
                 raise RepositoryError(
                     f"cannot publish {manifest.backup_id}: {problems[0].message}",

@@ -187,6 +187,9 @@ def main() -> None:
     args = parser.parse_args()
     size = int(args.size_gib * GiB) // MiB * MiB
     daemon.ensure_libvirtd()
+    # Errors come back as exceptions; libvirt's default handler would also print the
+    # expected ones (a transient domain looked up after it stopped).
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     conn = libvirt.open(daemon.URI)
     with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="lba-bench-") as tmp:
         work = Path(tmp)
