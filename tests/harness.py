@@ -106,12 +106,12 @@ class RunningAgent:
 
 @contextlib.asynccontextmanager
 async def running_agent(
-    config: AgentConfig, connect_timeout: float | None = 30
+    config: AgentConfig, connect_timeout: float | None = 30, faults: Faults | None = None
 ) -> AsyncIterator[RunningAgent]:
     """The agent, running; connected and with its start-up events handled unless
     ``connect_timeout`` is None (then it may still be trying to connect)."""
     recorder = Recorder()
-    agent = Agent(config, routes=with_extra(default_routes(), recorder))
+    agent = Agent(config, routes=with_extra(default_routes(), recorder), faults=faults)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     try:

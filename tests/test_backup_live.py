@@ -23,9 +23,9 @@ from agent.backup_plan import BackupMode
 from agent.config import AgentConfig
 from agent.errors import BackupError, RepositorySpaceError
 from agent.events import LifecycleKind as K
-from agent.faults import CRASH_ENV
+from agent.faults import CRASH_ENV, SimulatedCrash
 from agent.ledger import CheckpointState
-from tests.guest_model import KiB, MiB, assert_restores, config, started_guest
+from tests.guest_model import Guest, KiB, MiB, assert_restores, config, started_guest
 from tests.harness import TWO_DISKS, lifecycle, running_agent
 from tests.testbed.daemon import live_processes_mentioning
 from tests.testbed.domains import DiskSpec, DomainFactory
@@ -225,6 +225,85 @@ async def test_qemu_killed_during_the_backup(domain_factory: DomainFactory, tmp_
         expected = guest.snapshot()
         result = await backups.run(guest.td.uuid)
         assert {(d.mode, d.reason) for d in result.disks} == {("full", "bitmap-inconsistent")}
+        await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
+
+
+def _checkpoint_names(guest: Guest) -> set[str]:
+    return {cp.getName() for cp in guest.td.dom().listAllCheckpoints(0)}
+
+
+async def test_failure_right_after_begin_undoes_the_images_prepared_meanwhile(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    """The repository images are created and served while libvirt begins the job; a
+    failure at that point must stop their qemu-nbd and remove them with the rest."""
+    cfg = config(tmp_path)
+    served_at_begin: list[list[int]] = []
+
+    def crash_after_begin(point: str, /) -> None:
+        if point == "backup:begun" and not served_at_begin:
+            served_at_begin.append(live_processes_mentioning(str(cfg.repository_path)))
+            raise SimulatedCrash(point)
+
+    async with running_agent(cfg, faults=crash_after_begin) as run:
+        guest = await started_guest(run, domain_factory, TWO_DISKS)
+        backups, repo = run.agent.backups, run.agent.backups.repository
+        await guest.write("vda", 0, 1 * MiB, 0x31)
+        before = await asyncio.to_thread(_checkpoint_names, guest)
+        with pytest.raises(SimulatedCrash):
+            await backups.run(guest.td.uuid)
+        assert served_at_begin, "the crash point was not reached"
+        assert _leftovers(cfg) == []
+        assert live_processes_mentioning(str(cfg.repository_path)) == []
+        assert await asyncio.to_thread(_checkpoint_names, guest) == before
+        assert (await asyncio.to_thread(guest.td.dom().jobInfo))[0] == 0
+        assert await repo.backups(guest.td.name) == []
+        expected = guest.snapshot()
+        result = await backups.run(guest.td.uuid)
+        assert {d.mode for d in result.disks} == {"full"}
+        await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
+
+
+async def test_begin_refused_leaves_nothing_and_the_next_backup_is_incremental(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    """libvirt refuses to begin (another backup job runs on the domain): the images and
+    the qemu-nbd the agent prepared meanwhile are gone, the chain is intact."""
+    cfg = config(tmp_path)
+    async with running_agent(cfg) as run:
+        guest = await started_guest(run, domain_factory, TWO_DISKS)
+        backups, repo = run.agent.backups, run.agent.backups.repository
+        await guest.write("vda", 0, 1 * MiB, 0x41)
+        await backups.run(guest.td.uuid)
+        await guest.write("sda", 2 * MiB, 64 * KiB, 0x42)
+        await guest.flush()
+        before = await asyncio.to_thread(_checkpoint_names, guest)
+        foreign = (
+            "<domainbackup mode='pull'>"
+            f"<server transport='unix' socket='{tmp_path / 'foreign.sock'}'/>"
+            "<disks><disk name='vda' backup='yes' type='file'>"
+            f"<scratch file='{tmp_path / 'foreign-scratch.qcow2'}'/><driver type='qcow2'/>"
+            "</disk><disk name='sda' backup='no'/></disks></domainbackup>"
+        )
+        await asyncio.to_thread(guest.td.dom().backupBegin, foreign, None, 0)
+        try:
+            with pytest.raises(BackupError) as refused:
+                await backups.run(guest.td.uuid)
+            # libvirt waits for the domain's job lock (30 s), then refuses.
+            assert "begin backup" in str(refused.value), refused.value
+            assert _leftovers(cfg) == []
+            assert live_processes_mentioning(str(cfg.repository_path)) == []
+            assert await asyncio.to_thread(_checkpoint_names, guest) == before
+            assert len(await repo.backups(guest.td.name)) == 1
+        finally:
+            await asyncio.to_thread(guest.td.dom().abortJob)
+        expected = guest.snapshot()
+        for _ in range(50):  # the foreign job's end reaches QEMU asynchronously
+            if (await asyncio.to_thread(guest.td.dom().jobInfo))[0] == 0:
+                break
+            await asyncio.sleep(0.1)
+        result = await backups.run(guest.td.uuid)
+        assert {d.mode for d in result.disks} == {"incremental"}
         await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
 
 
