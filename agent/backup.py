@@ -189,6 +189,7 @@ class Backups:
         self, uuid: str, mode: BackupMode, progress: Progress | None, keep_last: int | None
     ) -> BackupResult:
         started = time.monotonic()
+        phases = _Phases()
         info = await self._domains.refresh(uuid)
         if info is None or not info.state.active:
             raise BackupError("the domain is not running", code="domain-not-running")
@@ -198,8 +199,9 @@ class Backups:
         staging = await self.repository.stage(info.name, backup_id)
         job = self._new_job(info, plan, backup_id, staging)
         await self._write_intent(job)
+        phases.mark("plan")
         try:
-            manifest = await self._execute(info, plan, job, progress)
+            manifest = await self._execute(info, plan, job, progress, phases)
         except BaseException as exc:
             await asyncio.shield(self._undo_logged(job))
             if isinstance(exc, AgentError | OSError | ValueError) and not isinstance(
@@ -220,6 +222,8 @@ class Backups:
                 backup_id=job.backup_id,
                 error=str(exc),
             )
+        phases.mark("finish")
+        log.info("backup phases", backup_id=job.backup_id, seconds=phases.seconds)
         log.info(
             "backup done",
             backup_id=job.backup_id,
@@ -280,10 +284,14 @@ class Backups:
         )
 
     async def _execute(
-        self, info: DomainInfo, plan: BackupPlan, job: _Job, progress: Progress | None
+        self,
+        info: DomainInfo,
+        plan: BackupPlan,
+        job: _Job,
+        progress: Progress | None,
+        phases: _Phases,
     ) -> Manifest:
         created = time.time()
-        phases = _Phases()
         completion = asyncio.get_running_loop().create_future()
         self._completions[info.uuid] = completion
         parent = (
@@ -303,12 +311,13 @@ class Backups:
                 _backup_xml(plan, job),
                 _checkpoint_xml(plan, job),
             )
+            phases.mark("begin")
             self._faults("backup:begun")
             # (cancelled if the copy failed already: then awaiting it below raises why)
             with contextlib.suppress(concurrent.futures.InvalidStateError):
                 begun.set_result(None)
             checkpoint = await self._chains.record(info, job.checkpoint, judge=False)
-            phases.mark("begin")
+            phases.mark("record")
             disks = await copy
             phases.mark("copy")
             self._faults("backup:copied")
@@ -337,7 +346,6 @@ class Backups:
         await self.repository.publish(info.name, job.staging, manifest)
         phases.mark("publish")
         self._faults("backup:published")
-        log.info("backup phases", backup_id=job.backup_id, seconds=phases.seconds)
         return manifest
 
     async def _copy_all(

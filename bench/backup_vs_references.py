@@ -224,6 +224,9 @@ def main() -> None:
             for round_no in range(args.rounds):
                 order = runs if round_no % 2 == 0 else list(reversed(runs))
                 for name, reference in order:
+                    # Each contender starts with no dirty page cache left by the last one
+                    # (qemu-img leaves 2 GiB for the kernel to write back meanwhile).
+                    os.sync()
                     if reference is None:
                         seconds, rss = agent_backup(config, td.name, "full")
                         peak = max(peak, rss)
@@ -237,6 +240,7 @@ def main() -> None:
             changed = rewrite_one_percent(td, size)
             if not args.running_guest:
                 td.dom().suspend()
+            os.sync()
             incremental, rss = agent_backup(config, td.name, "incremental")
             peak = max(peak, rss)
         finally:
