@@ -193,7 +193,7 @@ class Backups:
         info = await self._domains.refresh(uuid)
         if info is None or not info.state.active:
             raise BackupError("the domain is not running", code="domain-not-running")
-        plan = await self._plan(info, mode)
+        plan, latest = await self._plan(info, mode)
         await self._check_space(plan)
         backup_id = self.repository.new_backup_id()
         staging = await self.repository.stage(info.name, backup_id)
@@ -201,7 +201,7 @@ class Backups:
         await self._write_intent(job)
         phases.mark("plan")
         try:
-            manifest = await self._execute(info, plan, job, progress, phases)
+            manifest = await self._execute(info, plan, job, latest, progress, phases)
         except BaseException as exc:
             await asyncio.shield(self._undo_logged(job))
             if isinstance(exc, AgentError | OSError | ValueError) and not isinstance(
@@ -234,7 +234,8 @@ class Backups:
             job.backup_id, info.name, job.checkpoint, manifest.disks, time.monotonic() - started
         )
 
-    async def _plan(self, info: DomainInfo, mode: BackupMode) -> BackupPlan:
+    async def _plan(self, info: DomainInfo, mode: BackupMode) -> tuple[BackupPlan, Manifest | None]:
+        """The plan, and the repository's newest backup (usually the increment's parent)."""
         records, chains, latest = await asyncio.gather(
             self._chains.ledger.checkpoints(info.name),
             self._chains.ledger.disk_chains(info.name),
@@ -249,7 +250,7 @@ class Backups:
         for disk in plan.disks:
             if disk.full and disk.reason not in (None, "full-requested"):
                 log.info("full backup of disk", disk=disk.target, reason=disk.reason)
-        return plan
+        return plan, latest
 
     async def _check_space(self, plan: BackupPlan) -> None:
         """Worst case: every disk copied whole, and every block rewritten during the copy."""
@@ -288,17 +289,20 @@ class Backups:
         info: DomainInfo,
         plan: BackupPlan,
         job: _Job,
+        latest: Manifest | None,
         progress: Progress | None,
         phases: _Phases,
     ) -> Manifest:
         created = time.time()
         completion = asyncio.get_running_loop().create_future()
         self._completions[info.uuid] = completion
-        parent = (
-            await self.repository.backup(info.name, plan.parent_backup)
-            if plan.parent_backup
-            else None
-        )
+        parent = None
+        if plan.parent_backup is not None:
+            parent = (
+                latest
+                if latest is not None and latest.backup_id == plan.parent_backup
+                else await self.repository.backup(info.name, plan.parent_backup)
+            )
         # The repository images are created and served while libvirt begins the job;
         # the copy itself waits for ``begun``.
         begun: concurrent.futures.Future[None] = concurrent.futures.Future()

@@ -475,8 +475,13 @@ class Repository:
         return await asyncio.to_thread(_read_backup, backups_dir / backup_id, domain)
 
     async def latest(self, domain: str) -> Manifest | None:
-        manifests = await self.backups(domain)
-        return manifests[-1] if manifests else None
+        """The newest published backup of ``domain`` (as the last of :meth:`backups`).
+
+        Reads only the manifests of the newest second's backups (an id starts with its
+        UTC second): every backup starts a chain's plan, and the manifest of a 2 GiB
+        full takes 8 ms to read, of a 100 GiB one 50 times that.
+        """
+        return await asyncio.to_thread(_read_latest, self._backups_dir(domain))
 
     async def free_bytes(self) -> int:
         """Bytes an unprivileged writer can still use on the repository's filesystem."""
@@ -1084,6 +1089,19 @@ def _read_backups(backups_dir: Path) -> list[Manifest]:
     # Hidden entries are staging, merge and dropped dirs; anything else is not ours.
     manifests = [_read_manifest(backups_dir / n) for n in names if BACKUP_ID_RE.fullmatch(n)]
     return sorted(manifests, key=lambda m: (m.created_at, m.backup_id))
+
+
+def _read_latest(backups_dir: Path) -> Manifest | None:
+    with _os_errors("cannot list", backups_dir):
+        try:
+            names = [n for n in os.listdir(backups_dir) if BACKUP_ID_RE.fullmatch(n)]
+        except FileNotFoundError:
+            return None
+    if not names:
+        return None
+    second = max(n.split("-", 1)[0] for n in names)
+    newest = [_read_manifest(backups_dir / n) for n in names if n.startswith(second + "-")]
+    return max(newest, key=lambda m: (m.created_at, m.backup_id))
 
 
 def _domain_names(root: Path) -> list[str]:

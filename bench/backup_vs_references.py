@@ -165,6 +165,15 @@ def qemu_img_convert(td: TestDomain, workdir: Path, size: int) -> float:
 SYNCED: dict[str, list[float]] = {"qemu-img": []}
 
 
+def quiesce() -> None:
+    """Let the last contender's leftovers settle before the next one starts: the dirty
+    page cache qemu-img leaves (2 GiB for the kernel to write back), and the discards a
+    deleted 2 GiB target sends on a filesystem mounted with ``discard`` (they hold up
+    the next journal commit, so every fsync the agent makes)."""
+    os.sync()
+    time.sleep(1.0)
+
+
 def rewrite_one_percent(td: TestDomain, size: int) -> int:
     chunk = 64 * 1024
     count = size // 100 // chunk
@@ -224,9 +233,7 @@ def main() -> None:
             for round_no in range(args.rounds):
                 order = runs if round_no % 2 == 0 else list(reversed(runs))
                 for name, reference in order:
-                    # Each contender starts with no dirty page cache left by the last one
-                    # (qemu-img leaves 2 GiB for the kernel to write back meanwhile).
-                    os.sync()
+                    quiesce()
                     if reference is None:
                         seconds, rss = agent_backup(config, td.name, "full")
                         peak = max(peak, rss)
@@ -240,7 +247,7 @@ def main() -> None:
             changed = rewrite_one_percent(td, size)
             if not args.running_guest:
                 td.dom().suspend()
-            os.sync()
+            quiesce()
             incremental, rss = agent_backup(config, td.name, "incremental")
             peak = max(peak, rss)
         finally:

@@ -406,6 +406,32 @@ async def test_ids_listing_order_and_free_space(tmp_path: Path) -> None:
     assert abs(await repo.free_bytes() - st.f_bavail * st.f_frsize) < 64 * MiB
 
 
+async def test_latest_is_the_last_listed_reading_only_the_newest_second(tmp_path: Path) -> None:
+    repo = Repository(tmp_path / "repo")
+    # Seconds increase with time; within one second the random part is in any order.
+    ids = iter(
+        [
+            "20261128T100001Z-ffffff",
+            "20261128T100002Z-000000",
+            "20261128T100003Z-ffffff",
+            "20261128T100003Z-000000",
+        ]
+    )
+    repo.new_backup_id = lambda: next(ids)  # type: ignore[method-assign]
+    builder = Builder(repo)
+    for writes, _ in FIVE[:4]:
+        await builder.backup({"vda": writes["vda"]})
+        latest = await repo.latest(DOMAIN)
+        assert latest is not None and latest == (await repo.backups(DOMAIN))[-1]
+        assert latest.backup_id == builder.ids[-1]
+    assert builder.ids[-1] == "20261128T100003Z-000000"
+    # Older manifests are not read: one that went bad does not stop the next backup's
+    # plan (verify names it).
+    (_backups_dir(tmp_path / "repo") / builder.ids[0] / "manifest.json").write_text("{")
+    latest = await repo.latest(DOMAIN)
+    assert latest is not None and latest.backup_id == builder.ids[-1]
+
+
 # --- verify ------------------------------------------------------------------------------
 
 
