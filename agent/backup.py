@@ -294,8 +294,6 @@ class Backups:
         phases: _Phases,
     ) -> Manifest:
         created = time.time()
-        completion = asyncio.get_running_loop().create_future()
-        self._completions[info.uuid] = completion
         parent = None
         if plan.parent_backup is not None:
             parent = (
@@ -303,6 +301,8 @@ class Backups:
                 if latest is not None and latest.backup_id == plan.parent_backup
                 else await self.repository.backup(info.name, plan.parent_backup)
             )
+        completion = asyncio.get_running_loop().create_future()
+        self._completions[info.uuid] = completion
         # The repository images are created and served while libvirt begins the job;
         # the copy itself waits for ``begun``.
         begun: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -320,6 +320,8 @@ class Backups:
             # (cancelled if the copy failed already: then awaiting it below raises why)
             with contextlib.suppress(concurrent.futures.InvalidStateError):
                 begun.set_result(None)
+            if copy.done():
+                await copy  # failed already: say why now, before recording anything
             checkpoint = await self._chains.record(info, job.checkpoint, judge=False)
             phases.mark("record")
             disks = await copy
@@ -622,13 +624,21 @@ async def _close_all(clients: list[NbdClient]) -> None:
 
 
 async def _settle(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` unless it is over, and wait until it is; its outcome is dropped
-    (the caller is already failing for a reason of its own)."""
-    if not task.done():
-        task.cancel()
-        await asyncio.wait([task])
+    """Cancel ``task`` unless it is over, and wait until it is, even if the caller is
+    cancelled meanwhile (then that is raised afterwards): the undo that follows must
+    not race the copy's own clean-up. The task's outcome is dropped (the caller is
+    already failing for a reason of its own)."""
+    interrupted = False
+    task.cancel()
+    while not task.done():
+        try:
+            await asyncio.shield(asyncio.wait([task]))
+        except asyncio.CancelledError:
+            interrupted = True
     if not task.cancelled():
         task.exception()  # retrieved: no "exception was never retrieved" warning
+    if interrupted:
+        raise asyncio.CancelledError
 
 
 async def _runs(source: NbdClient, contexts: list[str]) -> list[Run]:

@@ -294,16 +294,19 @@ class BackupSection(BaseModel):
         default=2 * 1024 * 1024,
         ge=64 * 1024,
         le=32 * 1024 * 1024,
-        description="Bytes per NBD write request into the repository image (reads are "
-        "no larger either).",
+        multiple_of=4096,
+        description="Bytes per NBD write request into the repository image, a multiple of "
+        "4096 (reads are no larger either).",
     )
     read_size: int = Field(
         default=256 * 1024,
         ge=4 * 1024,
         le=32 * 1024 * 1024,
-        description="Bytes per NBD read request from QEMU's backup export. QEMU allocates "
-        "a buffer per request: above glibc's mmap threshold that costs it a fresh mmap "
-        "and page faults every time (0.8 CPU-seconds per 2 GiB at 2 MiB).",
+        multiple_of=4096,
+        description="Bytes per NBD read request from QEMU's backup export, a multiple of "
+        "4096. QEMU allocates a buffer per request: above glibc's mmap threshold that "
+        "costs it a fresh mmap and page faults every time (0.8 CPU-seconds per 2 GiB at "
+        "2 MiB).",
     )
     in_flight: int = Field(default=16, ge=1, le=64, description="Requests in flight per disk.")
     bandwidth_limit: int = Field(

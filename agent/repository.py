@@ -539,16 +539,23 @@ class Repository:
         async with self._lock(domain):
             # Round trip: what is published must be readable by from_json's strict checks.
             # A manifest of a large disk is megabytes of JSON: not on the event loop.
-            checked = await asyncio.gather(
-                asyncio.to_thread(
-                    lambda: Manifest.from_json(
-                        manifest.to_json(), path=str(staging / MANIFEST_FILE)
+            # Together; the first failure cancels the rest (their qemu-img processes too).
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(
+                        asyncio.to_thread(
+                            lambda: Manifest.from_json(
+                                manifest.to_json(), path=str(staging / MANIFEST_FILE)
+                            )
+                        )
                     )
-                ),
-                asyncio.to_thread(_check_publishable, staging, manifest),
-                asyncio.gather(*(self._structure(staging, d, "") for d in manifest.disks)),
-            )
-            problems = [p for found, _ in checked[2] for p in found]
+                    group.create_task(asyncio.to_thread(_check_publishable, staging, manifest))
+                    structures = [
+                        group.create_task(self._structure(staging, d, "")) for d in manifest.disks
+                    ]
+            except BaseExceptionGroup as failed:
+                raise failed.exceptions[0] from failed  # tasks raise plain exceptions
+            problems = [p for task in structures for p in task.result()[0]]
             if problems:
                 raise RepositoryError(
                     f"cannot publish {manifest.backup_id}: {problems[0].message}",

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pytest
 from agent.backup_plan import BackupMode
 from agent.config import AgentConfig
 from agent.errors import BackupError, RepositorySpaceError
+from agent.events import JobCompleted
 from agent.events import LifecycleKind as K
 from agent.faults import CRASH_ENV, SimulatedCrash
 from agent.ledger import CheckpointState
@@ -241,8 +243,17 @@ async def test_failure_right_after_begin_undoes_the_images_prepared_meanwhile(
     served_at_begin: list[list[int]] = []
 
     def crash_after_begin(point: str, /) -> None:
+        # Called on the main loop; the images are prepared on the data plane's thread,
+        # so waiting here (blocking) until their qemu-nbd serves makes the crash come
+        # with them served, whatever the timing of libvirt's begin.
         if point == "backup:begun" and not served_at_begin:
-            served_at_begin.append(live_processes_mentioning(str(cfg.repository_path)))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                served = live_processes_mentioning(str(cfg.repository_path))
+                if len(served) == 2:  # one qemu-nbd per disk
+                    break
+                time.sleep(0.01)
+            served_at_begin.append(served)
             raise SimulatedCrash(point)
 
     async with running_agent(cfg, faults=crash_after_begin) as run:
@@ -253,10 +264,12 @@ async def test_failure_right_after_begin_undoes_the_images_prepared_meanwhile(
         with pytest.raises(SimulatedCrash):
             await backups.run(guest.td.uuid)
         assert served_at_begin, "the crash point was not reached"
+        assert len(served_at_begin[0]) == 2, "the images were not served when begin returned"
         assert _leftovers(cfg) == []
         assert live_processes_mentioning(str(cfg.repository_path)) == []
         assert await asyncio.to_thread(_checkpoint_names, guest) == before
-        assert (await asyncio.to_thread(guest.td.dom().jobInfo))[0] == 0
+        # libvirt ends the aborted pull job when QEMU's block jobs report cancelled.
+        await wait_until_async(lambda: guest.td.dom().jobInfo()[0] == 0, 10)
         assert await repo.backups(guest.td.name) == []
         expected = guest.snapshot()
         result = await backups.run(guest.td.uuid)
@@ -296,12 +309,15 @@ async def test_begin_refused_leaves_nothing_and_the_next_backup_is_incremental(
             assert await asyncio.to_thread(_checkpoint_names, guest) == before
             assert len(await repo.backups(guest.td.name)) == 1
         finally:
+            mark = run.recorder.mark()
             await asyncio.to_thread(guest.td.dom().abortJob)
         expected = guest.snapshot()
-        for _ in range(50):  # the foreign job's end reaches QEMU asynchronously
-            if (await asyncio.to_thread(guest.td.dom().jobInfo))[0] == 0:
-                break
-            await asyncio.sleep(0.1)
+        # The foreign job's JOB_COMPLETED must be behind us before our next job waits
+        # for its own.
+        await run.recorder.wait_for(
+            lambda e: isinstance(e, JobCompleted) and e.domain.uuid == guest.td.uuid, since=mark
+        )
+        await wait_until_async(lambda: guest.td.dom().jobInfo()[0] == 0, 10)
         result = await backups.run(guest.td.uuid)
         assert {d.mode for d in result.disks} == {"incremental"}
         await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)

@@ -338,6 +338,11 @@ def test_render_round_trips_defaults_to_resolved_config(tmp_path: Path, hostname
         ),
         ("libvirt = 5\n", "libvirt: expected a table, got 5", "libvirt"),
         (
+            "[backup]\nread_size = 5000\n",
+            "[backup] read_size: input should be a multiple of 4096, got 5000",
+            "backup.read_size",
+        ),
+        (
             '[http]\nport = "x"\nlisten = 1\n[logging]\nlevel = "loud"\n',
             "[http] port: expected an integer, got 'x' (and 2 more)",
             "http.port",
