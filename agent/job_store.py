@@ -19,13 +19,12 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from agent.errors import JobConflictError, JobStoreError
 from agent.job_requests import Job, JobDisk, JobRequest, JobState
-from agent.sqlite import read_transaction, run_bounded, write_transaction
+from agent.sqlite import Cause, Failure, StoreThread, read_transaction, write_transaction
 
 T = TypeVar("T")
 
@@ -169,41 +168,27 @@ def _update(db: sqlite3.Connection, job: Job) -> None:
 class JobStore:
     """The open job store (see the module docstring). Use :meth:`open`, then :meth:`close`."""
 
-    def __init__(
-        self, path: Path, executor: ThreadPoolExecutor, db: sqlite3.Connection, timeout: float
-    ) -> None:
+    def __init__(self, path: Path, thread: StoreThread) -> None:
         self.path = path
-        self._executor = executor
-        self._db = db  # used only in the executor's one thread
-        self._timeout = timeout
-        self._closed = False
+        self._thread = thread
 
     @classmethod
     async def open(cls, path: Path, *, timeout: float = 30.0) -> JobStore:
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobstore")
-        try:
-            db = await _bounded(
-                "open", path, timeout, executor, lambda: _open_sync(path, timeout / 2)
-            )
-        except BaseException:
-            executor.shutdown(wait=False, cancel_futures=True)
-            raise
-        return cls(path, executor, db, timeout)
+        thread, _ = await StoreThread.open(
+            "jobstore",
+            timeout,
+            lambda: (_open_sync(path, timeout / 2), None),
+            _failure(path, timeout),
+        )
+        return cls(path, thread)
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await _bounded("close", self.path, self._timeout, self._executor, self._db.close)
-        finally:
-            self._executor.shutdown(wait=False)
+        await self._thread.close()
 
     async def _call(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._closed:
+        if self._thread.closed:
             raise JobStoreError(f"{what}: job store {self.path} is closed", path=str(self.path))
-        db = self._db
-        return await _bounded(what, self.path, self._timeout, self._executor, lambda: fn(db))
+        return await self._thread.call(what, fn)
 
     # --- jobs ---
 
@@ -291,14 +276,12 @@ class JobStore:
         await self._call("probe", lambda db: write_transaction(db, lambda: db.execute(sql, (now,))))
 
 
-async def _bounded(
-    what: str, path: Path, seconds: float, executor: ThreadPoolExecutor, fn: Callable[[], T]
-) -> T:
-    def failed(cause: sqlite3.Error | OSError | None) -> JobStoreError:
+def _failure(path: Path, seconds: float) -> Failure:
+    def failed(what: str, cause: Cause) -> JobStoreError:
         if cause is None:
             return JobStoreError(
                 f"{what}: job store {path} did not answer within {seconds:g}s", path=str(path)
             )
         return JobStoreError(f"{what}: job store {path}: {cause}", path=str(path))
 
-    return await run_bounded(executor, fn, seconds, failed)
+    return failed

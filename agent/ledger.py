@@ -30,15 +30,14 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 
 from agent.errors import LedgerCorruptError, LedgerError, LedgerImportError
 from agent.logs import get_logger
+from agent.sqlite import Cause, Failure, StoreThread
 from agent.sqlite import read_transaction as _read_transaction
-from agent.sqlite import run_bounded
 from agent.sqlite import write_transaction as _write_transaction
 
 log = get_logger("ledger")
@@ -634,7 +633,9 @@ def _prepare(db: sqlite3.Connection, path: Path) -> int:
         )
     mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if mode != "wal":
-        raise LedgerError(f"ledger {path}: cannot use WAL journal mode (got {mode!r})")
+        raise LedgerError(
+            f"ledger {path}: cannot use WAL journal mode (got {mode!r})", path=str(path)
+        )
     # FULL syncs the WAL at every commit: a committed checkpoint survives power loss too.
     db.execute("PRAGMA synchronous = FULL")
     db.execute("PRAGMA foreign_keys = ON")  # per connection, and only outside a transaction
@@ -825,18 +826,13 @@ class Ledger:
     def __init__(
         self,
         path: Path,
-        executor: ThreadPoolExecutor,
-        db: sqlite3.Connection,
+        thread: StoreThread,
         *,
-        timeout: float,
         clock: Callable[[], float],
     ) -> None:
         self.path = path
-        self._executor = executor
-        self._db = db  # used only in the executor's one thread
-        self._timeout = timeout
+        self._thread = thread
         self._clock = clock
-        self._closed = False
 
     @classmethod
     async def open(
@@ -855,27 +851,16 @@ class Ledger:
         is locked" rather than as a timeout.
         """
         busy = timeout / 2 if busy_timeout is None else busy_timeout
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
-        try:
-            db, found = await _bounded(
-                "open", str(path), timeout, executor, lambda: _open_sync(path, busy)
-            )
-        except BaseException:
-            executor.shutdown(wait=False, cancel_futures=True)
-            raise
+        thread, found = await StoreThread.open(
+            "ledger", timeout, lambda: _open_sync(path, busy), _failure(str(path), timeout)
+        )
         if found < SCHEMA_VERSION:
             log.info("ledger migrated", path=str(path), old=found, new=SCHEMA_VERSION)
-        return cls(path, executor, db, timeout=timeout, clock=clock)
+        return cls(path, thread, clock=clock)
 
     async def close(self) -> None:
         """Close the file; queued calls finish first. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await _bounded("close", str(self.path), self._timeout, self._executor, self._db.close)
-        finally:
-            self._executor.shutdown(wait=False)
+        await self._thread.close()
 
     async def __aenter__(self) -> Ledger:
         return self
@@ -884,10 +869,14 @@ class Ledger:
         await self.close()
 
     async def _call(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._closed:
+        if self._thread.closed:
             raise LedgerError(f"{what}: ledger {self.path} is closed", path=str(self.path))
-        db = self._db
-        return await _bounded(what, str(self.path), self._timeout, self._executor, lambda: fn(db))
+        try:
+            return await self._thread.call(what, fn)
+        except LedgerError as exc:  # raised by fn itself: name the file
+            if exc.path is None:
+                exc.path = str(self.path)
+            raise
 
     async def _write(self, what: str, ops: Sequence[_Op[T]]) -> list[T]:
         now = self._clock()
@@ -999,12 +988,8 @@ class Ledger:
         return count
 
 
-async def _bounded(
-    what: str, path: str, seconds: float, executor: ThreadPoolExecutor, fn: Callable[[], T]
-) -> T:
-    """Run ``fn`` in the ledger's worker thread, waiting at most ``seconds``."""
-
-    def failed(cause: sqlite3.Error | OSError | None) -> LedgerError:
+def _failure(path: str, seconds: float) -> Failure:
+    def failed(what: str, cause: Cause) -> LedgerError:
         if cause is not None:
             return _map_error(cause, what, path)
         return LedgerError(
@@ -1013,9 +998,4 @@ async def _bounded(
             path=path,
         )
 
-    try:
-        return await run_bounded(executor, fn, seconds, failed)
-    except LedgerError as exc:
-        if exc.path is None:
-            exc.path = path
-        raise
+    return failed

@@ -3,7 +3,7 @@
 Both stores keep one connection per file in one dedicated worker thread, opened with
 ``isolation_level=None`` so transactions are explicit: every write is one
 ``BEGIN IMMEDIATE`` ... ``COMMIT``, every multi-statement read one snapshot; and
-every call into that thread is awaited with a timeout (:func:`run_bounded`).
+every call into that thread is awaited with a timeout (:class:`StoreThread`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+Cause = sqlite3.Error | OSError | None
+# The store's own error for a failed call: ``cause`` is the SQLite or OS error, or None
+# when the thread did not answer in time (the call may still complete there).
+Failure = Callable[[str, Cause], Exception]
 
 
 def write_transaction(db: sqlite3.Connection, body: Callable[[], T]) -> T:
@@ -60,3 +66,66 @@ async def run_bounded(
         raise failed(None) from exc
     except (sqlite3.Error, OSError) as exc:
         raise failed(exc) from exc
+
+
+class StoreThread:
+    """A store's one SQLite connection, used only in its own worker thread.
+
+    Every call into the thread (open, each operation, close) is awaited with the same
+    bound, and fails with the store's own error (``failed(what, cause)``).
+    """
+
+    def __init__(
+        self,
+        executor: ThreadPoolExecutor,
+        db: sqlite3.Connection,
+        timeout: float,
+        failed: Failure,
+    ) -> None:
+        self._executor = executor
+        self._db = db
+        self._timeout = timeout
+        self._failed = failed
+        self.closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        name: str,
+        timeout: float,
+        opener: Callable[[], tuple[sqlite3.Connection, R]],
+        failed: Failure,
+    ) -> tuple[StoreThread, R]:
+        """Run ``opener`` (connect, check, migrate) in a new thread named ``name``;
+        returns the thread and what ``opener`` returned besides the connection."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        try:
+            db, found = await run_bounded(
+                executor, opener, timeout, lambda cause: failed("open", cause)
+            )
+        except BaseException:
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise
+        return cls(executor, db, timeout, failed), found
+
+    async def call(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(connection)`` in the thread; the caller checks :attr:`closed` first."""
+        db = self._db
+        return await run_bounded(
+            self._executor, lambda: fn(db), self._timeout, lambda cause: self._failed(what, cause)
+        )
+
+    async def close(self) -> None:
+        """Close the connection once the calls queued before have run. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            await run_bounded(
+                self._executor,
+                self._db.close,
+                self._timeout,
+                lambda cause: self._failed("close", cause),
+            )
+        finally:
+            self._executor.shutdown(wait=False)
