@@ -204,7 +204,13 @@ class Manifest:
         return next((d for d in self.disks if d.target == target), None)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        # The same document as dataclasses.asdict gives, built field by field: asdict
+        # deep-copies every value, 8 ms for the thousand checksums of a 2 GiB full.
+        data = _fields(self)
+        data["disks"] = [
+            {**_fields(d), "checksums": [_fields(c) for c in d.checksums]} for d in self.disks
+        ]
+        return json.dumps(data, indent=2) + "\n"
 
     @property
     def mode(self) -> str:
@@ -461,6 +467,10 @@ class Repository:
         self._copy_timeout = copy_timeout
         self._faults = faults
         self._locks: dict[str, asyncio.Lock] = {}
+        # Per staging directory, the headers of the images create_image made there, read
+        # back right after creating them (see publish). Images are created on the data
+        # plane's thread: only single dict operations here, no iteration.
+        self._created: dict[Path, dict[str, _LayerInfo]] = {}
 
     # -- reading ------------------------------------------------------------------------
 
@@ -524,7 +534,9 @@ class Repository:
         if backing_path is not None:
             # No -u: the backing resolves from staging, so qemu-img checks it opens as qcow2.
             args += ["-b", backing_path, "-F", "qcow2"]
-        await self._qemu_img([*args, str(staging / image), str(virtual_size)], staging / image)
+        path = staging / image
+        await self._qemu_img([*args, str(path), str(virtual_size)], path)
+        self._created.setdefault(staging, {})[image] = await self._layer_info(path)
         return image, backing_path
 
     async def publish(self, domain: str, staging: Path, manifest: Manifest) -> Path:
@@ -542,16 +554,20 @@ class Repository:
             # Together; the first failure cancels the rest (their qemu-img processes too).
             try:
                 async with asyncio.TaskGroup() as group:
-                    group.create_task(
-                        asyncio.to_thread(
-                            lambda: Manifest.from_json(
-                                manifest.to_json(), path=str(staging / MANIFEST_FILE)
-                            )
-                        )
+                    text = group.create_task(
+                        asyncio.to_thread(_round_trip, manifest, staging / MANIFEST_FILE)
                     )
                     group.create_task(asyncio.to_thread(_check_publishable, staging, manifest))
+                    # The header (format, virtual size, backing file) of an image
+                    # create_image made was read back right after creating it: only qemu-img
+                    # create writes those fields (qemu-nbd writes guest data), and reading
+                    # them again here took a qemu-img process, 15-20 ms of every backup.
+                    created = self._created.get(staging, {})
                     structures = [
-                        group.create_task(self._structure(staging, d, "")) for d in manifest.disks
+                        group.create_task(
+                            self._structure(staging, d, "", header=created.get(d.image))
+                        )
+                        for d in manifest.disks
                     ]
             except BaseExceptionGroup as failed:
                 raise failed.exceptions[0] from failed  # tasks raise plain exceptions
@@ -561,12 +577,15 @@ class Repository:
                     f"cannot publish {manifest.backup_id}: {problems[0].message}",
                     path=str(problems[0].image),
                 )
-            return await asyncio.to_thread(_publish, staging, manifest)
+            published = await asyncio.to_thread(_publish, staging, manifest, text.result())
+            self._created.pop(staging, None)
+            return published
 
     async def discard(self, staging: Path) -> None:
         """Delete a staged backup (after a failure); nothing if it is already gone."""
         _check_staging(staging)
         await asyncio.to_thread(_remove_tree, staging)
+        self._created.pop(staging, None)
 
     async def cleanup_staging(self) -> list[Path]:
         """At agent start: finish interrupted retentions and remove every hidden leftover.
@@ -660,9 +679,17 @@ class Repository:
         return problems
 
     async def _structure(
-        self, directory: Path, disk: DiskManifest, backup_id: str
+        self,
+        directory: Path,
+        disk: DiskManifest,
+        backup_id: str,
+        *,
+        header: _LayerInfo | None = None,
     ) -> tuple[list[Problem], _LayerInfo | None]:
-        """What is wrong with the image's header and backing file, compared to ``disk``."""
+        """What is wrong with the image's header and backing file, compared to ``disk``.
+
+        ``header``: the image's header as already read (else qemu-img reads it now).
+        """
         path = directory / disk.image
 
         def problem(message: str) -> Problem:
@@ -671,7 +698,7 @@ class Repository:
         if not await asyncio.to_thread(path.is_file):
             return [problem(f"image {path} is missing")], None
         try:
-            info = await self._layer_info(path)
+            info = header if header is not None else await self._layer_info(path)
         except RepositoryError as exc:
             return [problem(str(exc))], None
         found = []
@@ -1153,10 +1180,22 @@ def _check_publishable(staging: Path, manifest: Manifest) -> None:
         raise RepositoryError(f"backup {manifest.backup_id} has no disks", path=str(staging))
 
 
-def _publish(staging: Path, manifest: Manifest) -> Path:
+def _fields(value: Any) -> dict[str, Any]:
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+
+
+def _round_trip(manifest: Manifest, path: Path) -> str:
+    """``manifest`` as JSON, once it is known to read back as the same manifest."""
+    text = manifest.to_json()
+    if Manifest.from_json(text, path=str(path)) != manifest:
+        raise RepositoryError(f"{path}: the manifest does not read back as written", path=str(path))
+    return text
+
+
+def _publish(staging: Path, manifest: Manifest, text: str) -> Path:
     final = staging.parent / manifest.backup_id
     with _os_errors("cannot write", staging / MANIFEST_FILE):
-        (staging / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+        (staging / MANIFEST_FILE).write_text(text, encoding="utf-8")
     with _os_errors("cannot list", staging):
         files = sorted(staging.iterdir())
     for path in files:
