@@ -58,6 +58,8 @@ from agent.ledger import (
     CheckpointRecord,
     CheckpointState,
     Ledger,
+    MarkBackedUp,
+    SetDiskChains,
     SetParents,
     SetState,
 )
@@ -213,10 +215,10 @@ class Chains:
             raise ChainError(
                 "no such checkpoint in the ledger", domain=domain, checkpoint=checkpoint
             )
-        await self.ledger.mark_backed_up(domain, checkpoint, time.time())
-        # A new chain starts at this checkpoint for every disk it covers.
-        await self.ledger.set_disk_chains(
-            domain, {d.target: (True, None, f"chain from {checkpoint}") for d in record.disks}
+        # Trusted, and a new chain starts at it for every disk it covers: one transaction.
+        chains = {d.target: (True, None, f"chain from {checkpoint}") for d in record.disks}
+        await self.ledger.transaction(
+            [MarkBackedUp(domain, checkpoint, time.time()), SetDiskChains(domain, chains)]
         )
         await self.prune(domain, record.domain_uuid)
 
