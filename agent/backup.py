@@ -30,6 +30,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -46,7 +47,14 @@ from agent.chain import new_checkpoint_name
 from agent.checkpoints import Chains
 from agent.config import AgentConfig
 from agent.connection import VirtConnection
-from agent.copy import RateLimit, Run, copy_runs, first_cause, runs_to_copy
+from agent.copy import (
+    RateLimit,
+    Run,
+    copy_runs,
+    first_cause,
+    runs_to_copy,
+    table_openers_first,
+)
 from agent.data_plane import DataPlane
 from agent.domains import Domains
 from agent.errors import AgentError, BackupError, RepositorySpaceError, VirtError
@@ -372,8 +380,12 @@ class Backups:
         if progress is not None:
             report = progress
 
-            def forward(done: int, total: int) -> None:
+            # Each report wakes this loop from the data plane's thread: not for every
+            # one of an increment's hundreds of runs.
+            def to_main(done: int, total: int) -> None:
                 main.call_soon_threadsafe(report, done, total)
+
+            forward = throttled(to_main, PROGRESS_INTERVAL)
 
         tally = _Tally(forward, faults=self._faults)
         # The bytes move on the data plane's loop, so this loop stays responsive.
@@ -441,6 +453,8 @@ class Backups:
                 )
             image, backing, targets = opened
             runs = await _runs(sources[0], contexts)
+            if not disk.full:  # an overlay, written through the page cache
+                runs = table_openers_first(runs)
             tally.expect(sum(r.length for r in runs))
             checksums = await copy_runs(
                 sources,
@@ -661,6 +675,27 @@ class _Phases:
         now = time.monotonic()
         self.seconds[phase] = round(now - self._last, 3)
         self._last = now
+
+
+# How often a running copy reports its progress, at most (seconds).
+PROGRESS_INTERVAL = 0.1
+
+
+def throttled(
+    report: Progress, interval: float, *, clock: Callable[[], float] = time.monotonic
+) -> Progress:
+    """``report``, passed on at most once per ``interval`` seconds, and always when
+    ``done`` reaches ``total``."""
+    last = -math.inf
+
+    def forward(done: int, total: int) -> None:
+        nonlocal last
+        now = clock()
+        if done >= total or now - last >= interval:
+            last = now
+            report(done, total)
+
+    return forward
 
 
 class _Tally:

@@ -80,6 +80,31 @@ def _append(runs: list[Run], run: Run) -> None:
         runs.append(run)
 
 
+# The virtual range one L2 table maps in a qcow2 with 64 KiB clusters (qemu-img's
+# default, which the repository's images use): 8192 entries of 64 KiB.
+QCOW2_L2_RANGE = 512 << 20
+
+
+def table_openers_first(runs: Sequence[Run], region: int = QCOW2_L2_RANGE) -> list[Run]:
+    """``runs`` with the first run of each ``region`` moved to the front.
+
+    For a qcow2 written through the page cache (an increment's overlay): the write that
+    needs a new L2 table makes qcow2 write its L1 entry synchronously, and that
+    fdatasync also writes every page of the file dirtied so far, while every other
+    allocating write waits. In offset order those syncs fall in the middle of the copy
+    with megabytes dirty (1 % of a 2 GiB disk: 60-90 ms); with the tables' first writes
+    first, they find nothing dirty yet (45-50 ms). The same writes, in another order.
+    """
+    seen: set[int] = set()
+    first: list[Run] = []
+    rest: list[Run] = []
+    for run in runs:
+        index = run.offset // region
+        (rest if index in seen else first).append(run)
+        seen.add(index)
+    return first + rest
+
+
 def chunks(runs: Sequence[Run], size: int) -> Iterator[Run]:
     """Runs cut into requests of at most ``size`` bytes (zero runs too: servers cap them)."""
     for run in runs:

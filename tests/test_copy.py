@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.copy import RateLimit, Run, chunks, runs_to_copy
+from agent.copy import QCOW2_L2_RANGE, RateLimit, Run, chunks, runs_to_copy, table_openers_first
 from agent.nbd import Extent
 
 K = 1024
@@ -60,6 +60,22 @@ def test_chunks_respect_the_request_size() -> None:
         Run(8 * K, 2 * K, False),
         Run(20 * K, 4 * K, True),
     ]
+
+
+def test_the_first_run_of_each_l2_range_goes_first_the_rest_keep_their_order() -> None:
+    region = QCOW2_L2_RANGE
+    runs = [
+        Run(0, 64 * K, False),
+        Run(1 * region - 64 * K, 64 * K, False),  # still the first table's
+        Run(1 * region + 128 * K, 64 * K, True),  # opens the second (zeroes allocate too)
+        Run(1 * region + 512 * K, 64 * K, False),
+        Run(3 * region, 64 * K, False),  # opens the fourth; no run in the third
+        Run(3 * region + 64 * K, 64 * K, False),
+    ]
+    ordered = table_openers_first(runs)
+    assert ordered == [runs[0], runs[2], runs[4], runs[1], runs[3], runs[5]]
+    assert sorted(ordered, key=lambda r: r.offset) == runs  # the same runs, reordered
+    assert table_openers_first([]) == []
 
 
 async def test_rate_limit_sleeps_for_what_exceeds_the_budget() -> None:
