@@ -207,6 +207,7 @@ class Backups:
         staging = await self.repository.stage(info.name, backup_id)
         job = self._new_job(info, plan, backup_id, staging)
         await self._write_intent(job)
+        self._faults("backup:planned")
         phases.mark("plan")
         try:
             manifest = await self._execute(info, plan, job, latest, progress, phases)

@@ -4,7 +4,8 @@ A disk is copied incrementally only when every link holds: the ledger has a base
 checkpoint with a successful backup; the repository's newest backup was made with
 that very checkpoint (else the repository and the libvirt chain have drifted apart);
 the disk's chain is valid in the ledger; the disk is in the base checkpoint and in the
-repository's newest backup. Anything else makes that disk full, with the reason, while
+repository's newest backup; and it is still the image and the size it was at the base
+checkpoint (judged here too: no event tells of a disk grown while the domain runs). Anything else makes that disk full, with the reason, while
 the other disks of the same backup stay incremental.
 
 Modes: ``auto`` falls back to full per disk; ``incremental`` refuses (BackupError with
@@ -18,7 +19,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.chain import base_checkpoint
+from agent.chain import Verdict, base_checkpoint, disk_verdicts
 from agent.errors import BackupError
 from agent.inventory import DomainInfo
 from agent.ledger import CheckpointRecord, DiskChain
@@ -85,10 +86,11 @@ def plan_backup(
     base = base_checkpoint(records)
     if base is not None and base.backed_up_at is None:
         base = None  # a checkpoint without a backup behind it is no base for an increment
+    verdicts = disk_verdicts(base, disks) if base is not None else {}
     plans = []
     for disk in disks:
         size = disk.capacity or 0
-        reason = _why_full(disk.target, base, chains, tip, mode)
+        reason = _why_full(disk.target, base, chains, verdicts.get(disk.target), tip, mode)
         plans.append(
             DiskPlan(
                 target=disk.target,
@@ -119,6 +121,7 @@ def _why_full(
     target: str,
     base: CheckpointRecord | None,
     chains: Mapping[str, DiskChain],
+    verdict: Verdict | None,
     tip: RepositoryTip | None,
     mode: BackupMode,
 ) -> str | None:
@@ -134,4 +137,6 @@ def _why_full(
         return chain.reason or "chain-broken"
     if target not in {d.target for d in base.disks} or target not in tip.targets:
         return "disk-added"
+    if verdict is not None and not verdict.valid:
+        return verdict.reason or "chain-broken"
     return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from agent.config import AgentConfig
@@ -63,6 +64,11 @@ class Guest:
             await asyncio.to_thread(self.td.hmp, f'qemu-io -d {device} "flush"')
             # The monitor runs commands in order: a read after it proves it finished.
             await asyncio.to_thread(self.td.read_guest, target, 0, 512)
+
+    def resize(self, target: str, size: int) -> None:
+        """Grow the disk while the domain runs (blocking: libvirt's blockResize)."""
+        self.td.dom().blockResize(target, size, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+        self.disks[target] += bytes(size - len(self.disks[target]))
 
     def attach(self, target: str) -> None:
         self.disks[target] = bytearray(SIZE)

@@ -27,7 +27,7 @@ from agent.events import JobCompleted
 from agent.events import LifecycleKind as K
 from agent.faults import CRASH_ENV, SimulatedCrash
 from agent.ledger import CheckpointState
-from tests.guest_model import Guest, KiB, MiB, assert_restores, config, started_guest
+from tests.guest_model import SIZE, Guest, KiB, MiB, assert_restores, config, started_guest
 from tests.harness import TWO_DISKS, lifecycle, running_agent
 from tests.testbed.daemon import live_processes_mentioning
 from tests.testbed.domains import DiskSpec, DomainFactory
@@ -320,6 +320,53 @@ async def test_begin_refused_leaves_nothing_and_the_next_backup_is_incremental(
         await wait_until_async(lambda: guest.td.dom().jobInfo()[0] == 0, 10)
         result = await backups.run(guest.td.uuid)
         assert {d.mode for d in result.disks} == {"incremental"}
+        await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
+
+
+async def test_disk_grown_between_plan_and_begin_fails_and_the_next_backup_copies_it_whole(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    """libvirt said one size when the job was planned, QEMU exports another: the copy
+    must not fit the export into an image of the planned size."""
+    cfg = config(tmp_path)
+    armed = asyncio.Event()
+    grown: list[str] = []
+    guest: Guest | None = None
+
+    def grow_after_planning(point: str, /) -> None:
+        if point == "backup:planned" and armed.is_set() and guest is not None and not grown:
+            guest.resize("vda", SIZE + 1 * MiB)  # blocking, on the loop: this is a test
+            grown.append(point)
+
+    async with running_agent(cfg, faults=grow_after_planning) as run:
+        guest = await started_guest(run, domain_factory, TWO_DISKS)
+        backups, repo = run.agent.backups, run.agent.backups.repository
+        await guest.write("vda", 0, 1 * MiB, 0x51)
+        await guest.write("sda", 0, 1 * MiB, 0x52)
+        await backups.run(guest.td.uuid)
+        armed.set()
+        await guest.write("vda", SIZE - 64 * KiB, 64 * KiB, 0x53)
+        before = await asyncio.to_thread(_checkpoint_names, guest)
+        with pytest.raises(BackupError) as resized:
+            await backups.run(guest.td.uuid)
+        assert grown == ["backup:planned"]
+        assert resized.value.code == "disk-resized", resized.value
+        assert "vda" in str(resized.value)
+        assert _leftovers(cfg) == []
+        assert live_processes_mentioning(str(cfg.repository_path)) == []
+        assert await asyncio.to_thread(_checkpoint_names, guest) == before
+        assert len(await repo.backups(guest.td.name)) == 1
+        await wait_until_async(lambda: guest.td.dom().jobInfo()[0] == 0, 10)
+        # The grown disk's chain is broken (its size changed since the checkpoint): it is
+        # copied whole, at its new size; the other disk stays incremental.
+        await guest.write("vda", SIZE + 512 * KiB, 64 * KiB, 0x54)  # in the new megabyte
+        expected = guest.snapshot()
+        result = await backups.run(guest.td.uuid)
+        assert {(d.target, d.mode, d.reason) for d in result.disks} == {
+            ("vda", "full", "disk-resized"),
+            ("sda", "incremental", None),
+        }
+        assert [d.virtual_size for d in result.disks if d.target == "vda"] == [SIZE + 1 * MiB]
         await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from agent.backup_plan import BackupMode, RepositoryTip, plan_backup
@@ -87,6 +89,28 @@ def test_a_new_disk_is_full() -> None:
         domain("vda", "vdb", "vdc"), [checkpoint("cp1", ("vda", "vdb"))], {}, TIP, BackupMode.AUTO
     )
     assert summary(plan)["vdc"] == ("full", "disk-added")
+
+
+def test_a_disk_resized_or_replaced_since_the_base_is_full_though_no_event_said_so() -> None:
+    """The ledger's chains are valid (no event told of the change); the plan itself
+    compares each disk with what the base checkpoint recorded."""
+    info = domain("vda", "vdb", "vdc")
+    grown = info.disks[0].with_capacity((1 << 30) + (1 << 20))
+    replaced = checkpoint("cp1", ("vda", "vdb", "vdc"))
+    disks = list(replaced.disks)
+    disks[2] = CheckpointDisk("vdc", "cp1", "file:/img/old-vdc.qcow2", 1 << 30)
+    base = dataclasses.replace(replaced, disks=tuple(disks))
+    info = dataclasses.replace(info, disks=(grown, *info.disks[1:]))
+    tip = RepositoryTip("b1", "cp1", frozenset({"vda", "vdb", "vdc"}))
+    plan = plan_backup(info, [base], {}, tip, BackupMode.AUTO)
+    assert summary(plan) == {
+        "vda": ("full", "disk-resized"),
+        "vdb": ("incremental", None),
+        "vdc": ("full", "disk-replaced"),
+    }
+    assert plan.disks[0].size == (1 << 30) + (1 << 20)
+    with pytest.raises(BackupError, match="vda: disk-resized"):
+        plan_backup(info, [base], {}, tip, BackupMode.INCREMENTAL)
 
 
 def test_explicit_incremental_refuses_with_the_reasons() -> None:
