@@ -5,8 +5,9 @@ checkpoint with a successful backup; the repository's newest backup was made wit
 that very checkpoint (else the repository and the libvirt chain have drifted apart);
 the disk's chain is valid in the ledger; the disk is in the base checkpoint and in the
 repository's newest backup; and it is still the image and the size it was at the base
-checkpoint (judged here too: no event tells of a disk grown while the domain runs). Anything else makes that disk full, with the reason, while
-the other disks of the same backup stay incremental.
+checkpoint (judged here too: no event tells of a disk grown while the domain runs).
+Anything else makes that disk full, with the reason, while the other disks of the same
+backup stay incremental.
 
 Modes: ``auto`` falls back to full per disk; ``incremental`` refuses (BackupError with
 code ``chain-broken``, naming each disk and reason) rather than silently copying
@@ -137,6 +138,4 @@ def _why_full(
         return chain.reason or "chain-broken"
     if target not in {d.target for d in base.disks} or target not in tip.targets:
         return "disk-added"
-    if verdict is not None and not verdict.valid:
-        return verdict.reason or "chain-broken"
-    return None
+    return None if verdict is None or verdict.valid else verdict.reason or "chain-broken"
