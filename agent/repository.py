@@ -119,6 +119,7 @@ BACKUP_ID_RE: Final = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 _XXH3_128_RE: Final = re.compile(r"[0-9a-f]{32}")
+_DIGEST_RE: Final = {"sha256": _SHA256_RE, "xxh3-128": _XXH3_128_RE}
 _BACKING_RE: Final = re.compile(r"\.\./(?P<id>[^/]+)/(?P<image>[^/]+)")
 _MODES: Final = ("full", "incremental")
 _CHUNK: Final = 1 << 20  # bytes read (or zeros hashed) per step when checking a range
@@ -365,10 +366,7 @@ def _parse_disk(f: _Fields, merged_from: tuple[str, ...], version: int) -> DiskM
         virtual_size=virtual_size,
         bytes_copied=f.count("bytes_copied"),
         backing=f.maybe_text("backing", _BACKING_RE),
-        checksums=tuple(
-            _parse_checksum(_Fields(v, where), virtual_size, version)
-            for where, v in f.items("checksums")
-        ),
+        checksums=_parse_checksums(f, virtual_size, version),
     )
     if disk.mode not in _MODES:
         raise f.fail("mode", f"{disk.mode!r} is not one of {', '.join(_MODES)}")
@@ -381,6 +379,39 @@ def _parse_disk(f: _Fields, merged_from: tuple[str, ...], version: int) -> DiskM
     return disk
 
 
+def _parse_checksums(f: _Fields, virtual_size: int, version: int) -> tuple[RangeChecksum, ...]:
+    """The disk's checksums. A full backup has one per 2 MiB (50,000 for 100 GiB), and
+    the newest manifest is read before every backup: a well-formed entry is accepted in
+    one test; anything else is parsed field by field, which names what is wrong."""
+    values: list[Any] = f.get("checksums", list)
+    checksums = []
+    for index, value in enumerate(values):
+        checksum = _well_formed_checksum(value, virtual_size) if version > 1 else None
+        if checksum is None:
+            where = f"{f.name('checksums')}[{index}]"
+            checksum = _parse_checksum(_Fields(value, where), virtual_size, version)
+        checksums.append(checksum)
+    return tuple(checksums)
+
+
+def _well_formed_checksum(value: object, virtual_size: int) -> RangeChecksum | None:
+    """``value`` as a checksum if it is exactly what :func:`_parse_checksum` accepts
+    (version 2: offset, length, algorithm, digest, nothing else), else None."""
+    if type(value) is not dict or len(value) != 4:
+        return None
+    offset, length = value.get("offset"), value.get("length")
+    algorithm, digest = value.get("algorithm"), value.get("digest")
+    if type(offset) is not int or type(length) is not int or type(digest) is not str:
+        return None
+    if type(algorithm) is not str or (pattern := _DIGEST_RE.get(algorithm)) is None:
+        return None
+    if offset < 0 or length < 1 or offset + length > virtual_size:
+        return None
+    if not pattern.fullmatch(digest):
+        return None
+    return RangeChecksum(offset, length, digest, algorithm)
+
+
 def _parse_checksum(f: _Fields, virtual_size: int, version: int) -> RangeChecksum:
     offset, length = f.count("offset"), f.count("length", minimum=1)
     if version == 1:
@@ -389,7 +420,7 @@ def _parse_checksum(f: _Fields, virtual_size: int, version: int) -> RangeChecksu
         algorithm = f.text("algorithm")
         if algorithm not in _ALGORITHMS:
             raise f.fail("algorithm", f"unknown checksum algorithm {algorithm!r}")
-        pattern = _SHA256_RE if algorithm == "sha256" else _XXH3_128_RE
+        pattern = _DIGEST_RE[algorithm]
         checksum = RangeChecksum(offset, length, f.text("digest", pattern), algorithm)
     if checksum.offset + checksum.length > virtual_size:
         raise f.fail("length", "range ends beyond the virtual size")

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent import images
 from agent.errors import BackupNotFoundError, RepositoryError
@@ -33,6 +35,10 @@ from agent.repository import (
     Manifest,
     RangeChecksum,
     Repository,
+    _FieldError,
+    _Fields,
+    _parse_checksum,
+    _well_formed_checksum,
     digest_of,
 )
 
@@ -704,6 +710,79 @@ def test_malformed_manifest_names_the_field(
     with pytest.raises(RepositoryError) as caught:
         Manifest.from_json(json.dumps(data), path="/r/vm1/backups/x/manifest.json")
     assert field in str(caught.value) and caught.value.path == "/r/vm1/backups/x/manifest.json"
+
+
+_CHECKSUM_VALUES = st.one_of(
+    st.integers(-2, 5 * MiB),
+    st.booleans(),
+    st.none(),
+    st.floats(0, 10),
+    st.sampled_from(["xxh3-128", "sha256", "md5", "a" * 32, "a" * 64, "A" * 32, "x"]),
+    st.lists(st.integers(), max_size=1),
+)
+
+
+@given(
+    st.one_of(
+        st.dictionaries(
+            st.sampled_from(["offset", "length", "algorithm", "digest", "sha256", "colour"]),
+            _CHECKSUM_VALUES,
+        ),
+        st.fixed_dictionaries(  # mostly well-formed: the quick path's own territory
+            {
+                "offset": st.one_of(st.integers(-1, 4 * MiB), st.just(True)),
+                "length": st.one_of(st.integers(0, 4 * MiB), st.just(1.0)),
+                "algorithm": st.sampled_from(["xxh3-128", "sha256", "crc32"]),
+                "digest": st.sampled_from(["0" * 32, "f" * 64, "F" * 32, "0" * 31]),
+            },
+            optional={"colour": st.just("blue")},
+        ),
+        _CHECKSUM_VALUES,
+    )
+)
+def test_the_quick_checksum_path_accepts_exactly_what_the_field_parser_accepts(
+    value: Any,
+) -> None:
+    size = 4 * MiB
+    try:
+        parsed: RangeChecksum | None = _parse_checksum(_Fields(value, "c"), size, 2)
+    except _FieldError:
+        parsed = None
+    assert _well_formed_checksum(value, size) == parsed
+
+
+_GOOD = {"offset": 0, "length": 512, "algorithm": "xxh3-128", "digest": "0" * 32}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"algorithm": "sha256", "digest": "f" * 64},
+        {"offset": -1},
+        {"offset": True},
+        {"length": 0},
+        {"length": 512.0},
+        {"offset": 4 * MiB - 511},  # ends beyond the virtual size
+        {"algorithm": "md5"},
+        {"algorithm": ["xxh3-128"]},
+        {"digest": "A" * 32},
+        {"digest": "0" * 31},
+        {"algorithm": "sha256"},  # a 32-digit digest is not SHA-256
+        {"colour": "blue"},
+        {"digest": None},
+    ],
+)
+def test_the_quick_checksum_path_near_misses(change: dict[str, Any]) -> None:
+    value = {**_GOOD, **change}
+    if change.get("digest", "") is None:
+        del value["digest"]
+    try:
+        parsed: RangeChecksum | None = _parse_checksum(_Fields(value, "c"), 4 * MiB, 2)
+    except _FieldError:
+        parsed = None
+    assert (parsed is not None) == (change in ({}, {"algorithm": "sha256", "digest": "f" * 64}))
+    assert _well_formed_checksum(value, 4 * MiB) == parsed
 
 
 @pytest.mark.parametrize(("text", "expected"), [("{", "not JSON"), ("[]", "(document)")])
