@@ -73,13 +73,19 @@ def agent_backup(config: Path, domain: str, mode: str) -> tuple[float, int, dict
     out = done.stdout
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     phases: dict[str, float] = {}
+    seconds = None
     for line in done.stderr.splitlines():
         if '"backup phases"' in line:
             phases = json.loads(line)["seconds"]
-            print("    agent phases: " + ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
+        elif '"backup done"' in line:
+            seconds = float(json.loads(line)["seconds"])  # to the millisecond
     match = re.search(r"; (\d+) bytes in ([\d.]+) s", out)
     assert match, out
-    return float(match.group(2)), max(peak, before) * 1024, phases
+    return seconds or float(match.group(2)), max(peak, before) * 1024, phases
+
+
+def print_phases(phases: dict[str, float]) -> None:
+    print("    agent phases: " + ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
 
 
 class PullExport:
@@ -186,6 +192,32 @@ def rewrite_one_percent(td: TestDomain, size: int, seed: int) -> int:
     return count * chunk
 
 
+def incremental_rounds(
+    td: TestDomain, config: Path, size: int, rounds: int, running_guest: bool
+) -> tuple[list[tuple[float, dict[str, float]]], int, int]:
+    """Per round, 1 % rewritten then an incremental: (seconds, phases) of each, the
+    bytes rewritten per round, and the agent's peak RSS."""
+    incrementals: list[tuple[float, dict[str, float]]] = []
+    changed = peak = 0
+    for round_no in range(rounds):
+        if not running_guest:
+            td.dom().resume()
+        changed = rewrite_one_percent(td, size, seed=7 + round_no)
+        if not running_guest:
+            td.dom().suspend()
+        quiesce()
+        seconds, rss, phases = agent_backup(config, td.name, "incremental")
+        peak = max(peak, rss)
+        incrementals.append((seconds, phases))
+        print(
+            f"  round {round_no + 1}: 1% rewritten in scattered 64 KiB writes, "
+            f"incremental {seconds:6.3f} s",
+            flush=True,
+        )
+        print_phases(phases)
+    return incrementals, changed, peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gib", type=float, default=2.0)
@@ -237,31 +269,22 @@ def main() -> None:
                 order = runs if round_no % 2 == 0 else list(reversed(runs))
                 for name, reference in order:
                     quiesce()
+                    phases = None
                     if reference is None:
-                        seconds, rss, _ = agent_backup(config, td.name, "full")
+                        seconds, rss, phases = agent_backup(config, td.name, "full")
                         peak = max(peak, rss)
                     else:
                         seconds = reference(td, work, size)
                     results[name].append(seconds)
                     print(f"  round {round_no + 1}: {name:9s} {seconds:6.2f} s", flush=True)
+                    if phases:
+                        print_phases(phases)
             # As many incrementals as fulls, each after its own 1 %: the best is compared
             # with the best full.
-            incrementals: list[tuple[float, dict[str, float]]] = []
-            for round_no in range(args.rounds):
-                if not args.running_guest:
-                    td.dom().resume()
-                changed = rewrite_one_percent(td, size, seed=7 + round_no)
-                if not args.running_guest:
-                    td.dom().suspend()
-                quiesce()
-                seconds, rss, phases = agent_backup(config, td.name, "incremental")
-                peak = max(peak, rss)
-                incrementals.append((seconds, phases))
-                print(
-                    f"  round {round_no + 1}: 1% rewritten in scattered 64 KiB writes, "
-                    f"incremental {seconds:6.2f} s",
-                    flush=True,
-                )
+            incrementals, changed, rss = incremental_rounds(
+                td, config, size, args.rounds, args.running_guest
+            )
+            peak = max(peak, rss)
         finally:
             for domain in registry:
                 domain.cleanup()
