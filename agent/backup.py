@@ -581,8 +581,10 @@ class Backups:
         except VirtError as exc:
             log.error("could not end libvirt's backup job", backup_id=job.backup_id, error=str(exc))
             ended = False
-        await self._chains.discard_if_recorded(job.domain, job.uuid, job.checkpoint)
-        await self.repository.discard(job.staging)
+        try:
+            await self._chains.discard_if_recorded(job.domain, job.uuid, job.checkpoint)
+        finally:
+            await self.repository.discard(job.staging)
         await asyncio.to_thread(_remove_files, [*job.scratch.values(), job.socket])
         if ended:
             await self._drop_intent(job)

@@ -208,6 +208,9 @@ class Manifest:
         # The same document as dataclasses.asdict gives, built field by field: asdict
         # deep-copies every value, 8 ms for the thousand checksums of a 2 GiB full.
         data = _fields(self)
+        # Always the current format: checksums are written in version 2's shape (a version
+        # 1 manifest rewritten by retention keeps its SHA-256 digests, with their name).
+        data["version"] = MANIFEST_VERSION
         data["disks"] = [
             {**_fields(d), "checksums": [_fields(c) for c in d.checksums]} for d in self.disks
         ]
@@ -593,6 +596,8 @@ class Repository:
                     # create_image made was read back right after creating it: only qemu-img
                     # create writes those fields (qemu-nbd writes guest data), and reading
                     # them again here took a qemu-img process, 15-20 ms of every backup.
+                    # Given up: proof that the image still opens after the copy (qemu-nbd
+                    # failing mid-copy fails the copy; `verify` reads every image).
                     created = self._created.get(staging, {})
                     structures = [
                         group.create_task(
@@ -615,8 +620,8 @@ class Repository:
     async def discard(self, staging: Path) -> None:
         """Delete a staged backup (after a failure); nothing if it is already gone."""
         _check_staging(staging)
-        await asyncio.to_thread(_remove_tree, staging)
         self._created.pop(staging, None)
+        await asyncio.to_thread(_remove_tree, staging)
 
     async def cleanup_staging(self) -> list[Path]:
         """At agent start: finish interrupted retentions and remove every hidden leftover.
@@ -1218,7 +1223,9 @@ def _fields(value: Any) -> dict[str, Any]:
 def _round_trip(manifest: Manifest, path: Path) -> str:
     """``manifest`` as JSON, once it is known to read back as the same manifest."""
     text = manifest.to_json()
-    if Manifest.from_json(text, path=str(path)) != manifest:
+    if Manifest.from_json(text, path=str(path)) != dataclasses.replace(
+        manifest, version=MANIFEST_VERSION
+    ):
         raise RepositoryError(f"{path}: the manifest does not read back as written", path=str(path))
     return text
 
@@ -1258,8 +1265,9 @@ def _remove_leftovers(backups_dir: Path) -> list[Path]:
 
 def _replace_manifest(merge_dir: Path, directory: Path, manifest: Manifest) -> None:
     staged = merge_dir / MANIFEST_FILE
+    text = _round_trip(manifest, staged)
     with _os_errors("cannot write", staged):
-        staged.write_text(manifest.to_json(), encoding="utf-8")
+        staged.write_text(text, encoding="utf-8")
     _fsync(staged)
     _replace_file(staged, directory / MANIFEST_FILE)
     _remove_tree(merge_dir)

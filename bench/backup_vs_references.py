@@ -10,9 +10,9 @@ domain:
 3. per round, 1% of the disk rewritten in scattered 64 KiB writes, then the agent's
    incremental.
 
-Prints each throughput, the agent's ratio to the faster reference, the incremental's
-time as a fraction of the full's, and the agent's peak RSS. Ratios matter, not the
-absolute figures: the machines are shared. Rounds alternate the order.
+Prints each throughput, the agent's ratio to the faster reference, the best
+incremental's time as a fraction of the best full's, and the agent's peak RSS. Ratios
+matter, not the absolute figures: the machines are shared. Rounds alternate the order.
 
     .venv/bin/python -m bench.backup_vs_references [--size-gib 2] [--rounds 2]
 """

@@ -352,6 +352,54 @@ async def test_staged_backup_is_invisible_until_published_and_cleanup_removes_it
     assert await repo.cleanup_staging() == []
 
 
+async def test_publish_reads_no_header_again_and_forgets_what_it_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The header create_image read back serves publish's check (no qemu-img process);
+    the cache keeps nothing of a backup once published or discarded."""
+    repo = Repository(tmp_path / "repo")
+    builder = Builder(repo)
+    b0 = await builder.backup({"vda": FIVE[0][0]["vda"]})
+    assert repo._created == {}
+    reads: list[Path] = []
+    real = repo._layer_info
+
+    async def counted(path: Path) -> Any:
+        reads.append(path)
+        return await real(path)
+
+    monkeypatch.setattr(repo, "_layer_info", counted)
+    b1 = await builder.backup({"vda": FIVE[1][0]["vda"]})
+    staged = _backups_dir(repo.root) / b1.backup_id / "vda.qcow2"
+    assert [p.name for p in reads] == ["vda.qcow2"]  # once, at creation
+    assert reads[0].parent.name.startswith(".staging-") and staged.is_file()
+    assert repo._created == {}
+    staging = await repo.stage(DOMAIN, repo.new_backup_id())
+    await repo.create_image(staging, "vda", SIZES["vda"], backing=b1)
+    assert set(repo._created) == {staging}
+    await repo.discard(staging)
+    assert repo._created == {}
+    # Without a cached header (another process staged it), publish reads it itself.
+    staging = await repo.stage(DOMAIN, repo.new_backup_id())
+    await repo.create_image(staging, "vda", SIZES["vda"], backing=b0)
+    wrong = replace(
+        b1,
+        backup_id=staging.name.removeprefix(".staging-"),
+        parent=b1.backup_id,
+        disks=(
+            replace(
+                b1.disks[0], virtual_size=2 * SIZES["vda"], backing=f"../{b0.backup_id}/vda.qcow2"
+            ),
+        ),
+    )
+    reads.clear()
+    with pytest.raises(RepositoryError, match="virtual size"):
+        await Repository(tmp_path / "repo").publish(DOMAIN, staging, wrong)
+    with pytest.raises(RepositoryError, match="virtual size"):
+        await repo.publish(DOMAIN, staging, wrong)  # the cached header says the same
+    assert reads == []
+
+
 async def test_publish_refuses_an_existing_backup_id(tmp_path: Path) -> None:
     builder = Builder(Repository(tmp_path / "repo"))
     b0 = await builder.backup({"vda": FIVE[0][0]["vda"]})
@@ -480,6 +528,33 @@ async def test_version_1_manifests_are_verified_with_sha256(tmp_path: Path) -> N
     _flip_byte(image, _host_offset(image, 64 * KiB + 100))
     [problem] = await repo.verify(DOMAIN, b1)
     assert (problem.offset, problem.length) == (64 * KiB, 64 * KiB)
+
+
+def _as_version_1(writes: dict[str, list[Write]]) -> Callable[[dict[str, Any]], None]:
+    def edit(data: dict[str, Any]) -> None:
+        data["version"] = 1
+        for disk in data["disks"]:
+            disk["checksums"] = [
+                {"offset": o, "length": n, "sha256": hashlib.sha256(bytes([p]) * n).hexdigest()}
+                for o, n, p in writes[disk["target"]]
+            ]
+
+    return edit
+
+
+async def test_retention_rewrites_a_version_1_manifest_readably(tmp_path: Path) -> None:
+    """Dropping b0 rewrites b1's manifest (b1 merged b0's data): a version 1 manifest
+    comes back in the current format, its SHA-256 digests kept and still verified."""
+    builder = await _five(tmp_path / "repo")
+    repo, ids = builder.repo, builder.ids
+    _edit_manifest(_backups_dir(repo.root) / ids[1], _as_version_1(FIVE[1][0]))
+    assert await repo.apply_retention(DOMAIN, 4) == ids[:1]
+    rewritten = await repo.backup(DOMAIN, ids[1])
+    assert rewritten.version == 2 and rewritten.merged_from == (ids[0],)
+    assert {c.algorithm for d in rewritten.disks for c in d.checksums} == {"sha256"}
+    assert [m.backup_id for m in await repo.backups(DOMAIN)] == ids[1:]
+    assert await repo.verify(DOMAIN) == []
+    assert await _assert_all_restore(repo, builder, tmp_path) == ids[1:]
 
 
 async def test_verify_reports_a_missing_backing_file(tmp_path: Path) -> None:
@@ -689,6 +764,7 @@ _DELETE = object()
         (_set("disks.0.virtual_size", "4M"), "disks[0].virtual_size: wrong type"),
         (_set("version", True), "version: wrong type"),
         (_set("version", 3), "version: unsupported"),
+        (_set("version", 1), "disks[0].checksums[0].sha256: missing"),  # 2's shape
         (_set("format", "something/else"), "format"),
         (_set("disks.0.checksums.1.digest", "xyz"), "disks[0].checksums[1].digest"),
         (_set("disks.0.checksums.1.algorithm", "md5"), "disks[0].checksums[1].algorithm"),
