@@ -505,31 +505,6 @@ async def test_verify_finds_a_flipped_byte_in_the_layer_that_holds_it(tmp_path: 
     assert await repo.verify(DOMAIN, builder.ids[2]) == []
 
 
-async def test_version_1_manifests_are_verified_with_sha256(tmp_path: Path) -> None:
-    builder = await _five(tmp_path / "repo")
-    repo = builder.repo
-    b1 = builder.ids[1]
-    writes = FIVE[1][0]
-
-    def as_version_1(data: dict[str, Any]) -> None:
-        data["version"] = 1
-        for disk in data["disks"]:
-            disk["checksums"] = [
-                {"offset": o, "length": n, "sha256": hashlib.sha256(bytes([p]) * n).hexdigest()}
-                for o, n, p in writes[disk["target"]]
-            ]
-
-    _edit_manifest(_backups_dir(repo.root) / b1, as_version_1)
-    manifest = await repo.backup(DOMAIN, b1)
-    assert manifest.version == 1
-    assert {c.algorithm for d in manifest.disks for c in d.checksums} == {"sha256"}
-    assert await repo.verify(DOMAIN, b1) == []
-    image = _backups_dir(repo.root) / b1 / "vda.qcow2"
-    _flip_byte(image, _host_offset(image, 64 * KiB + 100))
-    [problem] = await repo.verify(DOMAIN, b1)
-    assert (problem.offset, problem.length) == (64 * KiB, 64 * KiB)
-
-
 def _as_version_1(writes: dict[str, list[Write]]) -> Callable[[dict[str, Any]], None]:
     def edit(data: dict[str, Any]) -> None:
         data["version"] = 1
@@ -540,6 +515,21 @@ def _as_version_1(writes: dict[str, list[Write]]) -> Callable[[dict[str, Any]], 
             ]
 
     return edit
+
+
+async def test_version_1_manifests_are_verified_with_sha256(tmp_path: Path) -> None:
+    builder = await _five(tmp_path / "repo")
+    repo = builder.repo
+    b1 = builder.ids[1]
+    _edit_manifest(_backups_dir(repo.root) / b1, _as_version_1(FIVE[1][0]))
+    manifest = await repo.backup(DOMAIN, b1)
+    assert manifest.version == 1
+    assert {c.algorithm for d in manifest.disks for c in d.checksums} == {"sha256"}
+    assert await repo.verify(DOMAIN, b1) == []
+    image = _backups_dir(repo.root) / b1 / "vda.qcow2"
+    _flip_byte(image, _host_offset(image, 64 * KiB + 100))
+    [problem] = await repo.verify(DOMAIN, b1)
+    assert (problem.offset, problem.length) == (64 * KiB, 64 * KiB)
 
 
 async def test_retention_rewrites_a_version_1_manifest_readably(tmp_path: Path) -> None:
