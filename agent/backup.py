@@ -597,12 +597,8 @@ class Backups:
 
     async def recover(self) -> list[str]:
         """At start-up: finish or undo the jobs a previous agent left behind (killed)."""
-        jobs_dir = self._config.run_path / "jobs"
-        intents = await asyncio.to_thread(
-            lambda: sorted(jobs_dir.glob("*.json")) if jobs_dir.exists() else []
-        )
         handled = []
-        for path in intents:
+        for path in await self.leftovers():
             try:
                 job = _Job.from_json(await asyncio.to_thread(path.read_text))
                 await (self._roll_forward(job) if job.published else self._undo(job))

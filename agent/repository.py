@@ -104,7 +104,6 @@ class _Digest(Protocol):
 MANIFEST_FORMAT: Final = "libvirt-backup-agent/backup"
 MANIFEST_VERSION: Final = 2  # 2: per-range checksum algorithm (XXH3-128); 1: SHA-256
 CHECKSUM: Final = "xxh3-128"
-_ALGORITHMS: Final = ("xxh3-128", "sha256")
 INTENT_FORMAT: Final = "libvirt-backup-agent/retention"
 INTENT_VERSION: Final = 1
 
@@ -119,6 +118,7 @@ BACKUP_ID_RE: Final = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 _XXH3_128_RE: Final = re.compile(r"[0-9a-f]{32}")
+# The checksum algorithms manifests may name, and what their hex digests look like.
 _DIGEST_RE: Final = {"sha256": _SHA256_RE, "xxh3-128": _XXH3_128_RE}
 _BACKING_RE: Final = re.compile(r"\.\./(?P<id>[^/]+)/(?P<image>[^/]+)")
 _MODES: Final = ("full", "incremental")
@@ -421,9 +421,9 @@ def _parse_checksum(f: _Fields, virtual_size: int, version: int) -> RangeChecksu
         checksum = RangeChecksum(offset, length, f.text("sha256", _SHA256_RE), "sha256")
     else:
         algorithm = f.text("algorithm")
-        if algorithm not in _ALGORITHMS:
+        pattern = _DIGEST_RE.get(algorithm)
+        if pattern is None:
             raise f.fail("algorithm", f"unknown checksum algorithm {algorithm!r}")
-        pattern = _DIGEST_RE[algorithm]
         checksum = RangeChecksum(offset, length, f.text("digest", pattern), algorithm)
     if checksum.offset + checksum.length > virtual_size:
         raise f.fail("length", "range ends beyond the virtual size")

@@ -27,6 +27,7 @@ from agent.events import JobCompleted
 from agent.events import LifecycleKind as K
 from agent.faults import CRASH_ENV, SimulatedCrash
 from agent.ledger import CheckpointState
+from agent.repository import Repository
 from tests.guest_model import SIZE, Guest, KiB, MiB, assert_restores, config, started_guest
 from tests.harness import TWO_DISKS, lifecycle, running_agent
 from tests.testbed.daemon import live_processes_mentioning
@@ -134,6 +135,17 @@ async def test_inconsistent_bitmaps_make_the_next_backup_full(
         expected = guest.snapshot()
         after = await backups.run(guest.td.uuid, BackupMode.INCREMENTAL)
         await assert_restores(repo, guest.td.name, after.backup_id, expected, tmp_path)
+
+
+async def _assert_undone(
+    cfg: AgentConfig, repo: Repository, guest: Guest, checkpoints_before: set[str], backups: int
+) -> None:
+    """A failed backup left nothing: no intent, scratch or staging file, no qemu-nbd,
+    no new checkpoint, and the repository still holds ``backups`` backups."""
+    assert _leftovers(cfg) == []
+    assert live_processes_mentioning(str(cfg.repository_path)) == []
+    assert await asyncio.to_thread(_checkpoint_names, guest) == checkpoints_before
+    assert len(await repo.backups(guest.td.name)) == backups
 
 
 def _leftovers(cfg: AgentConfig) -> list[Path]:
@@ -265,12 +277,9 @@ async def test_failure_right_after_begin_undoes_the_images_prepared_meanwhile(
             await backups.run(guest.td.uuid)
         assert served_at_begin, "the crash point was not reached"
         assert len(served_at_begin[0]) == 2, "the images were not served when begin returned"
-        assert _leftovers(cfg) == []
-        assert live_processes_mentioning(str(cfg.repository_path)) == []
-        assert await asyncio.to_thread(_checkpoint_names, guest) == before
+        await _assert_undone(cfg, repo, guest, before, backups=0)
         # libvirt ends the aborted pull job when QEMU's block jobs report cancelled.
         await wait_until_async(lambda: guest.td.dom().jobInfo()[0] == 0, 10)
-        assert await repo.backups(guest.td.name) == []
         expected = guest.snapshot()
         result = await backups.run(guest.td.uuid)
         assert {d.mode for d in result.disks} == {"full"}
@@ -304,10 +313,7 @@ async def test_begin_refused_leaves_nothing_and_the_next_backup_is_incremental(
                 await backups.run(guest.td.uuid)
             # libvirt waits for the domain's job lock (30 s), then refuses.
             assert "begin backup" in str(refused.value), refused.value
-            assert _leftovers(cfg) == []
-            assert live_processes_mentioning(str(cfg.repository_path)) == []
-            assert await asyncio.to_thread(_checkpoint_names, guest) == before
-            assert len(await repo.backups(guest.td.name)) == 1
+            await _assert_undone(cfg, repo, guest, before, backups=1)
         finally:
             mark = run.recorder.mark()
             await asyncio.to_thread(guest.td.dom().abortJob)
@@ -352,10 +358,7 @@ async def test_disk_grown_between_plan_and_begin_fails_and_the_next_backup_copie
         assert grown == ["backup:planned"]
         assert resized.value.code == "disk-resized", resized.value
         assert "vda" in str(resized.value)
-        assert _leftovers(cfg) == []
-        assert live_processes_mentioning(str(cfg.repository_path)) == []
-        assert await asyncio.to_thread(_checkpoint_names, guest) == before
-        assert len(await repo.backups(guest.td.name)) == 1
+        await _assert_undone(cfg, repo, guest, before, backups=1)
         await wait_until_async(lambda: guest.td.dom().jobInfo()[0] == 0, 10)
         # The grown disk's chain is broken (its size changed since the checkpoint): it is
         # copied whole, at its new size; the other disk stays incremental.
