@@ -24,7 +24,6 @@ import json
 import os
 import random
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -54,14 +53,26 @@ def fill_random(path: Path, size: int) -> None:
     raw.unlink()
 
 
+# Runs `python -m agent ARGS...` and, as it exits, prints the agent process's own peak
+# RSS (KiB): not its qemu-nbd's, nor any other program this benchmark ran (which the
+# children's rusage would mix in).
+_PEAK_RSS = """
+import atexit, resource, runpy, sys
+def peak():
+    print("peak-rss-kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+atexit.register(peak)
+sys.argv[0] = "backup-agent"
+runpy.run_module("agent", run_name="__main__", alter_sys=True)
+"""
+
+
 def agent_backup(config: Path, domain: str, mode: str) -> tuple[float, int, dict[str, float]]:
-    """Run `backup-agent backup`; its time, the process's peak RSS (bytes) and the time
-    of each phase of the job (from its ``backup phases`` log line)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run `backup-agent backup`; its time, the agent process's peak RSS (bytes) and the
+    time of each phase of the job (from its ``backup phases`` log line)."""
     done = sh(
         sys.executable,
-        "-m",
-        "agent",
+        "-c",
+        _PEAK_RSS,
         "backup",
         domain,
         "--local",
@@ -71,17 +82,20 @@ def agent_backup(config: Path, domain: str, mode: str) -> tuple[float, int, dict
         str(config),
     )
     out = done.stdout
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    peak = None
     phases: dict[str, float] = {}
     seconds = None
     for line in done.stderr.splitlines():
-        if '"backup phases"' in line:
+        if line.startswith("peak-rss-kib "):
+            peak = int(line.split()[1])
+        elif '"backup phases"' in line:
             phases = json.loads(line)["seconds"]
         elif '"backup done"' in line:
             seconds = float(json.loads(line)["seconds"])  # to the millisecond
     match = re.search(r"; (\d+) bytes in ([\d.]+) s", out)
     assert match, out
-    return seconds or float(match.group(2)), max(peak, before) * 1024, phases
+    assert peak is not None, done.stderr[-2000:]
+    return seconds or float(match.group(2)), peak * 1024, phases
 
 
 def print_phases(phases: dict[str, float]) -> None:
