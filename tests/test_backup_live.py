@@ -55,6 +55,9 @@ async def test_full_and_two_incrementals_restore_bit_for_bit(
         await guest.write("vda", 64 * KiB - 512, 1024, 0xC1)  # straddles a cluster boundary
         await guest.write("vda", 30 * MiB, 1 * MiB, 0xC2)
         await guest.discard("vda", 256 * KiB, 128 * KiB)
+        # The discard took effect (whole clusters, now unallocated, read as zeroes): a
+        # backup that missed it would restore the 0xA1 written there before.
+        assert guest.disks["vda"][256 * KiB : 384 * KiB] == bytes(128 * KiB)
         await guest.zero("sda", 5 * MiB + 64 * KiB, 64 * KiB)
         points.append(guest.snapshot())
         second = await backups.run(guest.td.uuid, BackupMode.INCREMENTAL)
