@@ -430,6 +430,67 @@ async def test_repository_too_small_is_refused_before_anything_starts(
             await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
 
 
+async def test_repository_filling_up_during_the_copy_is_undone(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    """The space check passed, then the repository filled up (another writer, a shared
+    filesystem): the copy fails on the full filesystem, everything is undone, and once
+    there is room again the next backup is incremental (the chain survived) and restores."""
+    async with tmpfs(tmp_path / "small", "200M") as small:
+        cfg = config(tmp_path, repository={"path": str(small / "repo")})
+        filler = small / "filler"
+        filled: list[int] = []
+
+        def fill_at_begin(point: str, /) -> None:
+            # On the main loop, while the images are prepared on the data plane's thread:
+            # once both are served (one qemu-nbd per disk), leave 256 KiB free.
+            if point != "backup:begun" or not armed:
+                return
+            deadline = time.monotonic() + 10
+            while len(live_processes_mentioning(str(small))) < 2:
+                assert time.monotonic() < deadline, "the images were not served"
+                time.sleep(0.01)
+            filled.append(_fill(filler, leave=256 * KiB))
+
+        armed = False
+        async with running_agent(cfg, faults=fill_at_begin) as run:
+            guest = await started_guest(run, domain_factory, TWO_DISKS)
+            backups, repo = run.agent.backups, run.agent.backups.repository
+            await guest.write("vda", 0, 1 * MiB, 0x61)
+            first = await backups.run(guest.td.uuid)
+            await guest.write("vda", 8 * MiB, 4 * MiB, 0x62)
+            await guest.write("sda", 0, 4 * MiB, 0x63)
+            before = await asyncio.to_thread(_checkpoint_names, guest)
+            armed = True
+            with pytest.raises(BackupError) as failed:
+                await backups.run(guest.td.uuid)
+            armed = False
+            assert filled, "the fault point was not reached"
+            assert failed.value.code == "copy-failed"
+            assert "ENOSPC" in str(failed.value), str(failed.value)
+            await _assert_undone(cfg, repo, guest, before, backups=1)
+
+            await asyncio.to_thread(filler.unlink)
+            expected = guest.snapshot()
+            result = await backups.run(guest.td.uuid)
+            assert {(d.mode, d.reason) for d in result.disks} == {("incremental", None)}
+            (manifest,) = [m for m in await repo.backups(guest.td.name) if m.parent]
+            assert manifest.backup_id == result.backup_id and manifest.parent == first.backup_id
+            await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
+
+
+def _fill(path: Path, *, leave: int) -> int:
+    """Allocate a file taking all but ``leave`` bytes of its filesystem's free space."""
+    stats = os.statvfs(path.parent)
+    size = stats.f_bavail * stats.f_frsize - leave
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+    return size
+
+
 async def test_verify_names_a_corrupted_byte(domain_factory: DomainFactory, tmp_path: Path) -> None:
     cfg = config(tmp_path)
     async with running_agent(cfg) as run:
