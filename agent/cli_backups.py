@@ -28,13 +28,21 @@ def _when(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def _in_repository(repository: Repository, domain: str) -> str:
+    """The name ``domain`` (a name or UUID) has in the repository; an error naming the
+    repository if it holds no backup of it."""
+    name = asyncio.run(repository.domain_named(domain))
+    if name is None:
+        raise CommandError(f"no backups of {domain!r} in {repository.root}")
+    return name
+
+
 def list_backups(config: AgentConfig, domain: str, as_json: bool) -> None:
-    manifests = asyncio.run(Repository(config.repository_path).backups(domain))
+    repository = Repository(config.repository_path)
+    manifests = asyncio.run(repository.backups(_in_repository(repository, domain)))
     if as_json:
         print(json.dumps([m.summary() for m in manifests], indent=2))
         return
-    if not manifests:
-        raise CommandError(f"no backups of {domain!r} in {config.repository_path}")
     rows = [["BACKUP", "COMPLETED", "MODE", "BYTES", "PARENT", "DISKS"]]
     rows += [
         [
@@ -76,15 +84,19 @@ def restore(
     config: AgentConfig, domain: str, backup_id: str, disk: str | None, to: Path, fmt: str
 ) -> None:
     repository = Repository(config.repository_path)
+    domain = _in_repository(repository, domain)
     manifest = asyncio.run(repository.backup(domain, backup_id))
     targets = [d.target for d in manifest.disks]
     if disk is not None and disk not in targets:
         raise CommandError(f"backup {backup_id} has no disk {disk!r} (it has {', '.join(targets)})")
-    if disk is None and len(targets) > 1:
-        to.mkdir(parents=True, exist_ok=True)
+    if disk is None:  # every disk, into a directory (also when the backup has one)
+        try:
+            to.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CommandError(f"cannot create directory {to}: {exc.strerror}") from exc
         plan = [(t, to / f"{t}.{fmt}") for t in targets]
     else:
-        plan = [(disk or targets[0], to)]
+        plan = [(disk, to)]
     for target, dest in plan:
         bar = _Bar(f"{target}")
         asyncio.run(repository.restore(domain, backup_id, target, dest, fmt=fmt, progress=bar))
@@ -93,7 +105,9 @@ def restore(
 
 
 def verify(config: AgentConfig, domain: str, backup_id: str | None) -> int:
-    problems = asyncio.run(Repository(config.repository_path).verify(domain, backup_id))
+    repository = Repository(config.repository_path)
+    domain = _in_repository(repository, domain)
+    problems = asyncio.run(repository.verify(domain, backup_id))
     for p in problems:
         where = f" bytes {p.offset}..{p.offset + (p.length or 0)}" if p.offset is not None else ""
         print(f"{p.backup_id} {p.target} {p.image}{where}: {p.message}")

@@ -180,9 +180,13 @@ class BackupNotFoundError(RepositoryError):
     """No backup with that id (for that domain) in the repository."""
 
 
+class DestinationExistsError(RepositoryError):
+    """A restore's destination exists already: restores never overwrite."""
+
+
 class BackupError(AgentError):
     """A backup job failed. ``code`` is machine-readable (e.g. ``chain-broken``,
-    ``no-space``, ``copy-failed``, ``domain-gone``, ``cancelled``)."""
+    ``copy-failed``, ``disk-resized``, ``timeout``; the README lists them all)."""
 
     def __init__(self, message: str, *, code: str, domain: str | None = None):
         super().__init__(message)

@@ -143,8 +143,9 @@ class JobRequest(BaseModel):
     )
     to: FileName | None = Field(
         default=None,
-        description="Restore only: name of the file (one disk) or directory (every disk) "
-        "created inside [jobs] restore_dir (required).",
+        description="Restore only: name of the file (with 'disk') or of the directory, "
+        "holding <target>.<format> for every disk (without), created inside [jobs] "
+        "restore_dir (required).",
     )
     format: Literal["qcow2", "raw"] | None = Field(
         default=None, description="Restore only: image format (default qcow2)."

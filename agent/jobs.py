@@ -32,6 +32,7 @@ from agent.errors import (
     AgentError,
     BackupError,
     BackupNotFoundError,
+    DestinationExistsError,
     DomainNotFoundError,
     JobConflictError,
     JobError,
@@ -91,6 +92,7 @@ def error_code(exc: BaseException) -> str:
     codes: list[tuple[type[BaseException], str]] = [
         (RepositorySpaceError, "no-space"),
         (BackupNotFoundError, "backup-not-found"),
+        (DestinationExistsError, "exists"),
         (DomainNotFoundError, "domain-not-found"),
         (NotConnectedError, "libvirt-unavailable"),
     ]

@@ -89,7 +89,12 @@ from typing import Any, Final, Protocol
 import xxhash
 
 from agent import images
-from agent.errors import BackupNotFoundError, ImageError, RepositoryError
+from agent.errors import (
+    BackupNotFoundError,
+    DestinationExistsError,
+    ImageError,
+    RepositoryError,
+)
 from agent.faults import Faults, no_faults
 
 
@@ -507,6 +512,20 @@ class Repository:
         self._created: dict[Path, dict[str, _LayerInfo]] = {}
 
     # -- reading ------------------------------------------------------------------------
+
+    async def domain_named(self, domain: str) -> str | None:
+        """The name the repository keeps ``domain`` under: ``domain`` itself if it has
+        backups here by that name, else the domain whose newest backup has ``domain``
+        as its UUID (a domain libvirt no longer has is known here by name only); None
+        if the repository has no backup of it."""
+        if await self.latest(domain) is not None:
+            return domain
+        wanted = domain.strip().lower()
+        for name in await asyncio.to_thread(_domain_names, self.root):
+            latest = await self.latest(name)
+            if latest is not None and latest.domain_uuid.lower() == wanted:
+                return name
+        return None
 
     async def backups(self, domain: str) -> list[Manifest]:
         """The published backups of ``domain``, oldest first (none if it has no directory)."""
@@ -1302,7 +1321,7 @@ def _read_intent(path: Path) -> list[str] | None:
 
 def _prepare_destination(dest: Path, part: Path) -> None:
     if dest.exists() or dest.is_symlink():
-        raise RepositoryError(f"restore destination {dest} already exists", path=str(dest))
+        raise DestinationExistsError(f"restore destination {dest} already exists", path=str(dest))
     if not dest.parent.is_dir():
         raise RepositoryError(f"directory {dest.parent} does not exist", path=str(dest.parent))
     # <dest>.part is this restore's own temporary name; one left by a crash is replaced.

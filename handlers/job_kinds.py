@@ -68,7 +68,7 @@ async def restore(
 ) -> JobOutcome:
     request = job.request
     assert request.backup is not None and request.to is not None  # checked at submission
-    domain = ctx.domains.name_of(job.domain)
+    domain = await _in_repository(ctx, job.domain)
     fmt = request.format or "qcow2"
     manifest = await ctx.backups.repository.backup(domain, request.backup)
     targets = [d.target for d in manifest.disks]
@@ -78,12 +78,12 @@ async def restore(
             code="disk-not-found",
         )
     dest = restore_dir / request.to
-    if request.disk is None and len(targets) > 1:
+    if request.disk is None:  # every disk, into a directory (also when the backup has one)
         await asyncio.to_thread(_new_directory, dest)
         plan = [(t, dest / f"{t}.{fmt}") for t in targets]
     else:
         await asyncio.to_thread(restore_dir.mkdir, parents=True, exist_ok=True)
-        plan = [(request.disk or targets[0], dest)]
+        plan = [(request.disk, dest)]
     sizes = {d.target: d.virtual_size for d in manifest.disks}
     total = sum(sizes[t] for t, _ in plan)
     done = 0
@@ -109,8 +109,20 @@ def _new_directory(path: Path) -> None:
         raise JobError(f"{path} already exists; restores never overwrite", code="exists") from exc
 
 
+async def _in_repository(ctx: HandlerContext, domain: str) -> str:
+    """The name the repository keeps ``domain`` (a name or UUID) under, whether or not
+    libvirt still has the domain."""
+    repository = ctx.backups.repository
+    name = await repository.domain_named(ctx.domains.name_of(domain))
+    if name is None and domain != ctx.domains.name_of(domain):
+        name = await repository.domain_named(domain)
+    if name is None:
+        raise JobError(f"no backups of {domain!r} in the repository", code="no-backups")
+    return name
+
+
 async def verify(ctx: HandlerContext, job: Job, progress: Progress) -> JobOutcome:
-    domain = ctx.domains.name_of(job.domain)
+    domain = await _in_repository(ctx, job.domain)
     problems = await ctx.backups.repository.verify(domain, job.request.backup)
     found = [
         {

@@ -26,6 +26,7 @@ from agent.ledger import CheckpointState, Ledger
 from agent.repository import Repository
 from tests.guest_model import Guest, MiB, assert_restores, config, started_guest
 from tests.harness import RunningAgent, lifecycle, running_agent
+from tests.test_backup_live import flip_byte
 from tests.testbed.agent_process import agent_process
 from tests.testbed.daemon import live_processes_mentioning
 from tests.testbed.domains import DiskSpec, DomainFactory, TestDomain
@@ -123,6 +124,56 @@ async def test_the_same_job_submitted_twice_is_one_backup(
         reconciled = await api.wait_job(job["id"])
         assert reconciled["state"] == "succeeded"
         assert reconciled["result"]["broken_disks"] == {}
+
+
+async def test_restore_and_verify_jobs_through_the_api(
+    domain_factory: DomainFactory, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Restores and verifies as jobs: without ``disk`` a restore writes a directory with
+    every disk, with ``disk`` one file, each holding what the guest held, and never
+    overwrites; verify passes, then fails naming a corrupted byte; a domain named by
+    UUID is found, one without backups is refused by code."""
+    cfg = config(tmp_path, http={"port": 0})
+    async with running_agent(cfg) as run:
+        api = Api(run, session)
+        guest = await started_guest(run, domain_factory, ONE_DISK)
+        await guest.write("vda", 2 * MiB, 64 * 1024, 0x7A)
+        expected = guest.snapshot()["vda"]
+        backup = await api.backup(guest.td.name, "b1")
+        assert backup["state"] == "succeeded", backup
+        backup_id = backup["backup_id"]
+
+        async def job(request: dict[str, Any]) -> dict[str, Any]:
+            status, submitted = await api.call("POST", "/v1/jobs", request)
+            assert status == 201, submitted
+            return await api.wait_job(submitted["id"])
+
+        restore = {"kind": "restore", "domain": guest.td.uuid, "backup": backup_id}
+        every = await job({**restore, "to": "all", "format": "raw"})
+        assert every["state"] == "succeeded", every
+        assert sorted(p.name for p in (cfg.restore_path / "all").iterdir()) == ["vda.raw"]
+        assert (cfg.restore_path / "all" / "vda.raw").read_bytes() == expected
+        one = await job({**restore, "disk": "vda", "to": "vda.raw", "format": "raw"})
+        assert one["state"] == "succeeded", one
+        assert (cfg.restore_path / "vda.raw").read_bytes() == expected
+        again = await job({**restore, "disk": "vda", "to": "vda.raw", "format": "raw"})
+        assert again["state"] == "failed" and again["error"]["code"] == "exists", again
+        assert (cfg.restore_path / "vda.raw").read_bytes() == expected
+
+        verified = await job({"kind": "verify", "domain": guest.td.name})
+        assert verified["state"] == "succeeded", verified
+        image = cfg.repository_path / guest.td.name / "backups" / backup_id / "vda.qcow2"
+        await asyncio.to_thread(flip_byte, image, 2 * MiB + 100)
+        corrupt = await job({"kind": "verify", "domain": guest.td.name, "backup": backup_id})
+        assert corrupt["state"] == "failed" and corrupt["error"]["code"] == "verify-failed"
+        problems = corrupt["result"]["problems"]
+        assert [(p["image"], p["offset"] <= 2 * MiB + 100) for p in problems] == [
+            (str(image), True)
+        ]
+
+        other = await started_guest(run, domain_factory, ONE_DISK)
+        none = await job({"kind": "verify", "domain": other.td.name})
+        assert none["state"] == "failed" and none["error"]["code"] == "no-backups", none
 
 
 def _value(metrics: dict[str, float], name: str, **labels: str) -> float:

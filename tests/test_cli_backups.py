@@ -1,0 +1,118 @@
+"""The repository verbs (`backups`, `restore`, `verify`) as an operator runs them: a real
+repository (qemu-img images), the CLI in its own process, exit status and messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.repository import Repository
+from tests.test_repository import DOMAIN, Builder, KiB, MiB
+
+UUID = "6b0bb1c1-4a40-4d5e-9a8a-0e9e4d0f2c11"  # what Builder records as the domain's UUID
+
+
+@pytest.fixture
+async def one_disk(tmp_path: Path) -> tuple[Path, Builder]:
+    """A repository holding one backup of a one-disk domain, and the config naming it."""
+    builder = Builder(Repository(tmp_path / "repo"))
+    await builder.backup({"vda": [(0, MiB, 0x31), (3 * MiB, 64 * KiB, 0x32)]})
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[agent]\nstate_dir = "{tmp_path / "state"}"\n[repository]\npath = "{tmp_path / "repo"}"\n'
+    )
+    return config, builder
+
+
+def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_restore_without_disk_writes_a_directory_even_for_one_disk(
+    one_disk: tuple[Path, Builder], tmp_path: Path
+) -> None:
+    config, builder = one_disk
+    (backup_id,) = builder.ids
+    to = tmp_path / "restored"
+    done = _cli(
+        config, "restore", DOMAIN, "--backup", backup_id, "--to", str(to), "--format", "raw"
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in to.iterdir()) == ["vda.raw"]
+    assert (to / "vda.raw").read_bytes() == builder.points[backup_id]["vda"]
+    # With --disk, PATH is the file.
+    single = tmp_path / "vda.raw"
+    done = _cli(
+        config,
+        "restore",
+        DOMAIN,
+        "--backup",
+        backup_id,
+        "--disk",
+        "vda",
+        "--to",
+        str(single),
+        "--format",
+        "raw",
+    )
+    assert done.returncode == 0, done.stderr
+    assert single.read_bytes() == builder.points[backup_id]["vda"]
+
+
+def test_the_repository_verbs_find_a_domain_by_its_uuid(
+    one_disk: tuple[Path, Builder], tmp_path: Path
+) -> None:
+    config, builder = one_disk
+    (backup_id,) = builder.ids
+    listed = _cli(config, "backups", UUID.upper(), "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [entry["id"] for entry in json.loads(listed.stdout)] == [backup_id]
+    verified = _cli(config, "verify", UUID)
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.startswith(f"{DOMAIN}: all checked backups verified")
+    to = tmp_path / "by-uuid"
+    done = _cli(config, "restore", UUID, "--backup", backup_id, "--to", str(to))
+    assert done.returncode == 0, done.stderr
+    assert (to / "vda.qcow2").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("backups", "nosuchvm"),
+        ("backups", "nosuchvm", "--json"),
+        ("verify", "nosuchvm"),
+        ("verify", "0b0bb1c1-4a40-4d5e-9a8a-0e9e4d0f2c11"),
+        ("restore", "nosuchvm", "--backup", "20261128T000000Z-000000", "--to", "x"),
+    ],
+)
+def test_a_domain_without_backups_is_an_error_in_every_verb(
+    one_disk: tuple[Path, Builder], args: tuple[str, ...]
+) -> None:
+    config, _ = one_disk
+    done = _cli(config, *args)
+    assert done.returncode == 1
+    assert f"no backups of {args[1]!r} in " in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_restore_into_a_directory_it_cannot_create_is_one_line(
+    one_disk: tuple[Path, Builder], tmp_path: Path
+) -> None:
+    config, builder = one_disk
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = _cli(config, "restore", DOMAIN, "--backup", builder.ids[0], "--to", str(blocker / "x"))
+    assert done.returncode == 1
+    assert f"cannot create directory {blocker / 'x'}" in done.stderr
+    assert "Traceback" not in done.stderr
