@@ -20,7 +20,9 @@
 
 If anything fails or is cancelled after step 2, the job is aborted, the new checkpoint
 deleted (the older one still covers everything since it), the staged files removed:
-nothing half-written is published, and the next backup is correct.
+nothing half-written is published, and the next backup is correct. Once the backup is
+published (its rename is the commit point) it stands: a failure from then on, or an
+agent killed before it rewrote its intent, finishes the job forward instead.
 """
 
 from __future__ import annotations
@@ -57,7 +59,13 @@ from agent.copy import (
 )
 from agent.data_plane import DataPlane
 from agent.domains import Domains
-from agent.errors import AgentError, BackupError, RepositorySpaceError, VirtError
+from agent.errors import (
+    AgentError,
+    BackupError,
+    BackupNotFoundError,
+    RepositorySpaceError,
+    VirtError,
+)
 from agent.events import JobCompleted
 from agent.faults import Faults, no_faults
 from agent.inventory import DomainInfo
@@ -212,7 +220,7 @@ class Backups:
         try:
             manifest = await self._execute(info, plan, job, latest, progress, phases)
         except BaseException as exc:
-            await asyncio.shield(self._undo_logged(job))
+            await asyncio.shield(self._undo_logged(job))  # unless it was published
             if isinstance(exc, AgentError | OSError | ValueError) and not isinstance(
                 exc, BackupError
             ):
@@ -556,9 +564,19 @@ class Backups:
     # -- undo and recovery -------------------------------------------------------------
 
     async def _undo_logged(self, job: _Job) -> None:
-        """Undo, without letting a failure of the undo hide why the backup failed."""
+        """Undo, without letting a failure of the undo hide why the backup failed.
+
+        A backup published already stands, and is finished instead: publishing (a
+        rename) is the commit point, and a cancellation can arrive just after it.
+        """
         try:
-            await self._undo(job)
+            if await self._published(job):
+                log.warning(
+                    "backup failed after it was published; it stands", backup_id=job.backup_id
+                )
+                await self._roll_forward(job)
+            else:
+                await self._undo(job)
         except Exception as exc:
             log.error(
                 "undoing a failed backup failed; retried at next start",
@@ -590,10 +608,21 @@ class Backups:
             await self._drop_intent(job)
 
     async def _roll_forward(self, job: _Job) -> None:
-        """A job killed after publishing: its backup stands; finish marking it."""
+        """A job that ended after publishing: its backup stands; finish marking it."""
         await self.repository.backup(job.domain, job.backup_id)  # still there?
         await self._chains.backup_succeeded(job.domain, job.checkpoint)
         await self._drop_intent(job)
+
+    async def _published(self, job: _Job) -> bool:
+        """Whether the job's backup is in the repository (whatever its intent says: an
+        agent killed between the rename and rewriting the intent left it unpublished)."""
+        if job.published:
+            return True
+        try:
+            await self.repository.backup(job.domain, job.backup_id)
+        except BackupNotFoundError:
+            return False
+        return True
 
     async def recover(self) -> list[str]:
         """At start-up: finish or undo the jobs a previous agent left behind (killed)."""
@@ -601,7 +630,7 @@ class Backups:
         for path in await self.leftovers():
             try:
                 job = _Job.from_json(await asyncio.to_thread(path.read_text))
-                await (self._roll_forward(job) if job.published else self._undo(job))
+                await (self._roll_forward(job) if await self._published(job) else self._undo(job))
             except (AgentError, OSError, ValueError, KeyError) as exc:
                 log.error(
                     "could not recover a left-over backup job yet", intent=str(path), error=str(exc)

@@ -84,6 +84,12 @@ async def test_full_and_two_incrementals_restore_bit_for_bit(
         records = await run.agent.chains.ledger.checkpoints(guest.td.name)
         assert [r.state for r in records] == [CheckpointState.PRUNED] * 2 + [CheckpointState.ACTIVE]
         assert [r.name for r in records] == [m.checkpoint for m in manifests]
+        # Each manifest carries what rebuilds the ledger elsewhere: the domain's UUID and
+        # the checkpoint's full XML (its <domain> included), as libvirt gave it.
+        for record, manifest in zip(records, manifests, strict=True):
+            assert manifest.domain_uuid == record.domain_uuid
+            assert manifest.checkpoint_xml == record.xml
+            assert "<domain" in manifest.checkpoint_xml and guest.td.uuid == record.domain_uuid
 
 
 async def test_new_disk_is_full_while_the_other_stays_incremental(
@@ -183,6 +189,7 @@ async def test_agent_killed_halfway_through_the_copy(
         await guest.write("vda", 16 * MiB, 8 * MiB, 0x73)
         await guest.write("sda", 16 * MiB, 8 * MiB, 0x74)
         expected = guest.snapshot()
+        before = await asyncio.to_thread(_checkpoint_names, guest)
     # Another agent process runs the next backup and is killed (SIGKILL) half-way.
     killed = await asyncio.to_thread(
         subprocess.run,
@@ -208,11 +215,105 @@ async def test_agent_killed_halfway_through_the_copy(
         assert _leftovers(cfg) == []
         jobs = await asyncio.to_thread(guest.td.dom().jobInfo)
         assert jobs[0] == 0, "the killed agent's libvirt backup job is still there"
+        # Its checkpoint is gone from libvirt, and the ledger says it was discarded.
+        assert await asyncio.to_thread(_checkpoint_names, guest) == before
+        records = await run.agent.chains.ledger.checkpoints(guest.td.name)
+        assert [r.state for r in records] == [CheckpointState.ACTIVE, CheckpointState.DISCARDED]
         result = await run.agent.backups.run(guest.td.uuid)
         assert {d.mode for d in result.disks} == {"incremental"}
         repo = run.agent.backups.repository
         await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
         assert len(await repo.backups(guest.td.name)) == 2
+
+
+async def test_agent_killed_right_after_publishing_keeps_the_backup(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    """Killed between publishing a backup and marking it in the ledger: the next start
+    rolls forward (the backup stands, its checkpoint is marked backed up), and the next
+    backup is incremental from it."""
+    cfg = config(tmp_path)
+    config_file = tmp_path / "agent.toml"
+    config_file.write_text(
+        f'[agent]\nstate_dir = "{cfg.agent.state_dir}"\n'
+        f'[repository]\npath = "{cfg.repository_path}"\n'
+    )
+    async with running_agent(cfg) as run:
+        guest = await started_guest(run, domain_factory, TWO_DISKS)
+        await guest.write("vda", 0, 2 * MiB, 0x65)
+        first = await run.agent.backups.run(guest.td.uuid)
+        await guest.write("sda", 4 * MiB, 1 * MiB, 0x66)
+        at_kill = guest.snapshot()
+    killed = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "backup",
+            guest.td.name,
+            "--local",
+            "--config",
+            str(config_file),
+        ],
+        env={**os.environ, CRASH_ENV: "backup:published"},
+        capture_output=True,
+        timeout=120,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (cfg.run_path / "jobs").exists() and list((cfg.run_path / "jobs").iterdir())
+    async with running_agent(cfg) as run:  # start-up rolls the published job forward
+        assert _leftovers(cfg) == []
+        repo = run.agent.backups.repository
+        published = await repo.backups(guest.td.name)
+        assert [m.parent for m in published] == [None, first.backup_id]
+        await assert_restores(repo, guest.td.name, published[1].backup_id, at_kill, tmp_path)
+        records = await run.agent.chains.ledger.checkpoints(guest.td.name)
+        newest = next(r for r in records if r.name == published[1].checkpoint)
+        assert newest.state is CheckpointState.ACTIVE and newest.backed_up_at is not None
+        await guest.write("vda", 8 * MiB, 64 * KiB, 0x67)
+        expected = guest.snapshot()
+        result = await run.agent.backups.run(guest.td.uuid)
+        assert {d.mode for d in result.disks} == {"incremental"}
+        assert (await repo.backups(guest.td.name))[-1].parent == published[1].backup_id
+        await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
+
+
+async def test_a_failure_just_after_publishing_keeps_the_backup(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    """A failure (a cancellation, say) between the publish and the rest of the job: the
+    backup stands and its checkpoint is marked backed up; nothing is undone."""
+
+    def fail_after_publish(point: str, /) -> None:
+        if point == "backup:published" and armed:
+            raise SimulatedCrash(point)
+
+    armed = False
+    async with running_agent(config(tmp_path), faults=fail_after_publish) as run:
+        guest = await started_guest(run, domain_factory, TWO_DISKS)
+        backups, repo = run.agent.backups, run.agent.backups.repository
+        await guest.write("vda", 0, 1 * MiB, 0x68)
+        await backups.run(guest.td.uuid)
+        await guest.write("sda", 2 * MiB, 64 * KiB, 0x69)
+        at_failure = guest.snapshot()
+        armed = True
+        with pytest.raises(SimulatedCrash):
+            await backups.run(guest.td.uuid)
+        armed = False
+        published = await repo.backups(guest.td.name)
+        assert len(published) == 2
+        await assert_restores(repo, guest.td.name, published[1].backup_id, at_failure, tmp_path)
+        assert published[1].checkpoint in await asyncio.to_thread(_checkpoint_names, guest)
+        records = await run.agent.chains.ledger.checkpoints(guest.td.name)
+        assert records[-1].name == published[1].checkpoint
+        assert records[-1].state is CheckpointState.ACTIVE and records[-1].backed_up_at
+        assert _leftovers(run.agent.config) == []
+        await guest.write("vda", 4 * MiB, 64 * KiB, 0x6A)
+        expected = guest.snapshot()
+        result = await backups.run(guest.td.uuid)
+        assert {d.mode for d in result.disks} == {"incremental"}
+        await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
 
 
 async def test_qemu_killed_during_the_backup(domain_factory: DomainFactory, tmp_path: Path) -> None:
@@ -224,6 +325,8 @@ async def test_qemu_killed_during_the_backup(domain_factory: DomainFactory, tmp_
         await backups.run(guest.td.uuid)
         await guest.write("sda", 0, 16 * MiB, 0x82)
         await guest.flush()
+        before = await asyncio.to_thread(_checkpoint_names, guest)
+        recorded = {r.name for r in await run.agent.chains.ledger.checkpoints(guest.td.name)}
         halfway = asyncio.Event()
         job = asyncio.create_task(
             backups.run(
@@ -239,6 +342,11 @@ async def test_qemu_killed_during_the_backup(domain_factory: DomainFactory, tmp_
         mark = run.recorder.mark()
         await asyncio.to_thread(guest.td.start)
         await run.recorder.wait_for(lifecycle(guest.td.uuid, K.STARTED, "booted"), since=mark)
+        # The failed job's checkpoint did not survive (in libvirt or as usable in the ledger).
+        assert await asyncio.to_thread(_checkpoint_names, guest) <= before
+        records = await run.agent.chains.ledger.checkpoints(guest.td.name)
+        new = [r.state for r in records if r.name not in recorded]
+        assert new in ([], [CheckpointState.DISCARDED]), new
         expected = guest.snapshot()
         result = await backups.run(guest.td.uuid)
         assert {(d.mode, d.reason) for d in result.disks} == {("full", "bitmap-inconsistent")}
@@ -525,13 +633,18 @@ async def test_retention_keeps_the_last_two_restorable(
         guest = await started_guest(run, domain_factory, TWO_DISKS)
         backups, repo = run.agent.backups, run.agent.backups.repository
         points = {}
+        modes = []
         for i in range(5):
             await guest.write("vda", i * 4 * MiB, 1 * MiB, 0x10 + i)
             await guest.write("sda", (i * 4 + 1) * MiB, 64 * KiB, 0x20 + i)
-            points[(await backups.run(guest.td.uuid)).backup_id] = guest.snapshot()
+            result = await backups.run(guest.td.uuid)
+            points[result.backup_id] = guest.snapshot()
+            modes.append({d.mode for d in result.disks})
+        # One chain (so dropping backups had to merge what the later ones need).
+        assert modes == [{"full"}] + [{"incremental"}] * 4
         kept = await repo.backups(guest.td.name)
         assert [m.backup_id for m in kept] == list(points)[-2:]
-        assert kept[0].parent is None
+        assert kept[0].parent is None and kept[1].parent == kept[0].backup_id
         for manifest in kept:
             await assert_restores(
                 repo, guest.td.name, manifest.backup_id, points[manifest.backup_id], tmp_path
