@@ -45,6 +45,7 @@ REASONS = {
     "migrated-away": "the domain left this host; its chain continues elsewhere",
     "no-checkpoint": "the agent holds no checkpoint for this domain",
     "image-not-qcow2": "only qcow2 images hold persistent bitmaps",
+    "backup-corrupt": "verify found damage in a backup the newest restore of the disk reads",
 }
 
 LIVE_STATES = frozenset({CheckpointState.ACTIVE, CheckpointState.PENDING})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from agent.backup import BackupResult
 from agent.backup_plan import BackupMode
 from agent.config import AgentConfig
 from agent.errors import AgentError
-from agent.repository import Repository
+from agent.ledger import Ledger
+from agent.repository import Problem, Repository, damaged_disks
 
 
 class CommandError(AgentError):
@@ -113,9 +115,27 @@ def verify(config: AgentConfig, domain: str, backup_id: str | None) -> int:
         print(f"{p.backup_id} {p.target} {p.image}{where}: {p.message}")
     if problems:
         print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        for target in asyncio.run(_full_next(config, repository, domain, problems)):
+            print(f"{target}: its next backup copies it in full (backup-corrupt)", file=sys.stderr)
         return 1
     print(f"{domain}: all checked backups verified")
     return 0
+
+
+async def _full_next(
+    config: AgentConfig, repository: Repository, domain: str, problems: Sequence[Problem]
+) -> list[str]:
+    """Break the chain of every disk whose newest restore reads a damaged backup, in this
+    host's ledger if it has one that knows the domain; the disks it broke."""
+    damaged = damaged_disks(await repository.backups(domain), problems)
+    if not damaged or not config.ledger_path.exists():
+        return []
+    ledger = await Ledger.open(config.ledger_path)
+    try:
+        broken = await ledger.break_disk_chains(domain, "backup-corrupt", damaged)
+    finally:
+        await ledger.close()
+    return sorted(damaged) if broken else []
 
 
 def backup(config: AgentConfig, domain: str, mode: str) -> None:

@@ -943,6 +943,16 @@ class Ledger:
         """Insert or update each target's (valid, reason, detail), all in one transaction."""
         await self._write("set disk chains", [SetDiskChains(domain, chains)])
 
+    async def break_disk_chains(self, domain: str, reason: str, details: Mapping[str, str]) -> bool:
+        """Mark each target's chain broken (``details``: target → what was found), if the
+        ledger knows ``domain`` (a repository may be verified on another host); whether
+        it did."""
+        if not details or domain not in await self.domains():
+            return False
+        await self.set_disk_chains(domain, {t: (False, reason, d) for t, d in details.items()})
+        log.warning("disk chains broken", domain=domain, reason=reason, disks=sorted(details))
+        return True
+
     async def forget_disk_chain(self, domain: str, target: str) -> None:
         await self._write("forget disk chain", [ForgetDiskChain(domain, target)])
 

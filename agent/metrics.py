@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 
 from agent.job_requests import Job, JobKind, JobState
 from agent.logs import get_logger
-from agent.repository import Manifest
+from agent.repository import Manifest, restore_chain
 
 log = get_logger("metrics")
 
@@ -232,16 +232,4 @@ def chain_length(manifests: Sequence[Manifest]) -> int:
     back to that disk's last full copy; the longest over the disks. 0 without backups."""
     if not manifests:
         return 0
-    by_id = {m.backup_id: m for m in manifests}
-    newest = manifests[-1]
-    longest = 0
-    for disk in newest.disks:
-        length, current = 1, newest
-        while True:
-            own = current.disk(disk.target)
-            if own is None or own.mode == "full" or current.parent not in by_id:
-                break
-            current = by_id[current.parent]
-            length += 1
-        longest = max(longest, length)
-    return longest
+    return max((len(restore_chain(manifests, d.target)) for d in manifests[-1].disks), default=0)

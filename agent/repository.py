@@ -439,6 +439,34 @@ def _parse_checksum(f: _Fields, virtual_size: int, version: int) -> RangeChecksu
 # --- verification results --------------------------------------------------------------
 
 
+def restore_chain(manifests: Sequence[Manifest], target: str) -> list[str]:
+    """The backups a restore of disk ``target`` at the newest of ``manifests`` (oldest
+    first) reads, newest first: back to that disk's last full copy. Empty if the newest
+    backup has no such disk."""
+    if not manifests:
+        return []
+    by_id = {m.backup_id: m for m in manifests}
+    chain: list[str] = []
+    current: Manifest | None = manifests[-1]
+    while current is not None and (own := current.disk(target)) is not None:
+        chain.append(current.backup_id)
+        if own.mode == "full" or current.parent is None:
+            break
+        current = by_id.get(current.parent)
+    return chain
+
+
+def damaged_disks(manifests: Sequence[Manifest], problems: Sequence[Problem]) -> dict[str, str]:
+    """The disks whose restore at the newest backup reads a backup verify found a
+    ``problem`` in (what was found, per disk): an increment on top of that damage would
+    restore wrong, so their next backup must copy them in full."""
+    damaged: dict[str, str] = {}
+    for p in problems:
+        if p.target not in damaged and p.backup_id in restore_chain(manifests, p.target):
+            damaged[p.target] = f"{p.backup_id} {p.image.name}: {p.message}"
+    return damaged
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
     """Something wrong in one image; ``offset``/``length`` give the range when it is data."""

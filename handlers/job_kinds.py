@@ -22,6 +22,7 @@ from agent.job_requests import Job, JobDisk, JobKind
 from agent.jobs import JobFailedError, JobOutcome, JobRunner, Progress
 from agent.logs import get_logger
 from agent.metrics import chain_length
+from agent.repository import damaged_disks
 
 log = get_logger("handlers.job_kinds")
 
@@ -136,10 +137,14 @@ async def verify(ctx: HandlerContext, job: Job, progress: Progress) -> JobOutcom
         for p in problems
     ]
     if found:
+        # The next backup of a disk whose chain is damaged copies it in full.
+        repository = ctx.backups.repository
+        damaged = damaged_disks(await repository.backups(domain), problems)
+        full_next = await ctx.chains.ledger.break_disk_chains(domain, "backup-corrupt", damaged)
         raise JobFailedError(
             f"verify found {len(found)} problem(s); first: {found[0]['message']}",
             code="verify-failed",
-            result={"problems": found},
+            result={"problems": found, "full_next": sorted(damaged) if full_next else []},
         )
     return JobOutcome(backup_id=job.request.backup, result={"problems": []})
 

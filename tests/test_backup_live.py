@@ -623,6 +623,15 @@ async def test_verify_names_a_corrupted_byte(domain_factory: DomainFactory, tmp_
     assert out.returncode == 1
     assert str(image) in out.stdout or "vda.qcow2" in out.stdout
     assert str(4 * MiB) in out.stdout, out.stdout
+    # The next backup does not build on the damage: vda starts a new chain.
+    assert "vda: its next backup copies it in full (backup-corrupt)" in out.stderr, out.stderr
+    async with running_agent(cfg) as run:
+        await guest.write("vda", 8 * MiB, 64 * KiB, 0xE2)
+        expected = guest.snapshot()
+        after = await run.agent.backups.run(guest.td.uuid)
+        assert [(d.mode, d.reason) for d in after.disks] == [("full", "backup-corrupt")]
+        repo = run.agent.backups.repository
+        await assert_restores(repo, guest.td.name, after.backup_id, expected, tmp_path)
 
 
 async def test_retention_keeps_the_last_two_restorable(

@@ -170,6 +170,11 @@ async def test_restore_and_verify_jobs_through_the_api(
         assert [(p["image"], p["offset"] <= 2 * MiB + 100) for p in problems] == [
             (str(image), True)
         ]
+        # The damaged disk's next backup starts a new chain rather than build on it.
+        assert corrupt["result"]["full_next"] == ["vda"]
+        after = await api.backup(guest.td.name, "b2")
+        assert after["state"] == "succeeded", after
+        assert [(d["mode"], d["reason"]) for d in after["disks"]] == [("full", "backup-corrupt")]
 
         other = await started_guest(run, domain_factory, ONE_DISK)
         none = await job({"kind": "verify", "domain": other.td.name})

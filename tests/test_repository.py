@@ -33,13 +33,16 @@ from agent.repository import (
     BACKUP_ID_RE,
     DiskManifest,
     Manifest,
+    Problem,
     RangeChecksum,
     Repository,
     _FieldError,
     _Fields,
     _parse_checksum,
     _well_formed_checksum,
+    damaged_disks,
     digest_of,
+    restore_chain,
 )
 
 QEMU_IMG = "/usr/bin/qemu-img"
@@ -545,6 +548,31 @@ async def test_retention_rewrites_a_version_1_manifest_readably(tmp_path: Path) 
     assert [m.backup_id for m in await repo.backups(DOMAIN)] == ids[1:]
     assert await repo.verify(DOMAIN) == []
     assert await _assert_all_restore(repo, builder, tmp_path) == ids[1:]
+
+
+async def test_damage_breaks_the_chain_of_the_disks_whose_restore_reads_it(
+    tmp_path: Path,
+) -> None:
+    """FIVE: vda is one chain b0..b4; vdb was copied in full again at b2."""
+    builder = await _five(tmp_path)
+    manifests = await builder.repo.backups(DOMAIN)
+    b0, b1, b2, b3, b4 = builder.ids
+    assert restore_chain(manifests, "vda") == [b4, b3, b2, b1, b0]
+    assert restore_chain(manifests, "vdb") == [b4, b3, b2]
+    assert restore_chain(manifests, "vdz") == []
+
+    def problem(backup_id: str, target: str) -> Problem:
+        return Problem(backup_id, target, Path(f"{target}.qcow2"), 0, 1, "checksum mismatch")
+
+    # Damage in b1 matters to vda (its restore reads b1), not to vdb (restored from b2 on).
+    assert damaged_disks(manifests, [problem(b1, "vdb")]) == {}
+    assert damaged_disks(manifests, [problem(b1, "vda"), problem(b3, "vdb")]) == {
+        "vda": f"{b1} vda.qcow2: checksum mismatch",
+        "vdb": f"{b3} vdb.qcow2: checksum mismatch",
+    }
+    assert damaged_disks(manifests[:2], [problem(b1, "vdb")]) == {
+        "vdb": f"{b1} vdb.qcow2: checksum mismatch"
+    }
 
 
 async def test_verify_reports_a_missing_backing_file(tmp_path: Path) -> None:
