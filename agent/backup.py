@@ -181,7 +181,8 @@ class Backups:
         progress: Progress | None = None,
         keep_last: int | None = None,
     ) -> BackupResult:
-        """Back up the running domain ``uuid``; ``keep_last`` overrides [retention]."""
+        """Back up the running domain ``uuid``; ``keep_last`` overrides [retention]'s
+        number for the domain."""
         if uuid in self._running:
             raise BackupError("a backup of this domain is already running", code="busy")
         self._running.add(uuid)
@@ -554,7 +555,7 @@ class Backups:
 
     async def _finish(self, info: DomainInfo, job: _Job, keep_last: int | None) -> None:
         await self._chains.backup_succeeded(info.name, job.checkpoint)
-        keep = self._config.retention.keep_last if keep_last is None else keep_last
+        keep = self._config.retention.keep_last_for(info.name) if keep_last is None else keep_last
         if keep:
             dropped = await self.repository.apply_retention(info.name, keep)
             if dropped:

@@ -14,6 +14,7 @@ Regenerate the committed schema with::
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import ipaddress
 import json
@@ -328,6 +329,22 @@ class RetentionSection(BaseModel):
         description="Backups kept per domain after each successful backup; 0 keeps all. "
         "Dropped backups are merged into the new oldest, so every kept point restores.",
     )
+    domains: dict[Annotated[str, Field(min_length=1)], Annotated[int, Field(ge=0)]] = Field(
+        default={},
+        description="Per domain, keep_last for its backups: a domain's name, or a "
+        "shell-style pattern (fnmatch) of names, mapped to the number kept. A name "
+        "written out wins over patterns; else the first matching pattern, in the order "
+        "written; else keep_last.",
+    )
+
+    def keep_last_for(self, domain: str) -> int:
+        """The number of backups ``domain`` keeps (see ``domains``)."""
+        if domain in self.domains:
+            return self.domains[domain]
+        for pattern, keep in self.domains.items():
+            if fnmatch.fnmatchcase(domain, pattern):
+                return keep
+        return self.keep_last
 
 
 class AgentConfig(BaseModel):
@@ -507,7 +524,10 @@ def _describe(error: ErrorDetails) -> str:
         if len(loc) == 1:
             return f"unknown section [{loc[0]}]"
         return f"[{'.'.join(loc[:-1])}] unknown key '{loc[-1]}'"
-    where = loc[0] if len(loc) == 1 else f"[{'.'.join(loc[:-1])}] {loc[-1]}"
+    if len(loc) > 2 and loc[-1] == "[key]":  # a key of a table of names (pydantic's loc)
+        where = f"[{'.'.join(loc[:-2])}] key {loc[-2]!r}"
+    else:
+        where = loc[0] if len(loc) == 1 else f"[{'.'.join(loc[:-1])}] {loc[-1]}"
     return f"{where}: {_problem(error)}, got {_show(error['input'])}"
 
 

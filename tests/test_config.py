@@ -117,6 +117,37 @@ def test_the_commented_schedule_example_is_valid(tmp_path: Path) -> None:
     )
 
 
+def test_retention_per_domain_name_then_first_pattern_then_the_default(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(
+            tmp_path,
+            '[retention]\nkeep_last = 3\n[retention.domains]\n"web-*" = 14\n"w*" = 9\n'
+            '"web-9" = 30\n"db1" = 0\n',
+        )
+    )
+    retention = cfg.retention
+    assert retention.keep_last_for("web-9") == 30  # written out, although patterns match
+    assert retention.keep_last_for("web-1") == 14  # the first matching pattern
+    assert retention.keep_last_for("www") == 9
+    assert retention.keep_last_for("db1") == 0  # keeps all, whatever the default
+    assert retention.keep_last_for("mail") == 3
+    assert retention.keep_last_for("WEB-1") == 3  # names are case-sensitive
+    assert AgentConfig().retention.keep_last_for("any") == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[retention.domains]\n"db1" = -1\n', "[retention.domains] db1: must be >= 0, got -1"),
+        ('[retention.domains]\n"db1" = "7"\n', "[retention.domains] db1: expected an integer"),
+        ('[retention.domains]\n"" = 7\n', "[retention.domains] key '': must not be empty"),
+    ],
+)
+def test_retention_per_domain_values_are_checked(tmp_path: Path, text: str, message: str) -> None:
+    error = config_error(write(tmp_path, text))
+    assert message in str(error), str(error)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
