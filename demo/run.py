@@ -158,7 +158,7 @@ def _with_agent(td: TestDomain, agent: AgentProcess, work: Path) -> int:
         backups.append((job, before, list(writer.writes)))
     for job, before, writes in backups:
         name = f"{job['backup_id']}.raw"
-        restore = {"kind": "restore", "domain": td.name, "backup": job["backup_id"]}
+        restore = {"kind": "restore", "domain": td.name, "backup": job["backup_id"], "disk": "vda"}
         submit(agent.url, {**restore, "to": name, "format": "raw"})
         restored = (work / "state" / "restores" / name).read_bytes()
         done = point_in_time(before, writes, restored)

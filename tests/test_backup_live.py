@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -80,6 +81,9 @@ async def test_full_and_two_incrementals_restore_bit_for_bit(
         for manifest, expected in zip(manifests, points, strict=True):
             await assert_restores(repo, guest.td.name, manifest.backup_id, expected, tmp_path)
         assert await repo.verify(guest.td.name) == []
+        # QEMU's backup exports listen in, and the intents are kept in, the agent's own.
+        for private in (run.agent.config.socket_path, run.agent.config.run_path / "jobs"):
+            assert stat.S_IMODE(private.stat().st_mode) == 0o700, private
         # Only the newest checkpoint stays in libvirt; the ledger knows all three.
         records = await run.agent.chains.ledger.checkpoints(guest.td.name)
         assert [r.state for r in records] == [CheckpointState.PRUNED] * 2 + [CheckpointState.ACTIVE]
@@ -169,6 +173,39 @@ def _leftovers(cfg: AgentConfig) -> list[Path]:
                 and ("jobs" in p.parts or p.parent == cfg.scratch_path or ".staging" in p.parts)
             ]
     return found
+
+
+async def test_full_mode_starts_a_new_chain_that_increments_continue(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    """`full` in the middle of a chain: a standalone backup (no parent), the next `auto`
+    one incremental on top of it; every point restores."""
+    async with running_agent(config(tmp_path)) as run:
+        guest = await started_guest(run, domain_factory, TWO_DISKS)
+        backups, repo = run.agent.backups, run.agent.backups.repository
+        points = {}
+        for i, mode in enumerate(
+            [BackupMode.AUTO, BackupMode.AUTO, BackupMode.FULL, BackupMode.AUTO]
+        ):
+            await guest.write("vda", i * 2 * MiB, 64 * KiB, 0x50 + i)
+            await guest.write("sda", i * 3 * MiB, 4 * KiB, 0x58 + i)
+            result = await backups.run(guest.td.uuid, mode)
+            points[result.backup_id] = (
+                guest.snapshot(),
+                {(d.mode, d.reason) for d in result.disks},
+            )
+        modes = [m for _, m in points.values()]
+        assert modes == [
+            {("full", "first-backup")},
+            {("incremental", None)},
+            {("full", "full-requested")},
+            {("incremental", None)},
+        ]
+        manifests = await repo.backups(guest.td.name)
+        ids = [m.backup_id for m in manifests]
+        assert [m.parent for m in manifests] == [None, ids[0], None, ids[2]]
+        for backup_id, (expected, _) in points.items():
+            await assert_restores(repo, guest.td.name, backup_id, expected, tmp_path)
 
 
 async def test_agent_killed_halfway_through_the_copy(
@@ -516,17 +553,25 @@ async def tmpfs(path: Path, size: str) -> AsyncIterator[Path]:
         await asyncio.to_thread(subprocess.run, ["umount", "-l", str(path)], check=True)
 
 
-async def test_repository_too_small_is_refused_before_anything_starts(
-    domain_factory: DomainFactory, tmp_path: Path
+@pytest.mark.parametrize("small_one", ["repository", "scratch directory"])
+async def test_too_small_a_filesystem_is_refused_before_anything_starts(
+    domain_factory: DomainFactory, tmp_path: Path, small_one: str
 ) -> None:
+    """The repository, or the scratch directory (a full one pauses the guest), cannot
+    hold the worst case: refused before anything starts; once it is larger, it works."""
     async with tmpfs(tmp_path / "small", "32M") as small:
-        cfg = config(tmp_path, repository={"path": str(small / "repo")})
+        place = small / "here"
+        if small_one == "repository":
+            cfg = config(tmp_path, repository={"path": str(place)})
+        else:
+            cfg = config(tmp_path, backup={"scratch_dir": str(place)})
         async with running_agent(cfg) as run:
             guest = await started_guest(run, domain_factory, TWO_DISKS)
             await guest.write("vda", 0, 1 * MiB, 0x91)
             with pytest.raises(RepositorySpaceError) as refused:
                 await run.agent.backups.run(guest.td.uuid)
-            assert str(small / "repo") in str(refused.value) and "refusing" in str(refused.value)
+            assert f"{small_one} {place} has " in str(refused.value), str(refused.value)
+            assert "refusing" in str(refused.value)
             assert await asyncio.to_thread(guest.td.dom().listAllCheckpoints) == []
             assert _leftovers(cfg) == []
             await asyncio.to_thread(
@@ -637,7 +682,8 @@ async def test_verify_names_a_corrupted_byte(domain_factory: DomainFactory, tmp_
 async def test_retention_keeps_the_last_two_restorable(
     domain_factory: DomainFactory, tmp_path: Path
 ) -> None:
-    cfg = config(tmp_path, retention={"keep_last": 2})
+    # Per domain (test domains are named lbat-*), over a default that keeps everything.
+    cfg = config(tmp_path, retention={"keep_last": 0, "domains": {"lbat-*": 2}})
     async with running_agent(cfg) as run:
         guest = await started_guest(run, domain_factory, TWO_DISKS)
         backups, repo = run.agent.backups, run.agent.backups.repository

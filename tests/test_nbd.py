@@ -609,6 +609,25 @@ async def test_handshake_reply_with_absurd_length(sockdir: Path) -> None:
         assert peak < 4 * MiB
 
 
+@pytest.mark.parametrize("after", [0, 10, 18, 18 + 20])
+async def test_server_hanging_up_during_the_handshake(sockdir: Path, after: int) -> None:
+    """Closed before, in the middle of or after its greeting, or after reading the first
+    option: a connection error saying so, at once, never a hang or a parse of garbage."""
+
+    async def script(conn: FakeConn) -> None:
+        greeting = b"NBDMAGICIHAVEOPT\0\3"
+        await conn.send(greeting[:after])
+        if after > len(greeting):
+            await conn.reader.readexactly(4 + 16)  # client flags, STRUCTURED_REPLY option
+        conn.writer.close()
+
+    async with fake_server(sockdir / "f.sock", script) as server:
+        started = time.monotonic()
+        with pytest.raises(NbdConnectionError, match=r"during the handshake|connection closed"):
+            await NbdClient.connect(socket_path=server.path, timeout=5)
+        assert time.monotonic() - started < 2
+
+
 async def test_silent_server_during_handshake_times_out(sockdir: Path) -> None:
     async def script(conn: FakeConn) -> None:
         await asyncio.sleep(30)
