@@ -579,6 +579,7 @@ async def test_too_small_a_filesystem_is_refused_before_anything_starts(
             )
             expected = guest.snapshot()
             result = await run.agent.backups.run(guest.td.uuid)
+            assert {(d.mode, d.reason) for d in result.disks} == {("full", "first-backup")}
             repo = run.agent.backups.repository
             await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
 
