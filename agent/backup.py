@@ -74,6 +74,7 @@ from agent.nbd import BASE_ALLOCATION as ALLOCATION
 from agent.nbd import Extent, NbdClient, connect_many, extents
 from agent.qemu_nbd import serve_image
 from agent.repository import DiskManifest, Manifest, Repository
+from agent.shielding import to_completion
 
 log = get_logger("backup")
 
@@ -157,6 +158,7 @@ class Backups:
         self._faults = faults
         self._locks: dict[str, asyncio.Lock] = {}
         self._running: set[str] = set()
+        self._publishing: set[str] = set()  # domains whose running backup began to publish
         self._completions: dict[str, asyncio.Future[Mapping[str, Any]]] = {}
         self._data_plane = DataPlane()
 
@@ -192,10 +194,13 @@ class Backups:
                 return await asyncio.wait_for(self._run(uuid, mode, progress, keep_last), timeout)
         except TimeoutError as exc:
             raise BackupError(
-                f"the backup did not finish within {timeout:g} s; it was undone", code="timeout"
+                f"the backup did not finish within {timeout:g} s; it was undone (or, had it "
+                "been published already, it stands)",
+                code="timeout",
             ) from exc
         finally:
             self._running.discard(uuid)
+            self._publishing.discard(uuid)
 
     def domain_lock(self, uuid: str) -> asyncio.Lock:
         """Held by a backup for its whole run, and by the handlers that change the
@@ -221,7 +226,9 @@ class Backups:
         try:
             manifest = await self._execute(info, plan, job, latest, progress, phases)
         except BaseException as exc:
-            await asyncio.shield(self._undo_logged(job))  # unless it was published
+            # Unless it was published. To its end even through a second cancellation: the
+            # domain's lock must not be released while the undo changes its checkpoints.
+            await to_completion(self._undo_logged(job))
             if isinstance(exc, AgentError | OSError | ValueError) and not isinstance(
                 exc, BackupError
             ):
@@ -229,12 +236,14 @@ class Backups:
                     f"backup of {info.name} failed: {exc}", code="copy-failed", domain=info.name
                 ) from exc
             raise
-        # Published: from here on a failure is finished forward, never undone.
+        # Published: from here on a failure is finished forward, never undone (at the next
+        # start if not now: an intent that still says unpublished is checked against the
+        # repository).
         job = dataclasses.replace(job, published=True)
-        await self._write_intent(job)
         try:
+            await self._write_intent(job)
             await self._finish(info, job, keep_last)
-        except AgentError as exc:
+        except (AgentError, OSError) as exc:
             log.error(
                 "backup published, but marking it in the ledger failed; retried at next start",
                 backup_id=job.backup_id,
@@ -367,6 +376,7 @@ class Backups:
             domain_xml=domain_xml,
             disks=disks,
         )
+        self._publishing.add(info.uuid)  # from here, a failure asks the repository first
         await self.repository.publish(info.name, job.staging, manifest)
         phases.mark("publish")
         self._faults("backup:published")
@@ -568,10 +578,21 @@ class Backups:
         """Undo, without letting a failure of the undo hide why the backup failed.
 
         A backup published already stands, and is finished instead: publishing (a
-        rename) is the commit point, and a cancellation can arrive just after it.
+        rename) is the commit point, and a cancellation can arrive just after it. Only
+        a job that began to publish asks the repository (libvirt's job has ended by
+        then): one that cannot tell is left, intent and all, to the next start.
         """
         try:
-            if await self._published(job):
+            published = job.uuid in self._publishing and await self._published(job)
+        except Exception as exc:
+            log.error(
+                "cannot tell whether the failed backup was published; decided at next start",
+                backup_id=job.backup_id,
+                error=str(exc),
+            )
+            return
+        try:
+            if published:
                 log.warning(
                     "backup failed after it was published; it stands", backup_id=job.backup_id
                 )
@@ -609,9 +630,15 @@ class Backups:
             await self._drop_intent(job)
 
     async def _roll_forward(self, job: _Job) -> None:
-        """A job that ended after publishing: its backup stands; finish marking it."""
+        """A job that ended after publishing: its backup stands; finish marking it.
+
+        Unless the ledger marked it already (the job failed later, pruning say): marking
+        it again would trust every disk's chain anew, over a break recorded since.
+        """
         await self.repository.backup(job.domain, job.backup_id)  # still there?
-        await self._chains.backup_succeeded(job.domain, job.checkpoint)
+        record = await self._chains.ledger.checkpoint(job.domain, job.checkpoint)
+        if record is None or record.backed_up_at is None:
+            await self._chains.backup_succeeded(job.domain, job.checkpoint)
         await self._drop_intent(job)
 
     async def _published(self, job: _Job) -> bool:

@@ -92,6 +92,11 @@ def restore(
     if disk is not None and disk not in targets:
         raise CommandError(f"backup {backup_id} has no disk {disk!r} (it has {', '.join(targets)})")
     if disk is None:  # every disk, into a directory (also when the backup has one)
+        if to.suffix in (".qcow2", ".raw", ".img"):
+            raise CommandError(
+                f"without --disk, --to is the directory every disk is written into; {to} "
+                f"looks like an image file: add --disk ({', '.join(targets)})"
+            )
         try:
             to.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -115,8 +120,19 @@ def verify(config: AgentConfig, domain: str, backup_id: str | None) -> int:
         print(f"{p.backup_id} {p.target} {p.image}{where}: {p.message}")
     if problems:
         print(f"{len(problems)} problem(s) found", file=sys.stderr)
-        for target in asyncio.run(_full_next(config, repository, domain, problems)):
-            print(f"{target}: its next backup copies it in full (backup-corrupt)", file=sys.stderr)
+        try:
+            marked, damaged = asyncio.run(_full_next(config, repository, domain, problems))
+        except AgentError as exc:
+            print(f"could not mark the damaged disks' chains in the ledger: {exc}", file=sys.stderr)
+            return 1
+        for target in damaged:
+            said = (
+                "its next backup copies it in full (backup-corrupt)"
+                if marked
+                else f"damaged, but not marked: no ledger here knows {domain} (back it up "
+                "with --mode full where its ledger is)"
+            )
+            print(f"{target}: {said}", file=sys.stderr)
         return 1
     print(f"{domain}: all checked backups verified")
     return 0
@@ -124,18 +140,18 @@ def verify(config: AgentConfig, domain: str, backup_id: str | None) -> int:
 
 async def _full_next(
     config: AgentConfig, repository: Repository, domain: str, problems: Sequence[Problem]
-) -> list[str]:
-    """Break the chain of every disk whose newest restore reads a damaged backup, in this
-    host's ledger if it has one that knows the domain; the disks it broke."""
+) -> tuple[bool, list[str]]:
+    """The disks whose newest restore reads a damaged backup, and whether their chains
+    are now broken in this host's ledger (only if it has one that knows the domain)."""
     damaged = damaged_disks(await repository.backups(domain), problems)
     if not damaged or not config.ledger_path.exists():
-        return []
+        return False, sorted(damaged)
     ledger = await Ledger.open(config.ledger_path)
     try:
-        broken = await ledger.break_disk_chains(domain, "backup-corrupt", damaged)
+        marked = await ledger.break_disk_chains(domain, "backup-corrupt", damaged)
     finally:
         await ledger.close()
-    return sorted(damaged) if broken else []
+    return marked, sorted(damaged)
 
 
 def backup(config: AgentConfig, domain: str, mode: str) -> None:

@@ -241,7 +241,7 @@ class ScheduleEntry(BaseModel):
         default=None,
         ge=0,
         description="Backups kept per domain after each of its backups; unset means "
-        "[retention] keep_last.",
+        "the domain's [retention.domains] entry, else [retention] keep_last.",
     )
 
     @field_validator("cron")

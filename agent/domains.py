@@ -42,9 +42,10 @@ class Domains:
         return dict(self._known)
 
     def find(self, domain: str) -> DomainInfo | None:
-        """The domain named ``domain`` by name or UUID, as libvirt has it now; or None."""
+        """The domain named ``domain`` by name or UUID (in either case), as libvirt has it
+        now; or None."""
         for info in self._known.values():
-            if domain in (info.name, info.uuid):
+            if domain == info.name or domain.lower() == info.uuid:
                 return info
         return None
 

@@ -131,7 +131,7 @@ class JobRequest(BaseModel):
         ge=0,
         le=100000,
         description="Backups only: backups kept for this domain afterwards; "
-        "default: [retention] keep_last.",
+        "default: the domain's [retention.domains] entry, else [retention] keep_last.",
     )
     backup: BackupId | None = Field(
         default=None,

@@ -96,6 +96,7 @@ from agent.errors import (
     RepositoryError,
 )
 from agent.faults import Faults, no_faults
+from agent.shielding import to_completion
 
 
 class _Digest(Protocol):
@@ -460,9 +461,12 @@ def damaged_disks(manifests: Sequence[Manifest], problems: Sequence[Problem]) ->
     """The disks whose restore at the newest backup reads a backup verify found a
     ``problem`` in (what was found, per disk): an increment on top of that damage would
     restore wrong, so their next backup must copy them in full."""
+    chains: dict[str, set[str]] = {}
     damaged: dict[str, str] = {}
     for p in problems:
-        if p.target not in damaged and p.backup_id in restore_chain(manifests, p.target):
+        if p.target not in chains:
+            chains[p.target] = set(restore_chain(manifests, p.target))
+        if p.target not in damaged and p.backup_id in chains[p.target]:
             damaged[p.target] = f"{p.backup_id} {p.image.name}: {p.message}"
     return damaged
 
@@ -546,14 +550,21 @@ class Repository:
         backups here by that name, else the domain whose newest backup has ``domain``
         as its UUID (a domain libvirt no longer has is known here by name only); None
         if the repository has no backup of it."""
-        if await self.latest(domain) is not None:
+        if await asyncio.to_thread(_has_backups, self._backups_dir(domain)):
             return domain
-        wanted = domain.strip().lower()
+        if not _UUID_RE.fullmatch(domain):
+            return None
+        # The domain whose newest backup is the newest of those naming this UUID (after a
+        # rename, the old name's backups name it too); an unreadable one is not it.
+        found: tuple[float, str] | None = None
         for name in await asyncio.to_thread(_domain_names, self.root):
-            latest = await self.latest(name)
-            if latest is not None and latest.domain_uuid.lower() == wanted:
-                return name
-        return None
+            try:
+                latest = await self.latest(name)
+            except RepositoryError:
+                continue
+            if latest is not None and latest.domain_uuid.lower() == domain.lower():
+                found = max(found or (latest.completed_at, name), (latest.completed_at, name))
+        return found[1] if found is not None else None
 
     async def backups(self, domain: str) -> list[Manifest]:
         """The published backups of ``domain``, oldest first (none if it has no directory)."""
@@ -660,7 +671,11 @@ class Repository:
                     f"cannot publish {manifest.backup_id}: {problems[0].message}",
                     path=str(problems[0].image),
                 )
-            published = await asyncio.to_thread(_publish, staging, manifest, text.result())
+            # Once the thread renames, the backup is published whatever happens to this
+            # task: a cancellation waits for the thread, so that an undo never races it.
+            published = await to_completion(
+                asyncio.to_thread(_publish, staging, manifest, text.result())
+            )
             self._created.pop(staging, None)
             return published
 
@@ -1195,6 +1210,18 @@ def _read_backup(directory: Path, domain: str) -> Manifest:
             f"no backup {directory.name} of {domain} in {directory.parent}", path=str(directory)
         )
     return _read_manifest(directory)
+
+
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
+def _has_backups(backups_dir: Path) -> bool:
+    with _os_errors("cannot list", backups_dir):
+        try:
+            names = os.listdir(backups_dir)
+        except FileNotFoundError:
+            return False
+    return any(BACKUP_ID_RE.fullmatch(n) for n in names)
 
 
 def _read_backups(backups_dir: Path) -> list[Manifest]:

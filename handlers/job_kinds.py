@@ -138,13 +138,18 @@ async def verify(ctx: HandlerContext, job: Job, progress: Progress) -> JobOutcom
     ]
     if found:
         # The next backup of a disk whose chain is damaged copies it in full.
-        repository = ctx.backups.repository
-        damaged = damaged_disks(await repository.backups(domain), problems)
-        full_next = await ctx.chains.ledger.break_disk_chains(domain, "backup-corrupt", damaged)
+        result: dict[str, object] = {"problems": found, "full_next": []}
+        try:
+            damaged = damaged_disks(await ctx.backups.repository.backups(domain), problems)
+            if await ctx.chains.ledger.break_disk_chains(domain, "backup-corrupt", damaged):
+                result["full_next"] = sorted(damaged)
+        except AgentError as exc:  # the problems found are still the job's result
+            log.error("could not mark the damaged disks' chains", domain=domain, error=str(exc))
+            result["full_next_error"] = str(exc)
         raise JobFailedError(
             f"verify found {len(found)} problem(s); first: {found[0]['message']}",
             code="verify-failed",
-            result={"problems": found, "full_next": sorted(damaged) if full_next else []},
+            result=result,
         )
     return JobOutcome(backup_id=job.request.backup, result={"problems": []})
 

@@ -353,6 +353,47 @@ async def test_a_failure_just_after_publishing_keeps_the_backup(
         await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
 
 
+async def test_a_job_failing_after_its_backup_was_marked_does_not_trust_chains_again(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    """A backup published and marked in the ledger, whose job then failed (while pruning,
+    here): the next start finishes the job without marking it again, so a chain broken
+    meanwhile (a crash, a damaged backup) still makes that disk's next backup full."""
+
+    def fail_pruning(point: str, /) -> None:
+        if point == "prune:marked" and armed:
+            raise SimulatedCrash(point)
+
+    armed = False
+    cfg = config(tmp_path)
+    async with running_agent(cfg, faults=fail_pruning) as run:
+        guest = await started_guest(run, domain_factory, TWO_DISKS)
+        backups, ledger = run.agent.backups, run.agent.chains.ledger
+        await guest.write("vda", 0, 1 * MiB, 0x6B)
+        await backups.run(guest.td.uuid)
+        await guest.write("sda", 1 * MiB, 64 * KiB, 0x6C)
+        armed = True
+        with pytest.raises(SimulatedCrash):
+            await backups.run(guest.td.uuid)
+        armed = False
+        assert len(await backups.repository.backups(guest.td.name)) == 2
+        assert await backups.leftovers(), "the failed job's intent is left for the next start"
+        await ledger.set_disk_chains(guest.td.name, {"vda": (False, "backup-corrupt", "test")})
+    async with running_agent(cfg) as run:  # start-up finishes the job
+        assert _leftovers(cfg) == []
+        chain = (await run.agent.chains.ledger.disk_chains(guest.td.name))["vda"]
+        assert (chain.valid, chain.reason) == (False, "backup-corrupt")
+        await guest.write("vda", 3 * MiB, 64 * KiB, 0x6D)
+        expected = guest.snapshot()
+        result = await run.agent.backups.run(guest.td.uuid)
+        assert {(d.target, d.mode, d.reason) for d in result.disks} == {
+            ("vda", "full", "backup-corrupt"),
+            ("sda", "incremental", None),
+        }
+        repo = run.agent.backups.repository
+        await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
+
+
 async def test_qemu_killed_during_the_backup(domain_factory: DomainFactory, tmp_path: Path) -> None:
     cfg = config(tmp_path, backup={"bandwidth_limit": 16 * MiB})
     async with running_agent(cfg) as run:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.repository import Repository
-from tests.test_repository import DOMAIN, Builder, KiB, MiB
+from tests.test_repository import DOMAIN, Builder, KiB, MiB, _flip_byte, _host_offset
 
 UUID = "6b0bb1c1-4a40-4d5e-9a8a-0e9e4d0f2c11"  # what Builder records as the domain's UUID
 
@@ -86,6 +86,20 @@ def test_the_repository_verbs_find_a_domain_by_its_uuid(
     assert (to / "vda.qcow2").exists()
 
 
+async def test_a_uuid_whose_domain_was_renamed_is_the_newest_name(tmp_path: Path) -> None:
+    """Backups under an old name and a new one record the same UUID: the UUID names the
+    domain with the newest backup."""
+    repo = Repository(tmp_path / "repo")
+    for name, count in (("aa-old", 1), ("zz-new", 2)):  # the old name sorts first
+        builder = Builder(repo, domain=name)
+        for i in range(count):
+            await builder.backup({"vda": [(0, 64 * KiB, 0x40 + i)]})
+    assert await repo.domain_named(UUID) == "zz-new"
+    assert await repo.domain_named("aa-old") == "aa-old"  # a name is itself
+    assert await repo.domain_named("0b0bb1c1-4a40-4d5e-9a8a-0e9e4d0f2c11") is None
+    assert await repo.domain_named("nosuchvm") is None
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -104,6 +118,30 @@ def test_a_domain_without_backups_is_an_error_in_every_verb(
     assert done.returncode == 1
     assert f"no backups of {args[1]!r} in " in done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_verify_of_damage_says_whether_the_disk_is_marked_for_a_full_backup(
+    one_disk: tuple[Path, Builder], tmp_path: Path
+) -> None:
+    """Verified where no ledger knows the domain (a repository copied elsewhere): the
+    damage is named, and the disk is said not to be marked."""
+    config, builder = one_disk
+    image = tmp_path / "repo" / DOMAIN / "backups" / builder.ids[0] / "vda.qcow2"
+    _flip_byte(image, _host_offset(image, 3 * MiB + 10))
+    done = _cli(config, "verify", DOMAIN)
+    assert done.returncode == 1
+    assert f"{builder.ids[0]} vda {image} bytes {3 * MiB}" in done.stdout, done.stdout
+    assert f"vda: damaged, but not marked: no ledger here knows {DOMAIN}" in done.stderr
+
+
+def test_restore_without_disk_to_an_image_file_name_is_refused(
+    one_disk: tuple[Path, Builder], tmp_path: Path
+) -> None:
+    config, builder = one_disk
+    to = tmp_path / "vm1.qcow2"
+    done = _cli(config, "restore", DOMAIN, "--backup", builder.ids[0], "--to", str(to))
+    assert done.returncode == 1 and not to.exists()
+    assert "looks like an image file: add --disk (vda)" in done.stderr, done.stderr
 
 
 def test_restore_into_a_directory_it_cannot_create_is_one_line(

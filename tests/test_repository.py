@@ -11,11 +11,13 @@ content the test itself tracked.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -27,6 +29,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent import images
+from agent import repository as repository_module
 from agent.errors import BackupNotFoundError, RepositoryError
 from agent.faults import SimulatedCrash
 from agent.repository import (
@@ -401,6 +404,38 @@ async def test_publish_reads_no_header_again_and_forgets_what_it_cached(
     with pytest.raises(RepositoryError, match="virtual size"):
         await repo.publish(DOMAIN, staging, wrong)  # the cached header says the same
     assert reads == []
+
+
+async def test_a_cancelled_publish_returns_only_once_the_rename_is_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename runs in a thread that a cancellation cannot stop: the cancelled caller
+    must not go on (and undo the backup) while that thread may still publish it."""
+    builder = Builder(Repository(tmp_path / "repo"))
+    b0 = await builder.backup({"vda": FIVE[0][0]["vda"]})
+    repo = builder.repo
+    new_id = repo.new_backup_id()
+    staging = await repo.stage(DOMAIN, new_id)
+    await repo.create_image(staging, "vda", SIZES["vda"], backing=None)
+    manifest = replace(b0, backup_id=new_id, parent=None)
+    manifest = replace(manifest, disks=(replace(b0.disks[0], checksums=()),))
+    in_thread = threading.Event()
+    real = repository_module._publish
+
+    def slow_publish(*args: Any) -> Path:
+        in_thread.set()
+        time.sleep(0.3)  # the fsyncs of a large backup
+        return real(*args)
+
+    monkeypatch.setattr(repository_module, "_publish", slow_publish)
+    task = asyncio.create_task(repo.publish(DOMAIN, staging, manifest))
+    await asyncio.to_thread(in_thread.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Published by the time the cancellation came through: the caller sees it stands.
+    assert {m.backup_id for m in await repo.backups(DOMAIN)} == {b0.backup_id, new_id}
+    assert not staging.exists()
 
 
 async def test_publish_refuses_an_existing_backup_id(tmp_path: Path) -> None:

@@ -1,0 +1,36 @@
+"""Work that must finish once started, even when its caller is cancelled.
+
+``asyncio.shield`` protects the work from the first cancellation only: a second one
+(a job cancelled, then the agent stopping) lets the caller go on while the work still
+runs, e.g. releasing a domain's lock while an undo still changes its checkpoints, or
+undoing a backup while a worker thread is still renaming it into place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def to_completion(work: Awaitable[T]) -> T:
+    """Await ``work`` to its end whatever cancellations arrive meanwhile; then raise
+    ``CancelledError`` if any did, else return its result (or raise its error)."""
+    task = asyncio.ensure_future(work)
+    interrupted = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                break  # the work itself was cancelled (not by us): its outcome below
+            interrupted = True
+        except BaseException:
+            break  # the work failed: its error below
+    if interrupted:
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what the caller sees
+        raise asyncio.CancelledError
+    return task.result()
