@@ -7,6 +7,8 @@ model taken when a backup starts is what restoring that backup must give, byte f
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import libvirt
@@ -86,6 +88,31 @@ def config(tmp_path: Path, **sections: dict[str, object]) -> AgentConfig:
     }
     data.update(sections)
     return AgentConfig.model_validate(data)
+
+
+def config_file(tmp_path: Path, cfg: AgentConfig, extra: str = "") -> Path:
+    """``agent.toml`` for an agent process on ``cfg``'s state directory and repository
+    (``extra``: more TOML), beside the in-process agents a test runs on ``cfg``."""
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f'[agent]\nstate_dir = "{cfg.agent.state_dir}"\n'
+        f'[repository]\npath = "{cfg.repository_path}"\n{extra}'
+    )
+    return path
+
+
+def agent_cli(
+    config: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``backup-agent ARGS --config CONFIG`` in its own process (blocking: to a thread)."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
 
 
 async def assert_restores(

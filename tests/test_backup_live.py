@@ -14,7 +14,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -29,7 +28,17 @@ from agent.events import LifecycleKind as K
 from agent.faults import CRASH_ENV, SimulatedCrash
 from agent.ledger import CheckpointState
 from agent.repository import Repository
-from tests.guest_model import SIZE, Guest, KiB, MiB, assert_restores, config, started_guest
+from tests.guest_model import (
+    SIZE,
+    Guest,
+    KiB,
+    MiB,
+    agent_cli,
+    assert_restores,
+    config,
+    config_file,
+    started_guest,
+)
 from tests.harness import TWO_DISKS, lifecycle, running_agent
 from tests.testbed.daemon import live_processes_mentioning
 from tests.testbed.domains import DiskSpec, DomainFactory
@@ -161,6 +170,20 @@ async def _assert_undone(
     assert len(await repo.backups(guest.td.name)) == backups
 
 
+async def _backup_killed_at(point: str, guest: Guest, agent_toml: Path) -> None:
+    """`backup --local` in an agent process of its own that kills itself (SIGKILL) at
+    crash point ``point``."""
+    killed = await asyncio.to_thread(
+        agent_cli,
+        agent_toml,
+        "backup",
+        guest.td.name,
+        "--local",
+        env={**os.environ, CRASH_ENV: point},
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+
 def _leftovers(cfg: AgentConfig) -> list[Path]:
     places = [cfg.run_path / "jobs", cfg.scratch_path, cfg.repository_path]
     found = []
@@ -212,12 +235,7 @@ async def test_agent_killed_halfway_through_the_copy(
     domain_factory: DomainFactory, tmp_path: Path
 ) -> None:
     cfg = config(tmp_path, backup={"bandwidth_limit": 32 * MiB})
-    config_file = tmp_path / "agent.toml"
-    config_file.write_text(
-        f'[agent]\nstate_dir = "{cfg.agent.state_dir}"\n'
-        f'[repository]\npath = "{cfg.repository_path}"\n'
-        f"[backup]\nbandwidth_limit = {32 * MiB}\n"
-    )
+    agent_toml = config_file(tmp_path, cfg, f"[backup]\nbandwidth_limit = {32 * MiB}\n")
     async with running_agent(cfg) as run:
         guest = await started_guest(run, domain_factory, TWO_DISKS)
         await guest.write("vda", 0, 8 * MiB, 0x71)
@@ -228,23 +246,7 @@ async def test_agent_killed_halfway_through_the_copy(
         expected = guest.snapshot()
         before = await asyncio.to_thread(_checkpoint_names, guest)
     # Another agent process runs the next backup and is killed (SIGKILL) half-way.
-    killed = await asyncio.to_thread(
-        subprocess.run,
-        [
-            sys.executable,
-            "-m",
-            "agent",
-            "backup",
-            guest.td.name,
-            "--local",
-            "--config",
-            str(config_file),
-        ],
-        env={**os.environ, CRASH_ENV: "copy:half"},
-        capture_output=True,
-        timeout=120,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    await _backup_killed_at("copy:half", guest, agent_toml)
     assert _leftovers(cfg), "the killed job left nothing behind; it cannot have been mid-copy"
     # Its qemu-nbd died with it: no orphan keeps serving (and holding) the staged images.
     await wait_until_async(lambda: not live_processes_mentioning(str(cfg.socket_path)), 10)
@@ -270,34 +272,14 @@ async def test_agent_killed_right_after_publishing_keeps_the_backup(
     rolls forward (the backup stands, its checkpoint is marked backed up), and the next
     backup is incremental from it."""
     cfg = config(tmp_path)
-    config_file = tmp_path / "agent.toml"
-    config_file.write_text(
-        f'[agent]\nstate_dir = "{cfg.agent.state_dir}"\n'
-        f'[repository]\npath = "{cfg.repository_path}"\n'
-    )
+    agent_toml = config_file(tmp_path, cfg)
     async with running_agent(cfg) as run:
         guest = await started_guest(run, domain_factory, TWO_DISKS)
         await guest.write("vda", 0, 2 * MiB, 0x65)
         first = await run.agent.backups.run(guest.td.uuid)
         await guest.write("sda", 4 * MiB, 1 * MiB, 0x66)
         at_kill = guest.snapshot()
-    killed = await asyncio.to_thread(
-        subprocess.run,
-        [
-            sys.executable,
-            "-m",
-            "agent",
-            "backup",
-            guest.td.name,
-            "--local",
-            "--config",
-            str(config_file),
-        ],
-        env={**os.environ, CRASH_ENV: "backup:published"},
-        capture_output=True,
-        timeout=120,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    await _backup_killed_at("backup:published", guest, agent_toml)
     assert (cfg.run_path / "jobs").exists() and list((cfg.run_path / "jobs").iterdir())
     async with running_agent(cfg) as run:  # start-up rolls the published job forward
         assert _leftovers(cfg) == []
@@ -694,19 +676,8 @@ async def test_verify_names_a_corrupted_byte(domain_factory: DomainFactory, tmp_
         result = await run.agent.backups.run(guest.td.uuid)
     image = cfg.repository_path / guest.td.name / "backups" / result.backup_id / "vda.qcow2"
     await asyncio.to_thread(flip_byte, image, 4 * MiB + 1000)
-    config_file = tmp_path / "agent.toml"
-    config_file.write_text(
-        f'[agent]\nstate_dir = "{cfg.agent.state_dir}"\n'
-        f'[repository]\npath = "{cfg.repository_path}"\n'
-    )
-    out = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "agent", "verify", guest.td.name, "--config", str(config_file)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    agent_toml = config_file(tmp_path, cfg)
+    out = await asyncio.to_thread(agent_cli, agent_toml, "verify", guest.td.name)
     assert out.returncode == 1
     assert str(image) in out.stdout or "vda.qcow2" in out.stdout
     assert str(4 * MiB) in out.stdout, out.stdout
@@ -757,20 +728,10 @@ async def test_cli_lists_and_restores(domain_factory: DomainFactory, tmp_path: P
         await guest.write("sda", 2 * MiB, 64 * KiB, 0xF2)
         expected = guest.snapshot()
         result = await run.agent.backups.run(guest.td.uuid)
-    config_file = tmp_path / "agent.toml"
-    config_file.write_text(
-        f'[agent]\nstate_dir = "{cfg.agent.state_dir}"\n'
-        f'[repository]\npath = "{cfg.repository_path}"\n'
-    )
+    agent_toml = config_file(tmp_path, cfg)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "agent", *args, "--config", str(config_file)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        return agent_cli(agent_toml, *args)
 
     listed = await asyncio.to_thread(cli, "backups", guest.td.name, "--json")
     assert listed.returncode == 0, listed.stderr

@@ -4,13 +4,12 @@ repository (qemu-img images), the CLI in its own process, exit status and messag
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from agent.repository import Repository
+from tests.guest_model import agent_cli
 from tests.test_repository import DOMAIN, Builder, KiB, MiB, _flip_byte, _host_offset
 
 UUID = "6b0bb1c1-4a40-4d5e-9a8a-0e9e4d0f2c11"  # what Builder records as the domain's UUID
@@ -28,23 +27,13 @@ async def one_disk(tmp_path: Path) -> tuple[Path, Builder]:
     return config, builder
 
 
-def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent", *args, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_restore_without_disk_writes_a_directory_even_for_one_disk(
     one_disk: tuple[Path, Builder], tmp_path: Path
 ) -> None:
     config, builder = one_disk
     (backup_id,) = builder.ids
     to = tmp_path / "restored"
-    done = _cli(
+    done = agent_cli(
         config, "restore", DOMAIN, "--backup", backup_id, "--to", str(to), "--format", "raw"
     )
     assert done.returncode == 0, done.stderr
@@ -52,7 +41,7 @@ def test_restore_without_disk_writes_a_directory_even_for_one_disk(
     assert (to / "vda.raw").read_bytes() == builder.points[backup_id]["vda"]
     # With --disk, PATH is the file.
     single = tmp_path / "vda.raw"
-    done = _cli(
+    done = agent_cli(
         config,
         "restore",
         DOMAIN,
@@ -74,14 +63,14 @@ def test_the_repository_verbs_find_a_domain_by_its_uuid(
 ) -> None:
     config, builder = one_disk
     (backup_id,) = builder.ids
-    listed = _cli(config, "backups", UUID.upper(), "--json")
+    listed = agent_cli(config, "backups", UUID.upper(), "--json")
     assert listed.returncode == 0, listed.stderr
     assert [entry["id"] for entry in json.loads(listed.stdout)] == [backup_id]
-    verified = _cli(config, "verify", UUID)
+    verified = agent_cli(config, "verify", UUID)
     assert verified.returncode == 0, verified.stderr
     assert verified.stdout.startswith(f"{DOMAIN}: all checked backups verified")
     to = tmp_path / "by-uuid"
-    done = _cli(config, "restore", UUID, "--backup", backup_id, "--to", str(to))
+    done = agent_cli(config, "restore", UUID, "--backup", backup_id, "--to", str(to))
     assert done.returncode == 0, done.stderr
     assert (to / "vda.qcow2").exists()
 
@@ -114,7 +103,7 @@ def test_a_domain_without_backups_is_an_error_in_every_verb(
     one_disk: tuple[Path, Builder], args: tuple[str, ...]
 ) -> None:
     config, _ = one_disk
-    done = _cli(config, *args)
+    done = agent_cli(config, *args)
     assert done.returncode == 1
     assert f"no backups of {args[1]!r} in " in done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
@@ -128,7 +117,7 @@ def test_verify_of_damage_says_whether_the_disk_is_marked_for_a_full_backup(
     config, builder = one_disk
     image = tmp_path / "repo" / DOMAIN / "backups" / builder.ids[0] / "vda.qcow2"
     _flip_byte(image, _host_offset(image, 3 * MiB + 10))
-    done = _cli(config, "verify", DOMAIN)
+    done = agent_cli(config, "verify", DOMAIN)
     assert done.returncode == 1
     assert f"{builder.ids[0]} vda {image} bytes {3 * MiB}" in done.stdout, done.stdout
     assert f"vda: damaged, but not marked: no ledger here knows {DOMAIN}" in done.stderr
@@ -139,7 +128,7 @@ def test_restore_without_disk_to_an_image_file_name_is_refused(
 ) -> None:
     config, builder = one_disk
     to = tmp_path / "vm1.qcow2"
-    done = _cli(config, "restore", DOMAIN, "--backup", builder.ids[0], "--to", str(to))
+    done = agent_cli(config, "restore", DOMAIN, "--backup", builder.ids[0], "--to", str(to))
     assert done.returncode == 1 and not to.exists()
     assert "looks like an image file: add --disk (vda)" in done.stderr, done.stderr
 
@@ -150,7 +139,9 @@ def test_restore_into_a_directory_it_cannot_create_is_one_line(
     config, builder = one_disk
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    done = _cli(config, "restore", DOMAIN, "--backup", builder.ids[0], "--to", str(blocker / "x"))
+    done = agent_cli(
+        config, "restore", DOMAIN, "--backup", builder.ids[0], "--to", str(blocker / "x")
+    )
     assert done.returncode == 1
     assert f"cannot create directory {blocker / 'x'}" in done.stderr
     assert "Traceback" not in done.stderr

@@ -9,8 +9,6 @@ import json
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -24,7 +22,7 @@ from agent.events import LifecycleKind
 from agent.job_store import JobStore
 from agent.ledger import CheckpointState, Ledger
 from agent.repository import Repository
-from tests.guest_model import Guest, MiB, assert_restores, config, started_guest
+from tests.guest_model import Guest, MiB, agent_cli, assert_restores, config, started_guest
 from tests.harness import RunningAgent, lifecycle, running_agent
 from tests.test_backup_live import flip_byte
 from tests.testbed.agent_process import agent_process
@@ -451,16 +449,6 @@ async def _wait_finished(run: RunningAgent, job_id: str, timeout: float = 120) -
     )
 
 
-def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent", *args, "--config", str(config)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 async def test_operator_commands_talk_to_the_running_agent(
     domain_factory: DomainFactory, tmp_path: Path
 ) -> None:
@@ -474,28 +462,28 @@ async def test_operator_commands_talk_to_the_running_agent(
         # Without the token the API refuses; the CLI reads it from the configuration.
         status, body = await asyncio.to_thread(agent.call, "GET", "/v1/jobs")
         assert status == 401 and body["error"]["code"] == "unauthorized"
-        done = await asyncio.to_thread(_cli, agent.config, "backup", td.name, "--wait")
+        done = await asyncio.to_thread(agent_cli, agent.config, "backup", td.name, "--wait")
         assert done.returncode == 0, done.stderr
         assert "succeeded: backup " in done.stdout and "vda full [first-backup]" in done.stdout
-        listed = await asyncio.to_thread(_cli, agent.config, "jobs", "--json")
+        listed = await asyncio.to_thread(agent_cli, agent.config, "jobs", "--json")
         jobs = json.loads(listed.stdout)
         assert [(j["kind"], j["domain"], j["state"]) for j in jobs] == [
             ("backup", td.name, "succeeded")
         ]
-        shown = await asyncio.to_thread(_cli, agent.config, "status")
+        shown = await asyncio.to_thread(agent_cli, agent.config, "status")
         assert shown.returncode == 0
         row = next(line for line in shown.stdout.splitlines() if line.startswith(td.name))
         assert "running" in row and " ok " in row and "full" in row
-        gone = await asyncio.to_thread(_cli, agent.config, "cancel", jobs[0]["id"])
+        gone = await asyncio.to_thread(agent_cli, agent.config, "cancel", jobs[0]["id"])
         assert gone.returncode == 1 and "job-conflict" in gone.stderr
-        missing = await asyncio.to_thread(_cli, agent.config, "cancel", "no-such-job")
+        missing = await asyncio.to_thread(agent_cli, agent.config, "cancel", "no-such-job")
         assert missing.returncode == 1 and "job-not-found" in missing.stderr
         refused = await asyncio.to_thread(
-            _cli, agent.config, "backup", td.name, "--mode", "incremental", "--wait"
+            agent_cli, agent.config, "backup", td.name, "--mode", "incremental", "--wait"
         )
         assert refused.returncode == 0, refused.stderr  # the chain allows it
         assert "vda incremental" in refused.stdout
-    unreachable = await asyncio.to_thread(_cli, agent.config, "jobs")
+    unreachable = await asyncio.to_thread(agent_cli, agent.config, "jobs")
     assert unreachable.returncode == 1
     assert "cannot reach the agent" in unreachable.stderr
 

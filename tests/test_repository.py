@@ -406,6 +406,16 @@ async def test_publish_reads_no_header_again_and_forgets_what_it_cached(
     assert reads == []
 
 
+async def _staged_full_after(repo: Repository, b0: Manifest) -> tuple[Path, Manifest]:
+    """A new full backup of vda staged (its image created, nothing written) and the
+    manifest that publishes it."""
+    new_id = repo.new_backup_id()
+    staging = await repo.stage(DOMAIN, new_id)
+    await repo.create_image(staging, "vda", SIZES["vda"], backing=None)
+    disks = (replace(b0.disks[0], checksums=()),)
+    return staging, replace(b0, backup_id=new_id, parent=None, disks=disks)
+
+
 async def test_a_cancelled_publish_returns_only_once_the_rename_is_done(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -414,11 +424,8 @@ async def test_a_cancelled_publish_returns_only_once_the_rename_is_done(
     builder = Builder(Repository(tmp_path / "repo"))
     b0 = await builder.backup({"vda": FIVE[0][0]["vda"]})
     repo = builder.repo
-    new_id = repo.new_backup_id()
-    staging = await repo.stage(DOMAIN, new_id)
-    await repo.create_image(staging, "vda", SIZES["vda"], backing=None)
-    manifest = replace(b0, backup_id=new_id, parent=None)
-    manifest = replace(manifest, disks=(replace(b0.disks[0], checksums=()),))
+    staging, manifest = await _staged_full_after(repo, b0)
+    new_id = manifest.backup_id
     in_thread = threading.Event()
     real = repository_module._publish
 
@@ -445,11 +452,8 @@ async def test_publish_refuses_an_existing_backup_id(tmp_path: Path) -> None:
     with pytest.raises(RepositoryError, match="already exists"):
         await repo.stage(DOMAIN, b0.backup_id)
     # Another writer publishes the same id while this one is staging it.
-    new_id = repo.new_backup_id()
-    staging = await repo.stage(DOMAIN, new_id)
-    await repo.create_image(staging, "vda", SIZES["vda"], backing=None)
-    manifest = replace(b0, backup_id=new_id, parent=None)
-    manifest = replace(manifest, disks=(replace(b0.disks[0], checksums=()),))
+    staging, manifest = await _staged_full_after(repo, b0)
+    new_id = manifest.backup_id
     squatter = _backups_dir(repo.root) / new_id
     squatter.mkdir()
     (squatter / "vda.qcow2").write_bytes(b"theirs")
