@@ -31,6 +31,7 @@ from agent.errors import (
 from agent.events import Event, EventSink, subscriptions
 from agent.libvirt_loop import register_event_loop
 from agent.logs import get_logger
+from agent.shielding import to_completion
 
 log = get_logger("connection")
 
@@ -147,7 +148,7 @@ class VirtConnection:
                 log.info("reconnecting", uri=self._settings.uri, delay=delay)
                 await asyncio.sleep(delay)
         finally:
-            await asyncio.shield(self._drop(_STOPPING))
+            await to_completion(self._drop(_STOPPING))
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def open_once(self) -> None:

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import structlog
 
 from agent.logs import get_logger
+from agent.shielding import to_completion
 
 log = get_logger("data_plane")
 
@@ -73,7 +74,7 @@ class DataPlane:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
             future.cancel()  # cancels the task over there
-            await asyncio.shield(finished.wait())
+            await to_completion(finished.wait())
             raise
 
     async def close(self) -> None:

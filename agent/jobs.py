@@ -52,6 +52,7 @@ from agent.job_requests import (
 )
 from agent.job_store import JobStore
 from agent.logs import get_logger
+from agent.shielding import to_completion
 
 log = get_logger("jobs")
 
@@ -365,9 +366,9 @@ class Jobs:
                 if requested
                 else "the agent stopped before the job finished; its work was undone"
             )
-            await asyncio.shield(self._end(job.id, JobState.CANCELLED, code=code, message=message))
+            await to_completion(self._end(job.id, JobState.CANCELLED, code=code, message=message))
         except JobFailedError as exc:
-            await asyncio.shield(
+            await to_completion(
                 self._end(
                     job.id, JobState.FAILED, code=exc.code, message=str(exc), result=exc.result
                 )
@@ -375,11 +376,11 @@ class Jobs:
         except Exception as exc:
             if not isinstance(exc, AgentError):
                 log.exception("job failed unexpectedly", job=job.id)
-            await asyncio.shield(
+            await to_completion(
                 self._end(job.id, JobState.FAILED, code=error_code(exc), message=str(exc))
             )
         else:
-            await asyncio.shield(
+            await to_completion(
                 self._end(
                     job.id,
                     JobState.SUCCEEDED,

@@ -67,6 +67,7 @@ from agent.errors import (
 from agent.faults import Faults, no_faults
 from agent.job_requests import MAX_REQUEST_BYTES, Job, JobSink, parse_request
 from agent.logs import get_logger
+from agent.shielding import to_completion
 
 log = get_logger("messages")
 
@@ -203,7 +204,7 @@ class SchedulerMessages:
             if publisher is not None:
                 publisher.cancel()
                 await asyncio.wait([publisher], timeout=CLOSE_TIMEOUT)
-            await asyncio.shield(_close(nc))
+            await to_completion(_close(nc))
 
     async def _connect(self, reconnected: asyncio.Event) -> Client:
         token = await self._read_token()
@@ -244,7 +245,7 @@ class SchedulerMessages:
                 reconnected_cb=on_reconnected,
             )
         except BaseException as exc:
-            await asyncio.shield(_close(nc))
+            await to_completion(_close(nc))
             if isinstance(exc, Exception):
                 # nats-py ends with "no servers available"; the attempts' errors say why.
                 why = "; ".join(failures) or str(exc) or type(exc).__name__

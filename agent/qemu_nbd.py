@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from agent.errors import ImageError
+from agent.shielding import to_completion
 
 QEMU_NBD = "/usr/bin/qemu-nbd"
 # Sends qemu-nbd SIGKILL when the thread that started it ends (with the agent, if killed).
@@ -81,7 +82,7 @@ async def serve_image(
     try:
         yield socket
     finally:
-        await asyncio.shield(_stop(process, timeout))
+        await to_completion(_stop(process, timeout))
         await asyncio.to_thread(_remove, socket)
 
 
@@ -124,7 +125,7 @@ async def _start(
     try:
         await _wait_for_socket(process, socket, image, timeout, errors)
     except BaseException:
-        await asyncio.shield(_stop(process, timeout))
+        await to_completion(_stop(process, timeout))
         raise
     return process
 

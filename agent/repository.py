@@ -734,7 +734,7 @@ class Repository:
             await self._qemu_img(args, source, long=True, progress=progress)
             await asyncio.to_thread(_commit_file, part, dest)
         except BaseException:
-            await asyncio.shield(asyncio.to_thread(_unlink, part))
+            await to_completion(asyncio.to_thread(_unlink, part))
             raise
         if progress is not None:
             progress(1.0)
@@ -850,7 +850,7 @@ class Repository:
                 await self._qemu_img(args, path, long=True)
                 await asyncio.to_thread(_hash_file, tmp / "chunk", start - low, size, digest)
         finally:
-            await asyncio.shield(asyncio.to_thread(_remove_tree, tmp))
+            await to_completion(asyncio.to_thread(_remove_tree, tmp))
 
     # -- retention ----------------------------------------------------------------------
 
