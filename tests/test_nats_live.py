@@ -56,6 +56,25 @@ async def _consumer_settled(url: str, timeout: float = 30) -> dict[str, Any]:
         await nc.close()
 
 
+async def _wait_consuming(url: str, timeout: float = 30) -> None:
+    """Wait until the agent's stream and durable consumer exist: /readyz does not wait for
+    NATS (the agent takes jobs from its API without it), so a request published right
+    after it could find no stream yet."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await js.consumer_info("BACKUP_AGENT", "agent-test-host")
+                return
+            except nats.js.errors.NotFoundError:
+                assert time.monotonic() < deadline, "the agent did not start consuming"
+                await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+
+
 async def _job_events(url: str) -> list[dict[str, Any]]:
     """Every job event the agents published (they are kept in the stream)."""
     nc = await nats.connect(url)
@@ -82,6 +101,7 @@ async def test_redelivery_after_kill_before_ack_is_one_backup(
         await asyncio.to_thread(td.write_pattern, "vda", 0, 2 * MiB, 0x61)
         # The first agent records the job, then dies before it acknowledges the message.
         await asyncio.to_thread(agent.start, extra_env={CRASH_ENV: "nats:before-ack"})
+        await _wait_consuming(nats_server.url)
         nc = await nats.connect(nats_server.url)
         try:
             request = {"id": "scheduler-7", "kind": "backup", "domain": td.name}
