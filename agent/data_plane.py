@@ -33,6 +33,7 @@ log = get_logger("data_plane")
 T = TypeVar("T")
 
 _STOP_TIMEOUT = 30.0
+_SETTLE_TIMEOUT = 300.0
 
 
 class DataPlane:
@@ -74,7 +75,12 @@ class DataPlane:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
             future.cancel()  # cancels the task over there
-            await to_completion(finished.wait())
+            # Until its clean-ups (each bounded by its own timeout) are over, even through
+            # a second cancellation; bounded here too, should that loop be gone.
+            try:
+                await to_completion(asyncio.wait_for(finished.wait(), _SETTLE_TIMEOUT))
+            except TimeoutError:
+                log.error("a cancelled copy did not finish", timeout=_SETTLE_TIMEOUT)
             raise
 
     async def close(self) -> None:
