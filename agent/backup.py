@@ -63,6 +63,7 @@ from agent.errors import (
     AgentError,
     BackupError,
     BackupNotFoundError,
+    PublishUndecidedError,
     RepositorySpaceError,
     VirtError,
 )
@@ -190,8 +191,10 @@ class Backups:
         self._running.add(uuid)
         timeout = self._config.backup.job_timeout
         try:
-            async with self.domain_lock(uuid):
-                return await asyncio.wait_for(self._run(uuid, mode, progress, keep_last), timeout)
+            # _run in this task (asyncio.timeout, not wait_for): however many cancellations
+            # arrive, the lock is released only once its undo is over.
+            async with self.domain_lock(uuid), asyncio.timeout(timeout):
+                return await self._run(uuid, mode, progress, keep_last)
         except TimeoutError as exc:
             raise BackupError(
                 f"the backup did not finish within {timeout:g} s; it was undone (or, had it "
@@ -226,6 +229,9 @@ class Backups:
         try:
             manifest = await self._execute(info, plan, job, latest, progress, phases)
         except BaseException as exc:
+            if isinstance(exc, PublishUndecidedError):  # neither published nor undoable
+                log.error("backup left for the next start to decide", backup_id=job.backup_id)
+                raise BackupError(str(exc), code="publish-undecided", domain=info.name) from exc
             # Unless it was published. To its end even through a second cancellation: the
             # domain's lock must not be released while the undo changes its checkpoints.
             await to_completion(self._undo_logged(job))

@@ -180,6 +180,11 @@ class BackupNotFoundError(RepositoryError):
     """No backup with that id (for that domain) in the repository."""
 
 
+class PublishUndecidedError(RepositoryError):
+    """Publishing did not finish in time: its thread may still rename the backup into
+    place, so it is neither published nor undone; the next start decides."""
+
+
 class DestinationExistsError(RepositoryError):
     """A restore's destination exists already: restores never overwrite."""
 

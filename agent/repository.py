@@ -93,10 +93,14 @@ from agent.errors import (
     BackupNotFoundError,
     DestinationExistsError,
     ImageError,
+    PublishUndecidedError,
     RepositoryError,
 )
 from agent.faults import Faults, no_faults
+from agent.logs import get_logger
 from agent.shielding import to_completion
+
+log = get_logger("repository")
 
 
 class _Digest(Protocol):
@@ -673,9 +677,20 @@ class Repository:
                 )
             # Once the thread renames, the backup is published whatever happens to this
             # task: a cancellation waits for the thread, so that an undo never races it.
-            published = await to_completion(
-                asyncio.to_thread(_publish, staging, manifest, text.result())
-            )
+            # Bounded (a hung NFS mount): then nobody can tell, and nobody may undo.
+            try:
+                published = await to_completion(
+                    asyncio.wait_for(
+                        asyncio.to_thread(_publish, staging, manifest, text.result()),
+                        PUBLISH_TIMEOUT,
+                    )
+                )
+            except TimeoutError as exc:
+                raise PublishUndecidedError(
+                    f"publishing {manifest.backup_id} did not finish within "
+                    f"{PUBLISH_TIMEOUT:g} s; it is decided at the agent's next start",
+                    path=str(staging),
+                ) from exc
             self._created.pop(staging, None)
             return published
 
@@ -734,7 +749,7 @@ class Repository:
             await self._qemu_img(args, source, long=True, progress=progress)
             await asyncio.to_thread(_commit_file, part, dest)
         except BaseException:
-            await to_completion(asyncio.to_thread(_unlink, part))
+            await _clean_up(_unlink, part, self._timeout)
             raise
         if progress is not None:
             progress(1.0)
@@ -850,7 +865,7 @@ class Repository:
                 await self._qemu_img(args, path, long=True)
                 await asyncio.to_thread(_hash_file, tmp / "chunk", start - low, size, digest)
         finally:
-            await to_completion(asyncio.to_thread(_remove_tree, tmp))
+            await _clean_up(_remove_tree, tmp, self._timeout)
 
     # -- retention ----------------------------------------------------------------------
 
@@ -1213,6 +1228,20 @@ def _read_backup(directory: Path, domain: str) -> Manifest:
 
 
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
+# Writing the manifest, the fsyncs (the images' data was flushed by the copy) and the
+# rename: seconds, unless the filesystem hangs.
+PUBLISH_TIMEOUT = 600.0
+
+
+async def _clean_up(remove: Callable[[Path], None], path: Path, timeout: float) -> None:
+    """Remove ``path`` after a failure, to the end even if cancelled meanwhile, but not
+    beyond ``timeout`` (a hung filesystem): then it is left, and said."""
+    try:
+        await to_completion(asyncio.wait_for(asyncio.to_thread(remove, path), timeout))
+    except TimeoutError:
+        log.error("could not remove in time; left behind", path=str(path), timeout=timeout)
 
 
 def _has_backups(backups_dir: Path) -> bool:

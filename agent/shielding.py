@@ -4,6 +4,9 @@
 (a job cancelled, then the agent stopping) lets the caller go on while the work still
 runs, e.g. releasing a domain's lock while an undo still changes its checkpoints, or
 undoing a backup while a worker thread is still renaming it into place.
+
+Work awaited this way must be bounded (a timeout of its own): nothing can interrupt
+the wait.
 """
 
 from __future__ import annotations
@@ -12,25 +15,28 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
+from agent.logs import get_logger
+
+log = get_logger("shielding")
+
 T = TypeVar("T")
 
 
 async def to_completion(work: Awaitable[T]) -> T:
     """Await ``work`` to its end whatever cancellations arrive meanwhile; then raise
-    ``CancelledError`` if any did, else return its result (or raise its error)."""
+    ``CancelledError`` if any did (also one that came as the work ended), else return
+    its result or raise its error."""
     task = asyncio.ensure_future(work)
     interrupted = False
     while not task.done():
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
-            if task.done():
-                break  # the work itself was cancelled (not by us): its outcome below
-            interrupted = True
+            interrupted = True  # the caller's, or the work's own: CancelledError either way
         except BaseException:
             break  # the work failed: its error below
     if interrupted:
-        if not task.cancelled():
-            task.exception()  # retrieved: the cancellation is what the caller sees
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("work failed after its caller was cancelled", error=repr(task.exception()))
         raise asyncio.CancelledError
     return task.result()

@@ -376,6 +376,35 @@ async def test_a_job_failing_after_its_backup_was_marked_does_not_trust_chains_a
         await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
 
 
+async def test_a_backup_over_its_time_limit_is_undone(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    """[backup] job_timeout: a backup still copying then fails with code timeout and is
+    undone like any failure; the next one is incremental and restores."""
+    cfg = config(tmp_path, backup={"job_timeout": 1.5, "bandwidth_limit": 4 * MiB})
+    async with running_agent(cfg) as run:
+        guest = await started_guest(run, domain_factory, TWO_DISKS)
+        backups, repo = run.agent.backups, run.agent.backups.repository
+        await guest.write("vda", 0, 1 * MiB, 0x6E)
+        await backups.run(guest.td.uuid)
+        await guest.write("sda", 0, 16 * MiB, 0x6F)  # four seconds at 4 MiB/s
+        before = await asyncio.to_thread(_checkpoint_names, guest)
+        started = time.monotonic()
+        with pytest.raises(BackupError) as timed_out:
+            await backups.run(guest.td.uuid)
+        assert timed_out.value.code == "timeout"
+        assert time.monotonic() - started < 4, "not cut short by the time limit"
+        await _assert_undone(cfg, repo, guest, before, backups=1)
+        await wait_until_async(lambda: guest.td.dom().jobInfo()[0] == 0, 10)
+    fast = config(tmp_path)
+    async with running_agent(fast) as run:
+        expected = guest.snapshot()
+        result = await run.agent.backups.run(guest.td.uuid)
+        assert {d.mode for d in result.disks} == {"incremental"}
+        repo = run.agent.backups.repository
+        await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
+
+
 async def test_qemu_killed_during_the_backup(domain_factory: DomainFactory, tmp_path: Path) -> None:
     cfg = config(tmp_path, backup={"bandwidth_limit": 16 * MiB})
     async with running_agent(cfg) as run:

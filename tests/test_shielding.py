@@ -58,3 +58,34 @@ async def test_a_failure_of_the_work_after_a_cancellation_still_ends_in_cancella
     release.set()
     with pytest.raises(asyncio.CancelledError):
         await caller
+
+
+async def test_a_cancellation_arriving_as_the_work_ends_is_not_lost() -> None:
+    release = asyncio.Event()
+
+    async def work() -> int:
+        await release.wait()
+        return 1
+
+    caller = asyncio.create_task(to_completion(work()))
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.sleep(0)  # the work has ended; the caller has not resumed yet
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+
+
+async def test_an_enclosing_timeout_still_fires_once_the_work_is_over() -> None:
+    finished: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def work() -> None:
+        await asyncio.sleep(0.2)
+        finished.append(loop.time())
+
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await to_completion(work())
+    assert finished and finished[0] - started >= 0.2
