@@ -636,25 +636,20 @@ class Backups:
             await self._drop_intent(job)
 
     async def _roll_forward(self, job: _Job) -> None:
-        """A job that ended after publishing: its backup stands; finish marking it.
-
-        Unless the ledger marked it already (the job failed later, pruning say): marking
-        it again would trust every disk's chain anew, over a break recorded since.
-        """
-        await self.repository.backup(job.domain, job.backup_id)  # still there?
-        record = await self._chains.ledger.checkpoint(job.domain, job.checkpoint)
-        if record is None or record.backed_up_at is None:
-            await self._chains.backup_succeeded(job.domain, job.checkpoint)
+        """A job that ended after publishing (checked by :meth:`_published`): its backup
+        stands; finish marking it."""
+        await self._chains.backup_succeeded(job.domain, job.checkpoint)
         await self._drop_intent(job)
 
     async def _published(self, job: _Job) -> bool:
-        """Whether the job's backup is in the repository (whatever its intent says: an
-        agent killed between the rename and rewriting the intent left it unpublished)."""
-        if job.published:
-            return True
+        """Whether the job's backup is in the repository. An intent that says published
+        must find it there (else an error); one that does not may be from an agent
+        killed between the rename and rewriting the intent."""
         try:
             await self.repository.backup(job.domain, job.backup_id)
         except BackupNotFoundError:
+            if job.published:
+                raise
             return False
         return True
 
@@ -704,17 +699,12 @@ async def _settle(task: asyncio.Task[Any]) -> None:
     cancelled meanwhile (then that is raised afterwards): the undo that follows must
     not race the copy's own clean-up. The task's outcome is dropped (the caller is
     already failing for a reason of its own)."""
-    interrupted = False
     task.cancel()
-    while not task.done():
-        try:
-            await asyncio.shield(asyncio.wait([task]))
-        except asyncio.CancelledError:
-            interrupted = True
-    if not task.cancelled():
-        task.exception()  # retrieved: no "exception was never retrieved" warning
-    if interrupted:
-        raise asyncio.CancelledError
+    try:
+        await to_completion(asyncio.wait([task]))
+    finally:
+        if not task.cancelled():
+            task.exception()  # retrieved: no "exception was never retrieved" warning
 
 
 async def _runs(source: NbdClient, contexts: list[str]) -> list[Run]:

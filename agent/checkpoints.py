@@ -64,6 +64,7 @@ from agent.ledger import (
     SetState,
 )
 from agent.logs import get_logger
+from agent.repository import Problem, Repository, damaged_disks
 from agent.statelock import state_lock
 
 log = get_logger("checkpoints")
@@ -215,6 +216,10 @@ class Chains:
             raise ChainError(
                 "no such checkpoint in the ledger", domain=domain, checkpoint=checkpoint
             )
+        if record.backed_up_at is not None:
+            # Marked already (a job that failed later, pruning say, and is finished at the
+            # next start): marking it again would trust every chain over a break since.
+            return
         # Trusted, and a new chain starts at it for every disk it covers: one transaction.
         chains = {d.target: (True, None, f"chain from {checkpoint}") for d in record.disks}
         await self.ledger.transaction(
@@ -615,3 +620,17 @@ def _delete(conn: Any, uuid: str, name: str) -> bool:
         cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
         return True
     return False
+
+
+async def break_damaged_chains(
+    repository: Repository, ledger: Ledger | None, domain: str, problems: Sequence[Problem]
+) -> tuple[list[str], bool]:
+    """After verify found ``problems``: the disks whose restore at the newest backup
+    reads a damaged one, and whether their chains are now broken (``backup-corrupt``)
+    in ``ledger``, so that their next backup is full; not if there is no ledger or it
+    does not know the domain (a repository verified on another host)."""
+    damaged = damaged_disks(await repository.backups(domain), problems)
+    marked = ledger is not None and await ledger.break_disk_chains(
+        domain, "backup-corrupt", damaged
+    )
+    return sorted(damaged), marked

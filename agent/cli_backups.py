@@ -16,10 +16,11 @@ from pathlib import Path
 
 from agent.backup import BackupResult
 from agent.backup_plan import BackupMode
+from agent.checkpoints import break_damaged_chains
 from agent.config import AgentConfig
 from agent.errors import AgentError
 from agent.ledger import Ledger
-from agent.repository import Problem, Repository, damaged_disks
+from agent.repository import Problem, Repository
 
 
 class CommandError(AgentError):
@@ -120,8 +121,10 @@ def verify(config: AgentConfig, domain: str, backup_id: str | None) -> int:
         print(f"{p.backup_id} {p.target} {p.image}{where}: {p.message}")
     if problems:
         print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        # (this host's ledger, if it has one: checked here, not on the event loop)
+        ledger = config.ledger_path if config.ledger_path.exists() else None
         try:
-            marked, damaged = asyncio.run(_full_next(config, repository, domain, problems))
+            damaged, marked = asyncio.run(_full_next(ledger, repository, domain, problems))
         except AgentError as exc:
             print(f"could not mark the damaged disks' chains in the ledger: {exc}", file=sys.stderr)
             return 1
@@ -139,19 +142,12 @@ def verify(config: AgentConfig, domain: str, backup_id: str | None) -> int:
 
 
 async def _full_next(
-    config: AgentConfig, repository: Repository, domain: str, problems: Sequence[Problem]
-) -> tuple[bool, list[str]]:
-    """The disks whose newest restore reads a damaged backup, and whether their chains
-    are now broken in this host's ledger (only if it has one that knows the domain)."""
-    damaged = damaged_disks(await repository.backups(domain), problems)
-    if not damaged or not config.ledger_path.exists():
-        return False, sorted(damaged)
-    ledger = await Ledger.open(config.ledger_path)
-    try:
-        marked = await ledger.break_disk_chains(domain, "backup-corrupt", damaged)
-    finally:
-        await ledger.close()
-    return marked, sorted(damaged)
+    ledger_path: Path | None, repository: Repository, domain: str, problems: Sequence[Problem]
+) -> tuple[list[str], bool]:
+    if ledger_path is None:
+        return await break_damaged_chains(repository, None, domain, problems)
+    async with await Ledger.open(ledger_path) as ledger:
+        return await break_damaged_chains(repository, ledger, domain, problems)
 
 
 def backup(config: AgentConfig, domain: str, mode: str) -> None:

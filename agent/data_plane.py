@@ -77,7 +77,10 @@ class DataPlane:
             future.cancel()  # cancels the task over there
             # Until its clean-ups (each bounded by its own timeout) are over, even through
             # a second cancellation; bounded here too, should that loop be gone.
-            await to_completion(_settled(finished))
+            try:
+                await to_completion(finished.wait(), timeout=_SETTLE_TIMEOUT)
+            except TimeoutError:
+                log.error("a cancelled copy did not finish", timeout=_SETTLE_TIMEOUT)
             raise
 
     async def close(self) -> None:
@@ -106,10 +109,3 @@ def _serve(loop: asyncio.AbstractEventLoop) -> None:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         loop.close()
-
-
-async def _settled(finished: asyncio.Event) -> None:
-    try:
-        await asyncio.wait_for(finished.wait(), _SETTLE_TIMEOUT)
-    except TimeoutError:
-        log.error("a cancelled copy did not finish", timeout=_SETTLE_TIMEOUT)

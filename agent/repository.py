@@ -680,10 +680,8 @@ class Repository:
             # Bounded (a hung NFS mount): then nobody can tell, and nobody may undo.
             try:
                 published = await to_completion(
-                    asyncio.wait_for(
-                        asyncio.to_thread(_publish, staging, manifest, text.result()),
-                        PUBLISH_TIMEOUT,
-                    )
+                    asyncio.to_thread(_publish, staging, manifest, text.result()),
+                    timeout=PUBLISH_TIMEOUT,
                 )
             except TimeoutError as exc:
                 raise PublishUndecidedError(
@@ -1239,37 +1237,32 @@ async def _clean_up(remove: Callable[[Path], None], path: Path, timeout: float) 
     """Remove ``path`` after a failure, to the end even if cancelled meanwhile, but not
     beyond ``timeout`` (a hung filesystem): then it is left, and said."""
     try:
-        await to_completion(asyncio.wait_for(asyncio.to_thread(remove, path), timeout))
+        await to_completion(asyncio.to_thread(remove, path), timeout=timeout)
     except TimeoutError:
         log.error("could not remove in time; left behind", path=str(path), timeout=timeout)
 
 
-def _has_backups(backups_dir: Path) -> bool:
+def _backup_ids(backups_dir: Path) -> list[str]:
+    """The published backups' directories (none if there is no directory): hidden
+    entries are staging, merge and dropped dirs; anything else is not ours."""
     with _os_errors("cannot list", backups_dir):
         try:
-            names = os.listdir(backups_dir)
+            return [n for n in os.listdir(backups_dir) if BACKUP_ID_RE.fullmatch(n)]
         except FileNotFoundError:
-            return False
-    return any(BACKUP_ID_RE.fullmatch(n) for n in names)
+            return []
+
+
+def _has_backups(backups_dir: Path) -> bool:
+    return bool(_backup_ids(backups_dir))
 
 
 def _read_backups(backups_dir: Path) -> list[Manifest]:
-    with _os_errors("cannot list", backups_dir):
-        try:
-            names = os.listdir(backups_dir)
-        except FileNotFoundError:
-            return []
-    # Hidden entries are staging, merge and dropped dirs; anything else is not ours.
-    manifests = [_read_manifest(backups_dir / n) for n in names if BACKUP_ID_RE.fullmatch(n)]
+    manifests = [_read_manifest(backups_dir / n) for n in _backup_ids(backups_dir)]
     return sorted(manifests, key=lambda m: (m.created_at, m.backup_id))
 
 
 def _read_latest(backups_dir: Path) -> Manifest | None:
-    with _os_errors("cannot list", backups_dir):
-        try:
-            names = [n for n in os.listdir(backups_dir) if BACKUP_ID_RE.fullmatch(n)]
-        except FileNotFoundError:
-            return None
+    names = _backup_ids(backups_dir)
     if not names:
         return None
     second = max(n.split("-", 1)[0] for n in names)

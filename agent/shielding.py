@@ -5,8 +5,7 @@
 runs, e.g. releasing a domain's lock while an undo still changes its checkpoints, or
 undoing a backup while a worker thread is still renaming it into place.
 
-Work awaited this way must be bounded (a timeout of its own): nothing can interrupt
-the wait.
+Nothing can interrupt the wait: work without a bound of its own needs ``timeout``.
 """
 
 from __future__ import annotations
@@ -22,11 +21,11 @@ log = get_logger("shielding")
 T = TypeVar("T")
 
 
-async def to_completion(work: Awaitable[T]) -> T:
-    """Await ``work`` to its end whatever cancellations arrive meanwhile; then raise
-    ``CancelledError`` if any did (also one that came as the work ended), else return
-    its result or raise its error."""
-    task = asyncio.ensure_future(work)
+async def to_completion(work: Awaitable[T], *, timeout: float | None = None) -> T:
+    """Await ``work`` to its end (or ``timeout``: then TimeoutError) whatever
+    cancellations arrive meanwhile; then raise ``CancelledError`` if any did (also one
+    that came as the work ended), else return its result or raise its error."""
+    task = asyncio.ensure_future(work if timeout is None else asyncio.wait_for(work, timeout))
     interrupted = False
     while not task.done():
         try:

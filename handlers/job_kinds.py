@@ -14,6 +14,7 @@ import functools
 from pathlib import Path
 
 from agent.backup_plan import BackupMode
+from agent.checkpoints import break_damaged_chains
 from agent.config import AgentConfig
 from agent.dispatch import HandlerContext
 from agent.errors import AgentError, JobError
@@ -22,7 +23,6 @@ from agent.job_requests import Job, JobDisk, JobKind
 from agent.jobs import JobFailedError, JobOutcome, JobRunner, Progress
 from agent.logs import get_logger
 from agent.metrics import chain_length
-from agent.repository import damaged_disks
 
 log = get_logger("handlers.job_kinds")
 
@@ -113,9 +113,9 @@ def _new_directory(path: Path) -> None:
 async def _in_repository(ctx: HandlerContext, domain: str) -> str:
     """The name the repository keeps ``domain`` (a name or UUID) under, whether or not
     libvirt still has the domain."""
-    repository = ctx.backups.repository
-    name = await repository.domain_named(ctx.domains.name_of(domain))
-    if name is None and domain != ctx.domains.name_of(domain):
+    repository, known = ctx.backups.repository, ctx.domains.name_of(domain)
+    name = await repository.domain_named(known)
+    if name is None and known != domain:
         name = await repository.domain_named(domain)
     if name is None:
         raise JobError(f"no backups of {domain!r} in the repository", code="no-backups")
@@ -140,9 +140,11 @@ async def verify(ctx: HandlerContext, job: Job, progress: Progress) -> JobOutcom
         # The next backup of a disk whose chain is damaged copies it in full.
         result: dict[str, object] = {"problems": found, "full_next": []}
         try:
-            damaged = damaged_disks(await ctx.backups.repository.backups(domain), problems)
-            if await ctx.chains.ledger.break_disk_chains(domain, "backup-corrupt", damaged):
-                result["full_next"] = sorted(damaged)
+            damaged, marked = await break_damaged_chains(
+                ctx.backups.repository, ctx.chains.ledger, domain, problems
+            )
+            if marked:
+                result["full_next"] = damaged
         except AgentError as exc:  # the problems found are still the job's result
             log.error("could not mark the damaged disks' chains", domain=domain, error=str(exc))
             result["full_next_error"] = str(exc)

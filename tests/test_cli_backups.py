@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from agent.repository import Repository
-from tests.guest_model import agent_cli
+from tests.guest_model import agent_cli, config_file
+from tests.guest_model import config as agent_config
 from tests.test_repository import DOMAIN, Builder, KiB, MiB, _flip_byte, _host_offset
 
 UUID = "6b0bb1c1-4a40-4d5e-9a8a-0e9e4d0f2c11"  # what Builder records as the domain's UUID
@@ -18,13 +19,10 @@ UUID = "6b0bb1c1-4a40-4d5e-9a8a-0e9e4d0f2c11"  # what Builder records as the dom
 @pytest.fixture
 async def one_disk(tmp_path: Path) -> tuple[Path, Builder]:
     """A repository holding one backup of a one-disk domain, and the config naming it."""
-    builder = Builder(Repository(tmp_path / "repo"))
+    cfg = agent_config(tmp_path)  # its repository: tmp_path / "repo"
+    builder = Builder(Repository(cfg.repository_path))
     await builder.backup({"vda": [(0, MiB, 0x31), (3 * MiB, 64 * KiB, 0x32)]})
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f'[agent]\nstate_dir = "{tmp_path / "state"}"\n[repository]\npath = "{tmp_path / "repo"}"\n'
-    )
-    return config, builder
+    return config_file(tmp_path, cfg), builder
 
 
 def test_restore_without_disk_writes_a_directory_even_for_one_disk(
