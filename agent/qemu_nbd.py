@@ -14,6 +14,12 @@ buffers above its mmap threshold (128 KiB at first) with a fresh mmap each time,
 pages the kernel faults in and zeroes: for the backup's 2 MiB writes that was two
 thirds of qemu-nbd's CPU time (1.5 of 2.3 CPU-seconds per 2 GiB, on a host whose two
 cores the copy saturates). :data:`MALLOC_TUNING` keeps them in the heap instead.
+
+Direct I/O (``--cache=none``) goes through io_uring where the host has it. With Linux
+AIO (``--aio=native``), qemu-nbd's exit waited 40 to 90 ms here to tear down its AIO
+context, at the end of every full backup's copy; with io_uring, 5 to 8 ms. Where
+io_uring is refused (an older kernel, ``kernel.io_uring_disabled``, a QEMU built
+without it), Linux AIO is used, and io_uring is not tried again by this process.
 """
 
 from __future__ import annotations
@@ -28,12 +34,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from agent.errors import ImageError
+from agent.logs import get_logger
 from agent.shielding import to_completion
+
+log = get_logger("qemu_nbd")
 
 QEMU_NBD = "/usr/bin/qemu-nbd"
 # Sends qemu-nbd SIGKILL when the thread that started it ends (with the agent, if killed).
 _ORPHAN_GUARD = ["/usr/bin/setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
 
+
+# Asynchronous I/O modes for direct I/O, in the order tried; one qemu-nbd refused names it.
+_DIRECT_AIO = ("io_uring", "native")
+_refused_aio: set[str] = set()
 
 # Buffers up to 32 MiB (the largest NBD request) come from the heap, and the heap is not
 # given back to the kernel below 256 MiB of free space at its top.
@@ -70,15 +83,22 @@ async def serve_image(
 ) -> AsyncIterator[Path]:
     """Serve ``image`` (qcow2) on ``socket`` for up to ``clients`` connections at once.
 
-    With ``direct``, writes bypass the page cache (``--cache=none --aio=native``), which
-    is what fast copies need; a filesystem without O_DIRECT (tmpfs) gets the page cache.
+    With ``direct``, writes bypass the page cache (``--cache=none``, io_uring or else
+    Linux AIO), which is what fast copies need; a filesystem without O_DIRECT gets the
+    page cache.
     """
-    try:
-        process = await _start(image, socket, clients, read_only, backing, direct, timeout)
-    except ImageError:
-        if not direct:
-            raise
-        process = await _start(image, socket, clients, read_only, backing, False, timeout)
+    modes = [m for m in _DIRECT_AIO if m not in _refused_aio] if direct else []
+    process = None
+    for aio in modes:
+        try:
+            process = await _start(image, socket, clients, read_only, backing, aio, timeout)
+            break
+        except ImageError as exc:
+            if aio in str(exc):
+                _refused_aio.add(aio)
+            log.info("qemu-nbd refused an I/O mode; trying the next", aio=aio, error=str(exc))
+    if process is None:
+        process = await _start(image, socket, clients, read_only, backing, None, timeout)
     try:
         yield socket
     finally:
@@ -92,10 +112,11 @@ async def _start(
     clients: int,
     read_only: bool,
     backing: bool,
-    direct: bool,
+    aio: str | None,
     timeout: float,
 ) -> asyncio.subprocess.Process:
-    cache = ["--cache=none", "--aio=native"] if direct else ["--cache=writeback"]
+    """qemu-nbd, serving once it accepts connections; ``aio`` None: the page cache."""
+    cache = ["--cache=none", f"--aio={aio}"] if aio else ["--cache=writeback"]
     args = [
         *_ORPHAN_GUARD,
         QEMU_NBD,

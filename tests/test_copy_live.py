@@ -10,14 +10,17 @@ filter, which records every request the copy sent.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agent import qemu_nbd
 from agent.copy import Run, copy_runs
 from agent.nbd import connect_many
 from agent.qemu_nbd import MALLOC_TUNING, serve_image
@@ -35,16 +38,20 @@ def _pattern(offset: int, length: int) -> bytes:
     return b"".join(struct.pack(">Q", o) for o in range(offset, offset + length, 8))
 
 
-def _qemu_nbd_environment(socket: Path) -> str:
-    """The environment of the qemu-nbd process serving ``socket``."""
+def _qemu_nbd_process(socket: Path) -> tuple[list[str], str]:
+    """The command line and environment of the qemu-nbd process serving ``socket``."""
     for proc in Path("/proc").iterdir():
         try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if any(b"qemu-nbd" in a for a in cmdline) and f"--socket={socket}".encode() in cmdline:
-                return (proc / "environ").read_bytes().decode(errors="replace")
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            if any("qemu-nbd" in a for a in cmdline) and f"--socket={socket}" in cmdline:
+                return cmdline, (proc / "environ").read_bytes().decode(errors="replace")
         except OSError:
             continue
     raise AssertionError(f"no qemu-nbd serving {socket}")
+
+
+def _qemu_nbd_environment(socket: Path) -> str:
+    return _qemu_nbd_process(socket)[1]
 
 
 @pytest.fixture
@@ -138,3 +145,43 @@ async def test_split_reads_land_in_place_and_writes_stay_whole(sockdir: Path) ->
         else:
             merged.append((offset, count))
     assert merged == wanted
+
+
+async def test_direct_io_prefers_io_uring_and_falls_back_to_a_mode_qemu_accepts(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """io_uring where the host has it; a mode qemu-nbd refuses is not tried again."""
+    image, socket = sockdir / "image.qcow2", sockdir / "image.sock"
+    _run(QEMU_IMG, "create", "-q", "-f", "qcow2", image, str(SIZE))
+    expected = "native" if "io_uring" in qemu_nbd._refused_aio else "io_uring"
+    async with serve_image(image, socket):
+        cmdline, _ = _qemu_nbd_process(socket)
+    assert "--cache=none" in cmdline and f"--aio={expected}" in cmdline
+
+    # A first choice this qemu-nbd refuses: the next one serves, and the refused one
+    # is remembered.
+    starts: list[str | None] = []
+    start = qemu_nbd._start
+
+    async def counted(*args: Any) -> asyncio.subprocess.Process:
+        starts.append(args[5])  # the I/O mode
+        return await start(*args)
+
+    monkeypatch.setattr(qemu_nbd, "_start", counted)
+    monkeypatch.setattr(qemu_nbd, "_DIRECT_AIO", ("bogus", "native"))
+    monkeypatch.setattr(qemu_nbd, "_refused_aio", set())
+    for _ in range(2):
+        async with serve_image(image, socket, clients=1) as served:
+            cmdline, _ = _qemu_nbd_process(socket)
+            assert "--cache=none" in cmdline and "--aio=native" in cmdline
+            (client,) = await connect_many(1, socket_path=served)
+            try:
+                await client.write(64 * KiB, b"\x5a" * (64 * KiB))
+                await client.flush()
+                back = bytearray(64 * KiB)
+                await client.read_into(64 * KiB, memoryview(back))
+            finally:
+                await client.close()
+            assert back == b"\x5a" * (64 * KiB)
+    assert starts == ["bogus", "native", "native"]
+    assert qemu_nbd._refused_aio == {"bogus"}
