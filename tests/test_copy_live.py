@@ -153,9 +153,10 @@ async def test_direct_io_prefers_io_uring_and_falls_back_to_a_mode_qemu_accepts(
     """io_uring where the host has it; a mode qemu-nbd refuses is not tried again."""
     image, socket = sockdir / "image.qcow2", sockdir / "image.sock"
     _run(QEMU_IMG, "create", "-q", "-f", "qcow2", image, str(SIZE))
-    expected = "native" if "io_uring" in qemu_nbd._refused_aio else "io_uring"
     async with serve_image(image, socket):
         cmdline, _ = _qemu_nbd_process(socket)
+    # (on a host that refuses io_uring, Linux AIO; then io_uring is marked refused)
+    expected = "native" if "io_uring" in qemu_nbd._refused_aio else "io_uring"
     assert "--cache=none" in cmdline and f"--aio={expected}" in cmdline
 
     # A first choice this qemu-nbd refuses: the next one serves, and the refused one
