@@ -7,6 +7,12 @@ HTTP API. The copies therefore run here, on a loop of their own, hashing include
 (XXH3, a tenth of a millisecond per 2 MiB); the main loop only waits for their result.
 With four backups at once its worst lag is now 31-40 ms.
 
+The loop is uvloop's (libuv): the copy is a stream of small callbacks, and asyncio's own
+loop spends more CPU on each. Alternating 2 GiB full backups on this 2-core host (six
+each), the median fell from 2.78 to 2.57 s; alternating 1 % incrementals (eight each),
+the copy's median from 113 to 97 ms. The main loop stays asyncio's: libvirtaio is
+written and tested for it.
+
 :meth:`DataPlane.run` behaves like ``await coro`` for the caller: the result or the
 exception comes back, and cancelling the caller cancels the coroutine *and waits until
 it has finished* (its ``finally`` blocks close sockets and stop qemu-nbd), so whatever
@@ -24,6 +30,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import structlog
+import uvloop
 
 from agent.logs import get_logger
 from agent.shielding import to_completion
@@ -49,7 +56,7 @@ class DataPlane:
             if self._loop is None:
                 # Work handed over before the thread runs the loop waits in its queue:
                 # nothing here waits for the thread to start.
-                loop = asyncio.new_event_loop()
+                loop = uvloop.new_event_loop()
                 thread = threading.Thread(
                     target=_serve, args=(loop,), name="data-plane", daemon=True
                 )
@@ -108,4 +115,7 @@ def _serve(loop: asyncio.AbstractEventLoop) -> None:
             loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
-        loop.close()
+        try:
+            loop.close()
+        except OSError as exc:  # uvloop refuses while a handle is still open (a leak)
+            log.error("the data plane's loop closed with handles still open", error=str(exc))

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from agent import qemu_nbd
 from agent.copy import Run, copy_runs
+from agent.data_plane import DataPlane
 from agent.nbd import connect_many
 from agent.qemu_nbd import MALLOC_TUNING, serve_image
-from agent.repository import digest_of
+from agent.repository import RangeChecksum, digest_of
 from tests.test_nbd import QEMU_IMG, _run, nbdkit
 
 KiB = 1024
@@ -61,7 +63,10 @@ def sockdir() -> Iterator[Path]:
         yield Path(path)
 
 
-async def test_split_reads_land_in_place_and_writes_stay_whole(sockdir: Path) -> None:
+@pytest.mark.parametrize("where", ["test loop", "data plane"])
+async def test_split_reads_land_in_place_and_writes_stay_whole(sockdir: Path, where: str) -> None:
+    """On the test's asyncio loop, and on the data plane's (uvloop, in its own thread),
+    where backups run their copies."""
     source_sock, target_sock = sockdir / "src.sock", sockdir / "dst.sock"
     log = sockdir / "requests.log"
     target = sockdir / "target.qcow2"
@@ -75,7 +80,8 @@ async def test_split_reads_land_in_place_and_writes_stay_whole(sockdir: Path) ->
         Run(4 * MiB + 64 * KiB, 2 * MiB + 8, False),
     ]
     read_size, request_size = 64 * KiB, 256 * KiB
-    with nbdkit(source_sock, "--filter=log", "pattern", f"size={SIZE}", f"logfile={log}"):
+
+    async def copy() -> tuple[int, list[RangeChecksum], bytearray, asyncio.AbstractEventLoop]:
         async with serve_image(target, target_sock, clients=2) as served:
             environment = _qemu_nbd_environment(target_sock)
             # (glibc splits the variable in place as it parses it)
@@ -103,7 +109,19 @@ async def test_split_reads_land_in_place_and_writes_stay_whole(sockdir: Path) ->
             finally:
                 for client in [*sources, *targets]:
                     await client.close()
-    assert len(sources) == 3, "nbdkit's pattern plugin allows multi-conn"
+        return len(sources), checksums, copied, asyncio.get_running_loop()
+
+    with nbdkit(source_sock, "--filter=log", "pattern", f"size={SIZE}", f"logfile={log}"):
+        if where == "data plane":
+            plane = DataPlane()
+            try:
+                connections, checksums, copied, loop = await plane.run(copy())
+            finally:
+                await plane.close()
+            assert isinstance(loop, uvloop.Loop)
+        else:
+            connections, checksums, copied, loop = await copy()
+    assert connections == 3, "nbdkit's pattern plugin allows multi-conn"
 
     expected = bytearray(SIZE)
     for run in runs:
