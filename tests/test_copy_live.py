@@ -24,6 +24,7 @@ import uvloop
 from agent import qemu_nbd
 from agent.copy import Run, copy_runs
 from agent.data_plane import DataPlane
+from agent.errors import ImageError
 from agent.nbd import connect_many
 from agent.qemu_nbd import MALLOC_TUNING, serve_image
 from agent.repository import RangeChecksum, digest_of
@@ -165,42 +166,92 @@ async def test_split_reads_land_in_place_and_writes_stay_whole(sockdir: Path, wh
     assert merged == wanted
 
 
-async def test_direct_io_prefers_io_uring_and_falls_back_to_a_mode_qemu_accepts(
-    sockdir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """io_uring where the host has it; a mode qemu-nbd refuses is not tried again."""
-    image, socket = sockdir / "image.qcow2", sockdir / "image.sock"
-    _run(QEMU_IMG, "create", "-q", "-f", "qcow2", image, str(SIZE))
-    async with serve_image(image, socket):
-        cmdline, _ = _qemu_nbd_process(socket)
-    # (on a host that refuses io_uring, Linux AIO; then io_uring is marked refused)
-    expected = "native" if "io_uring" in qemu_nbd._refused_aio else "io_uring"
-    assert "--cache=none" in cmdline and f"--aio={expected}" in cmdline
+@pytest.fixture
+def imagedir() -> Iterator[Path]:
+    """A directory on disk (O_DIRECT works there on any kernel; on tmpfs, only on newer)."""
+    with tempfile.TemporaryDirectory(prefix="copy", dir="/var/tmp") as path:
+        yield Path(path)
 
-    # A first choice this qemu-nbd refuses: the next one serves, and the refused one
-    # is remembered.
-    starts: list[str | None] = []
+
+@pytest.fixture
+def starts(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """The I/O mode of every qemu-nbd start, from a clean slate of refused modes."""
+    seen: list[str | None] = []
     start = qemu_nbd._start
 
     async def counted(*args: Any) -> asyncio.subprocess.Process:
-        starts.append(args[5])  # the I/O mode
+        seen.append(args[5])  # the I/O mode
         return await start(*args)
 
     monkeypatch.setattr(qemu_nbd, "_start", counted)
-    monkeypatch.setattr(qemu_nbd, "_DIRECT_AIO", ("bogus", "native"))
     monkeypatch.setattr(qemu_nbd, "_refused_aio", set())
+    return seen
+
+
+async def _serves_bytes(served: Path) -> None:
+    (client,) = await connect_many(1, socket_path=served)
+    try:
+        await client.write(64 * KiB, b"\x5a" * (64 * KiB))
+        await client.flush()
+        back = bytearray(64 * KiB)
+        await client.read_into(64 * KiB, memoryview(back))
+    finally:
+        await client.close()
+    assert back == b"\x5a" * (64 * KiB)
+
+
+async def test_direct_io_goes_through_io_uring_where_the_host_allows_it(
+    sockdir: Path, imagedir: Path, starts: list[str | None]
+) -> None:
+    image, socket = imagedir / "image.qcow2", sockdir / "image.sock"
+    _run(QEMU_IMG, "create", "-q", "-f", "qcow2", image, str(SIZE))
+    async with serve_image(image, socket) as served:
+        cmdline, _ = _qemu_nbd_process(socket)
+        await _serves_bytes(served)
+    expected = "io_uring" if qemu_nbd._io_uring_usable() else "native"
+    assert "--cache=none" in cmdline and f"--aio={expected}" in cmdline
+    assert starts == [expected]
+
+
+async def test_a_host_refusing_io_uring_gets_linux_aio_without_trying_io_uring(
+    sockdir: Path, imagedir: Path, starts: list[str | None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU 8.2 and later would start with io_uring regardless, then use a thread pool:
+    the agent asks the kernel first."""
+    monkeypatch.setattr(qemu_nbd, "_io_uring_usable", lambda: False)
+    image, socket = imagedir / "image.qcow2", sockdir / "image.sock"
+    _run(QEMU_IMG, "create", "-q", "-f", "qcow2", image, str(SIZE))
+    async with serve_image(image, socket) as served:
+        cmdline, _ = _qemu_nbd_process(socket)
+        await _serves_bytes(served)
+    assert "--cache=none" in cmdline and "--aio=native" in cmdline
+    assert starts == ["native"]
+    assert qemu_nbd._refused_aio == {"io_uring"}
+
+
+async def test_a_mode_qemu_nbd_refuses_falls_back_and_is_not_tried_again(
+    sockdir: Path, imagedir: Path, starts: list[str | None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(qemu_nbd, "_DIRECT_AIO", ("bogus", "native"))
+    image, socket = imagedir / "image.qcow2", sockdir / "image.sock"
+    _run(QEMU_IMG, "create", "-q", "-f", "qcow2", image, str(SIZE))
     for _ in range(2):
         async with serve_image(image, socket, clients=1) as served:
             cmdline, _ = _qemu_nbd_process(socket)
             assert "--cache=none" in cmdline and "--aio=native" in cmdline
-            (client,) = await connect_many(1, socket_path=served)
-            try:
-                await client.write(64 * KiB, b"\x5a" * (64 * KiB))
-                await client.flush()
-                back = bytearray(64 * KiB)
-                await client.read_into(64 * KiB, memoryview(back))
-            finally:
-                await client.close()
-            assert back == b"\x5a" * (64 * KiB)
+            await _serves_bytes(served)
     assert starts == ["bogus", "native", "native"]
     assert qemu_nbd._refused_aio == {"bogus"}
+
+
+async def test_a_failure_that_is_not_about_the_mode_tries_only_the_page_cache_after(
+    sockdir: Path, imagedir: Path, starts: list[str | None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(qemu_nbd, "_DIRECT_AIO", ("native", "io_uring"))
+    monkeypatch.setattr(qemu_nbd, "_io_uring_usable", lambda: True)
+    missing = imagedir / "missing.qcow2"
+    with pytest.raises(ImageError, match=r"missing\.qcow2"):
+        async with serve_image(missing, sockdir / "image.sock"):
+            pass
+    assert starts == ["native", None]
+    assert qemu_nbd._refused_aio == set()
