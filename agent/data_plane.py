@@ -7,11 +7,11 @@ HTTP API. The copies therefore run here, on a loop of their own, hashing include
 (XXH3, a tenth of a millisecond per 2 MiB); the main loop only waits for their result.
 With four backups at once its worst lag is now 31-40 ms.
 
-The loop is uvloop's (libuv): the copy is a stream of small callbacks, and asyncio's own
-loop spends more CPU on each. Alternating 2 GiB full backups on this 2-core host (six
-each), the median fell from 2.78 to 2.57 s; alternating 1 % incrementals (eight each),
-the copy's median from 113 to 97 ms. The main loop stays asyncio's: libvirtaio is
-written and tested for it.
+The loop is asyncio's own. uvloop's was measured here: alternating 2 GiB fulls (six
+each), their median fell from 2.78 to 2.57 s, but ``bench/loop_lag.py``'s worst
+main-loop lag rose from 32-44 ms to 81-198 ms (three runs each; not investigated
+further, but uvloop makes its socket calls without releasing the GIL, which asyncio's
+loop does, and the main loop's thread needs the GIL to run).
 
 :meth:`DataPlane.run` behaves like ``await coro`` for the caller: the result or the
 exception comes back, and cancelling the caller cancels the coroutine *and waits until
@@ -30,7 +30,6 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import structlog
-import uvloop
 
 from agent.logs import get_logger
 from agent.shielding import to_completion
@@ -56,7 +55,7 @@ class DataPlane:
             if self._loop is None:
                 # Work handed over before the thread runs the loop waits in its queue:
                 # nothing here waits for the thread to start.
-                loop = uvloop.new_event_loop()
+                loop = asyncio.new_event_loop()
                 thread = threading.Thread(
                     target=_serve, args=(loop,), name="data-plane", daemon=True
                 )
@@ -117,5 +116,5 @@ def _serve(loop: asyncio.AbstractEventLoop) -> None:
             loop.run_until_complete(loop.shutdown_default_executor())
         try:
             loop.close()
-        except Exception as exc:  # uvloop's: callbacks queued meanwhile, or libuv's EBUSY
+        except Exception as exc:  # a callback queued meanwhile, say: logged, not lost
             log.error("the data plane's loop did not close cleanly", error=str(exc))

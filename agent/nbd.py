@@ -53,7 +53,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import Final, Self, cast
+from typing import Final, Self
 
 from agent.errors import (
     NbdConnectionError,
@@ -309,11 +309,6 @@ class Extent:
 # --- The byte pump -----------------------------------------------------------------------
 
 
-def _retrieve(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
 def _unexpected_data() -> None:
     raise NbdProtocolError("server sent data when none was expected")
 
@@ -326,8 +321,7 @@ class _Wire(asyncio.BufferedProtocol):
     the kernel exactly the unfilled rest, so ``recv_into`` writes payloads in place and
     never reads past the message part being received. A *skip* target reads and drops
     bytes (the reply of a cancelled request). During the handshake reading is paused
-    whenever nothing is awaited, after the greeting, which every server sends first.
-    Works on asyncio's loops and on uvloop's (the data plane's).
+    whenever nothing is awaited.
     """
 
     def __init__(self, server: str) -> None:
@@ -342,7 +336,6 @@ class _Wire(asyncio.BufferedProtocol):
         self._skip = 0
         self._on_full: Callable[[], None] = _unexpected_data
         self._waiter: asyncio.Future[None] | None = None
-        self._greeting: tuple[bytearray, asyncio.Future[None]] | None = None
         self._write_paused = False
         self._drain_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.on_error: Callable[[NbdError], None] = self._fail_waiter
@@ -377,14 +370,10 @@ class _Wire(asyncio.BufferedProtocol):
     # asyncio.BufferedProtocol.
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # (uvloop's transports have asyncio.Transport's methods, not its class)
-        self.transport = cast(asyncio.Transport, transport)
-        _enlarge_buffers(self.transport)
-        # Reading starts at once, into the greeting every server sends first, and pauses
-        # when it is in (not here: uvloop starts reading after this call regardless).
-        self._greeting = self._expect(_GREETING.size)
-        # (should the handshake never ask for it, its failure is not an unread error)
-        self._greeting[1].add_done_callback(_retrieve)
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        _enlarge_buffers(transport)
+        transport.pause_reading()  # nothing is expected until the handshake asks
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._skip:
@@ -462,20 +451,6 @@ class _Wire(asyncio.BufferedProtocol):
             return b""
         if self.lost.done() or self.transport is None:
             raise NbdConnectionError(f"{self.server}: connection closed", server=self.server)
-        buf, waiter = self._expect(count)
-        self.transport.resume_reading()
-        await waiter
-        return bytes(buf)
-
-    async def read_greeting(self) -> bytes:
-        """The server's greeting (received as soon as the connection was made)."""
-        assert self._greeting is not None
-        buf, waiter = self._greeting
-        await waiter
-        return bytes(buf)
-
-    def _expect(self, count: int) -> tuple[bytearray, asyncio.Future[None]]:
-        """Receive ``count`` bytes into a new buffer, then pause reading."""
         buf = bytearray(count)
         waiter = self._loop.create_future()
         self._waiter = waiter
@@ -488,7 +463,9 @@ class _Wire(asyncio.BufferedProtocol):
                 waiter.set_result(None)
 
         self.set_target(memoryview(buf), full)
-        return buf, waiter
+        self.transport.resume_reading()
+        await waiter
+        return bytes(buf)
 
     def _fail_waiter(self, exc: NbdError) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -556,7 +533,7 @@ class _Handshake:
 
     async def _greeting(self) -> bool:
         """Check the server's magic numbers; send our flags; return whether NO_ZEROES is on."""
-        magic, ihaveopt, flags = _GREETING.unpack(await self._wire.read_greeting())
+        magic, ihaveopt, flags = _GREETING.unpack(await self._wire.read_exact(_GREETING.size))
         if magic != NBDMAGIC:
             raise self._protocol(f"bad magic 0x{magic:016x} (not an NBD server?)")
         if ihaveopt != IHAVEOPT:

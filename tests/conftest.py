@@ -6,30 +6,16 @@ started, so a broken CI host can never pass by running fewer tests.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import signal
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
 import pytest
-import uvloop
 
 from tests.testbed import daemon
 from tests.testbed.domains import DiskSpec, DomainFactory, TestDomain, make_domain
-
-# The NBD client's tests run on asyncio's loop and on uvloop's: backups copy on the data
-# plane, whose loop is uvloop's (agent/data_plane.py); the rest of the agent uses asyncio's.
-_ON_BOTH_LOOPS = frozenset({"test_nbd.py", "test_copy_live.py"})
-
-
-def pytest_asyncio_loop_factories(
-    config: pytest.Config, item: pytest.Item
-) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
-    if item.path.name in _ON_BOTH_LOOPS:
-        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture(scope="session")
