@@ -5,13 +5,12 @@ second per backup. On the agent's main loop, four backups at once made it answer
 timers up to 200 ms late (``bench/loop_lag.py``), and with them libvirt's events and the
 HTTP API. The copies therefore run here, on a loop of their own, hashing included
 (XXH3, a tenth of a millisecond per 2 MiB); the main loop only waits for their result.
-With four backups at once its worst lag is now 31-40 ms.
+With four backups at once its worst lag is now 32-63 ms (six runs).
 
-The loop is asyncio's own. uvloop's was measured here: alternating 2 GiB fulls (six
-each), their median fell from 2.78 to 2.57 s, but ``bench/loop_lag.py``'s worst
-main-loop lag rose from 32-44 ms to 81-198 ms (three runs each; not investigated
-further, but uvloop makes its socket calls without releasing the GIL, which asyncio's
-loop does, and the main loop's thread needs the GIL to run).
+The loop is asyncio's own. On uvloop's, alternating 2 GiB fulls (six each) were faster
+(median 2.57 s against 2.78 s), but the main loop's worst lag rose to 81-198 ms (three
+runs). Not investigated further; uvloop makes its socket calls without releasing the
+GIL, which asyncio's loop does, and the main loop's thread needs the GIL to run.
 
 :meth:`DataPlane.run` behaves like ``await coro`` for the caller: the result or the
 exception comes back, and cancelling the caller cancels the coroutine *and waits until
