@@ -9,8 +9,7 @@ With four backups at once its worst lag is now 32-63 ms (six runs).
 
 The loop is asyncio's own. On uvloop's, alternating 2 GiB fulls (six each) were faster
 (median 2.57 s against 2.78 s), but the main loop's worst lag rose to 81-198 ms (three
-runs). Not investigated further; uvloop makes its socket calls without releasing the
-GIL, which asyncio's loop does, and the main loop's thread needs the GIL to run.
+runs). The cause was not looked into; the two loops share one GIL.
 
 :meth:`DataPlane.run` behaves like ``await coro`` for the caller: the result or the
 exception comes back, and cancelling the caller cancels the coroutine *and waits until
