@@ -73,6 +73,8 @@ class ApiParts:
     connection: VirtConnection
     repository: Repository
     metrics: Metrics
+    # True or False while connected to NATS or not; None without a [nats] url.
+    nats: Callable[[], bool | None] = lambda: None
 
 
 _PARTS: Final = web.AppKey("parts", ApiParts)
@@ -337,7 +339,13 @@ async def _readyz(request: web.Request) -> web.Response:
         checks["state_store"] = str(exc)
     checks["repository"] = await _writable(parts.repository.root)
     ready = all(v == "ok" for v in checks.values())
-    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+    body: dict[str, Any] = {"ready": ready, "checks": checks}
+    # Said, not checked: the API and local schedules take jobs without NATS, and
+    # JetStream keeps the scheduler's requests until the agent is back.
+    nats = parts.nats()
+    if nats is not None:
+        body["nats"] = "connected" if nats else "disconnected"
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def _writable(directory: Path) -> str:

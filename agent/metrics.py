@@ -181,11 +181,13 @@ class StateCollector(Collector):
         reconnects: Callable[[], int],
         job_counts: Callable[[], Mapping[JobState, int]],
         messages: Callable[[], Mapping[str, int]] = dict,
+        nats: Callable[[], bool | None] = lambda: None,
     ) -> None:
         self._connected = connected
         self._reconnects = reconnects
         self._job_counts = job_counts
         self._messages = messages
+        self._nats = nats
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily(
@@ -213,6 +215,13 @@ class StateCollector(Collector):
         for outcome, value in self._messages().items():
             messages.add_metric([outcome], value)
         yield messages
+        nats = self._nats()
+        if nats is not None:  # (absent without [nats] url)
+            yield GaugeMetricFamily(
+                "backup_agent_nats_connected",
+                "1 while the agent is connected to its NATS server.",
+                value=1.0 if nats else 0.0,
+            )
 
 
 async def watch_loop_lag(metrics: Metrics, interval: float = 0.1) -> None:

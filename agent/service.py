@@ -225,6 +225,7 @@ class Agent:
             connection=self.connection,
             repository=self.backups.repository,
             metrics=self.metrics,
+            nats=self._nats_connected,
         )
 
     def _wire(self, ledger: Ledger, store: JobStore) -> None:
@@ -266,6 +267,7 @@ class Agent:
                 reconnects=lambda: self.connection.reconnects,
                 job_counts=self.jobs.counts,
                 messages=self._message_counts,
+                nats=self._nats_connected,
             )
         )
 
@@ -289,6 +291,9 @@ class Agent:
         names |= {info.name for info in self.domains.all().values()}
         for name in sorted(names):
             await self._count_chain(name)
+
+    def _nats_connected(self) -> bool | None:
+        return None if self.messages is None else self.messages.connected
 
     def _message_counts(self) -> dict[str, int]:
         if self.messages is None:

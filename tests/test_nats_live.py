@@ -1,5 +1,6 @@
 """The real agent process consuming a real nats-server: a request redelivered after the
-agent was killed before acknowledging it is still one job and one backup."""
+agent was killed before acknowledging it is still one job and one backup; ``/readyz`` and
+``/metrics`` say whether NATS is connected, through the server going and coming back."""
 
 from __future__ import annotations
 
@@ -130,3 +131,47 @@ async def test_redelivery_after_kill_before_ack_is_one_backup(
     states = [e["job"]["state"] for e in events if e["type"] == "job"]
     assert states[-2:] == ["running", "succeeded"], events
     assert all(e["job"]["id"] == "scheduler-7" for e in events if e["type"] == "job")
+
+
+async def _readyz_once_nats(agent: Any, state: str, timeout: float = 60) -> tuple[int, Any]:
+    """``/readyz`` once it says NATS is ``state``: its status and body."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = await asyncio.to_thread(agent.call, "GET", "/readyz")
+        if isinstance(body, dict) and body.get("nats") == state:
+            return status, body
+        assert time.monotonic() < deadline, f"/readyz never said nats {state}: {body}"
+        await asyncio.sleep(0.2)
+
+
+async def test_readyz_and_metrics_say_whether_nats_is_connected(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    with agent_process(tmp_path, {"nats": {"url": nats_server.url}}) as agent:
+        await asyncio.to_thread(agent.start)
+        status, _ = await _readyz_once_nats(agent, "connected")
+        assert status == 200
+        _, metrics = await asyncio.to_thread(agent.call, "GET", "/metrics")
+        assert "backup_agent_nats_connected 1.0" in metrics
+
+        # The server goes: said, but the agent stays ready (its API and schedules take
+        # jobs without NATS).
+        await asyncio.to_thread(nats_server.stop)
+        status, body = await _readyz_once_nats(agent, "disconnected")
+        assert status == 200 and body["ready"] is True, body
+        _, metrics = await asyncio.to_thread(agent.call, "GET", "/metrics")
+        assert "backup_agent_nats_connected 0.0" in metrics
+
+        # It comes back on the same port: the agent reconnects by itself.
+        await asyncio.to_thread(nats_server.start)
+        await _readyz_once_nats(agent, "connected")
+        await _wait_consuming(nats_server.url)
+
+
+async def test_without_nats_neither_readyz_nor_metrics_mention_it(tmp_path: Path) -> None:
+    with agent_process(tmp_path, {}) as agent:
+        await asyncio.to_thread(agent.start)
+        status, body = await asyncio.to_thread(agent.call, "GET", "/readyz")
+        assert status == 200 and "nats" not in body, body
+        _, metrics = await asyncio.to_thread(agent.call, "GET", "/metrics")
+        assert "backup_agent_nats_connected" not in metrics
