@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.backup import BackupResult, Backups
 from agent.backup_plan import BackupMode
 from agent.config import AgentConfig
 from agent.errors import BackupError, RepositorySpaceError
@@ -154,9 +155,17 @@ async def test_inconsistent_bitmaps_make_the_next_backup_full(
         await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
         # The full backup started a new chain: the next one is incremental again.
         await guest.write("vda", 1 * MiB, 64 * KiB, 0x66)
-        expected = guest.snapshot()
-        after = await backups.run(guest.td.uuid, BackupMode.INCREMENTAL)
-        await assert_restores(repo, guest.td.name, after.backup_id, expected, tmp_path)
+        await _next_backup_restores(backups, guest, tmp_path, BackupMode.INCREMENTAL)
+
+
+async def _next_backup_restores(
+    backups: Backups, guest: Guest, tmp_path: Path, mode: BackupMode = BackupMode.AUTO
+) -> BackupResult:
+    """The next backup, restored and compared with every byte the guest holds now."""
+    expected = guest.snapshot()
+    result = await backups.run(guest.td.uuid, mode)
+    await assert_restores(backups.repository, guest.td.name, result.backup_id, expected, tmp_path)
+    return result
 
 
 async def _assert_undone(
@@ -291,11 +300,9 @@ async def test_agent_killed_right_after_publishing_keeps_the_backup(
         newest = next(r for r in records if r.name == published[1].checkpoint)
         assert newest.state is CheckpointState.ACTIVE and newest.backed_up_at is not None
         await guest.write("vda", 8 * MiB, 64 * KiB, 0x67)
-        expected = guest.snapshot()
-        result = await run.agent.backups.run(guest.td.uuid)
+        result = await _next_backup_restores(run.agent.backups, guest, tmp_path)
         assert {d.mode for d in result.disks} == {"incremental"}
         assert (await repo.backups(guest.td.name))[-1].parent == published[1].backup_id
-        await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
 
 
 async def test_a_failure_just_after_publishing_keeps_the_backup(
@@ -329,10 +336,8 @@ async def test_a_failure_just_after_publishing_keeps_the_backup(
         assert records[-1].state is CheckpointState.ACTIVE and records[-1].backed_up_at
         assert _leftovers(run.agent.config) == []
         await guest.write("vda", 4 * MiB, 64 * KiB, 0x6A)
-        expected = guest.snapshot()
-        result = await backups.run(guest.td.uuid)
+        result = await _next_backup_restores(backups, guest, tmp_path)
         assert {d.mode for d in result.disks} == {"incremental"}
-        await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
 
 
 async def test_a_job_failing_after_its_backup_was_marked_does_not_trust_chains_again(
@@ -398,11 +403,8 @@ async def test_a_backup_over_its_time_limit_is_undone(
         await wait_until_async(lambda: guest.td.dom().jobInfo()[0] == 0, 10)
     fast = config(tmp_path)
     async with running_agent(fast) as run:
-        expected = guest.snapshot()
-        result = await run.agent.backups.run(guest.td.uuid)
+        result = await _next_backup_restores(run.agent.backups, guest, tmp_path)
         assert {d.mode for d in result.disks} == {"incremental"}
-        repo = run.agent.backups.repository
-        await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
 
 
 async def test_qemu_killed_during_the_backup(domain_factory: DomainFactory, tmp_path: Path) -> None:
@@ -436,10 +438,8 @@ async def test_qemu_killed_during_the_backup(domain_factory: DomainFactory, tmp_
         records = await run.agent.chains.ledger.checkpoints(guest.td.name)
         new = [r.state for r in records if r.name not in recorded]
         assert new in ([], [CheckpointState.DISCARDED]), new
-        expected = guest.snapshot()
-        result = await backups.run(guest.td.uuid)
+        result = await _next_backup_restores(backups, guest, tmp_path)
         assert {(d.mode, d.reason) for d in result.disks} == {("full", "bitmap-inconsistent")}
-        await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
 
 
 def _checkpoint_names(guest: Guest) -> set[str]:
@@ -480,10 +480,8 @@ async def test_failure_right_after_begin_undoes_the_images_prepared_meanwhile(
         await _assert_undone(cfg, repo, guest, before, backups=0)
         # libvirt ends the aborted pull job when QEMU's block jobs report cancelled.
         await wait_until_async(lambda: guest.td.dom().jobInfo()[0] == 0, 10)
-        expected = guest.snapshot()
-        result = await backups.run(guest.td.uuid)
+        result = await _next_backup_restores(backups, guest, tmp_path)
         assert {d.mode for d in result.disks} == {"full"}
-        await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
 
 
 async def test_begin_refused_leaves_nothing_and_the_next_backup_is_incremental(
@@ -629,11 +627,8 @@ async def test_too_small_a_filesystem_is_refused_before_anything_starts(
             await asyncio.to_thread(
                 subprocess.run, ["mount", "-o", "remount,size=512M", str(small)], check=True
             )
-            expected = guest.snapshot()
-            result = await run.agent.backups.run(guest.td.uuid)
+            result = await _next_backup_restores(run.agent.backups, guest, tmp_path)
             assert {(d.mode, d.reason) for d in result.disks} == {("full", "first-backup")}
-            repo = run.agent.backups.repository
-            await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
 
 
 async def test_repository_filling_up_during_the_copy_is_undone(
@@ -714,11 +709,8 @@ async def test_verify_names_a_corrupted_byte(domain_factory: DomainFactory, tmp_
     assert "vda: its next backup copies it in full (backup-corrupt)" in out.stderr, out.stderr
     async with running_agent(cfg) as run:
         await guest.write("vda", 8 * MiB, 64 * KiB, 0xE2)
-        expected = guest.snapshot()
-        after = await run.agent.backups.run(guest.td.uuid)
+        after = await _next_backup_restores(run.agent.backups, guest, tmp_path)
         assert [(d.mode, d.reason) for d in after.disks] == [("full", "backup-corrupt")]
-        repo = run.agent.backups.repository
-        await assert_restores(repo, guest.td.name, after.backup_id, expected, tmp_path)
 
 
 async def test_retention_keeps_the_last_two_restorable(
