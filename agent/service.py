@@ -24,26 +24,26 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
-from agent.api import ApiParts, serving
-from agent.backup import Backups
-from agent.checkpoints import Chains
-from agent.config import AgentConfig
-from agent.connection import ConnState, VirtConnection
-from agent.dispatch import Dispatcher, HandlerContext, Routes
-from agent.domains import Domains
-from agent.errors import AgentError
-from agent.events import DomainRef, Event, JobCompleted, ReconcileRequested
-from agent.faults import Faults, from_environment
-from agent.job_store import JobStore
-from agent.jobs import Jobs
-from agent.ledger import Ledger
-from agent.logs import get_logger
-from agent.messages import SchedulerMessages
-from agent.metrics import Metrics, StateCollector, chain_length, watch_loop_lag
-from agent.repository import Repository
-from agent.schedules import Schedules
-from agent.sdnotify import notify
-from agent.statelock import state_lock
+from agent.backup.run import Backups
+from agent.chain.checkpoints import Chains
+from agent.chain.ledger import Ledger
+from agent.control.api import ApiParts, serving
+from agent.control.dispatch import Dispatcher, HandlerContext, Routes
+from agent.control.job_store import JobStore
+from agent.control.jobs import Jobs
+from agent.control.messages import SchedulerMessages
+from agent.control.metrics import Metrics, StateCollector, chain_length, watch_loop_lag
+from agent.control.schedules import Schedules
+from agent.core.config import AgentConfig
+from agent.core.errors import AgentError
+from agent.core.faults import Faults, from_environment
+from agent.core.logs import get_logger
+from agent.core.sdnotify import notify
+from agent.core.statelock import state_lock
+from agent.repository.store import Repository
+from agent.virt.connection import ConnState, VirtConnection
+from agent.virt.domains import Domains
+from agent.virt.events import DomainRef, Event, JobCompleted, ReconcileRequested
 from handlers import default_routes
 from handlers.job_kinds import job_runners
 

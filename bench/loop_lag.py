@@ -25,7 +25,7 @@ from pathlib import Path
 
 import libvirt
 
-from agent.job_store import JobStore
+from agent.control.job_store import JobStore
 from tests.testbed.agent_process import AgentProcess, agent_process, http
 from tests.testbed.domains import DiskSpec, TestDomain, make_domain
 

@@ -1,10 +1,10 @@
-"""Micro-benchmark: read a whole export with agent.nbd, and with nbdcopy, and compare.
+"""Micro-benchmark: read a whole export with agent.nbd.client, and with nbdcopy, and compare.
 
 A qcow2 image of random data (1 GiB by default) is served by
 ``qemu-nbd -e 4 --cache=none --aio=native``; both readers then read all of it, several
 rounds alternating, and the data is discarded:
 
-* agent.nbd: ``connect_many(4)``, 2 MiB requests, 8 in flight per connection, each
+* agent.nbd.client: ``connect_many(4)``, 2 MiB requests, 8 in flight per connection, each
   in-flight slot receiving into its own reusable buffer;
 * ``nbdcopy --connections=4 nbd+unix:///?socket=S null:``.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.nbd import NbdClient, connect_many
+from agent.nbd.client import NbdClient, connect_many
 
 MiB = 1024 * 1024
 

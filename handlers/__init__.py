@@ -13,8 +13,8 @@ event again).
 
 from __future__ import annotations
 
-from agent.dispatch import Handler, Routes
-from agent.events import (
+from agent.control.dispatch import Handler, Routes
+from agent.virt.events import (
     BlockJob,
     DeviceAdded,
     DeviceRemovalFailed,

@@ -6,10 +6,10 @@ only be found in the inventory as it was *before* the refresh.
 
 from __future__ import annotations
 
-from agent.dispatch import HandlerContext
-from agent.events import DeviceAdded, DeviceRemovalFailed, DeviceRemoved, Event
-from agent.inventory import Disk
-from agent.logs import get_logger
+from agent.control.dispatch import HandlerContext
+from agent.core.logs import get_logger
+from agent.virt.events import DeviceAdded, DeviceRemovalFailed, DeviceRemoved, Event
+from agent.virt.inventory import Disk
 
 log = get_logger("handlers.devices")
 

@@ -1,8 +1,8 @@
 """What each kind of job does: ``backup``, ``restore``, ``verify``, ``reconcile``.
 
-One small runner per kind (see :class:`agent.jobs.JobRunner`): it gets the job and a
+One small runner per kind (see :class:`agent.control.jobs.JobRunner`): it gets the job and a
 progress callback, does the work through the agent's parts, and returns what it
-produced or raises an :class:`~agent.errors.AgentError` whose code the job reports.
+produced or raises an :class:`~agent.core.errors.AgentError` whose code the job reports.
 Cancellation (``DELETE /v1/jobs/{id}``, shutdown) arrives as ``CancelledError``; the
 backup undoes its work itself, a restore removes its partial image.
 """
@@ -13,16 +13,16 @@ import asyncio
 import functools
 from pathlib import Path
 
-from agent.backup_plan import BackupMode
-from agent.checkpoints import break_damaged_chains
-from agent.config import AgentConfig
-from agent.dispatch import HandlerContext
-from agent.errors import AgentError, JobError
-from agent.inventory import DomainInfo
-from agent.job_requests import Job, JobDisk, JobKind
-from agent.jobs import JobFailedError, JobOutcome, JobRunner, Progress
-from agent.logs import get_logger
-from agent.metrics import chain_length
+from agent.backup.plan import BackupMode
+from agent.chain.checkpoints import break_damaged_chains
+from agent.control.dispatch import HandlerContext
+from agent.control.job_requests import Job, JobDisk, JobKind
+from agent.control.jobs import JobFailedError, JobOutcome, JobRunner, Progress
+from agent.control.metrics import chain_length
+from agent.core.config import AgentConfig
+from agent.core.errors import AgentError, JobError
+from agent.core.logs import get_logger
+from agent.virt.inventory import DomainInfo
 
 log = get_logger("handlers.job_kinds")
 

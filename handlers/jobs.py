@@ -7,9 +7,9 @@ event is logged.
 
 from __future__ import annotations
 
-from agent.dispatch import HandlerContext
-from agent.events import Event, JobCompleted
-from agent.logs import get_logger
+from agent.control.dispatch import HandlerContext
+from agent.core.logs import get_logger
+from agent.virt.events import Event, JobCompleted
 
 log = get_logger("handlers.jobs")
 

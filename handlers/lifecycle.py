@@ -14,9 +14,9 @@
 
 from __future__ import annotations
 
-from agent.dispatch import HandlerContext
-from agent.events import Event, Lifecycle, LifecycleKind
-from agent.logs import get_logger
+from agent.control.dispatch import HandlerContext
+from agent.core.logs import get_logger
+from agent.virt.events import Event, Lifecycle, LifecycleKind
 
 log = get_logger("handlers.lifecycle")
 

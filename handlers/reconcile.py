@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from agent.dispatch import HandlerContext
-from agent.events import Event, ReconcileRequested
-from agent.logs import get_logger
+from agent.control.dispatch import HandlerContext
+from agent.core.logs import get_logger
+from agent.virt.events import Event, ReconcileRequested
 
 log = get_logger("handlers.reconcile")
 

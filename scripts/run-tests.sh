@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets the host up (scripts/host-setup.sh), then runs the quality gates and the whole
-# test suite against the real libvirt daemon: ruff, mypy --strict, pytest.
+# test suite against the real libvirt daemon: ruff, mypy --strict, import-linter, pytest.
 # Arguments are passed to pytest (e.g. -k reconnect).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,5 +10,7 @@ echo "==> ruff" >&2
 .venv/bin/ruff format --check agent handlers tests bench demo
 echo "==> mypy --strict" >&2
 .venv/bin/mypy
+echo "==> lint-imports (layers point down: [tool.importlinter] in pyproject.toml)" >&2
+.venv/bin/lint-imports
 echo "==> pytest" >&2
 exec .venv/bin/pytest "$@"

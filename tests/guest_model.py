@@ -14,8 +14,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from agent.config import AgentConfig
-from agent.repository import Repository
+from agent.core.config import AgentConfig
+from agent.repository.store import Repository
 from tests.harness import RunningAgent, started_domain
 from tests.testbed.domains import DiskSpec, DomainFactory, TestDomain
 

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.checkpoints import Chains, standalone_chains
-from agent.config import AgentConfig
-from agent.dispatch import HandlerContext
-from agent.events import Event, Lifecycle, LifecycleKind
-from agent.faults import Faults, SimulatedCrash, no_faults
-from agent.ledger import CheckpointRecord
+from agent.chain.checkpoints import Chains, standalone_chains
+from agent.chain.ledger import CheckpointRecord
+from agent.control.dispatch import HandlerContext
+from agent.core.config import AgentConfig
+from agent.core.faults import Faults, SimulatedCrash, no_faults
 from agent.service import Agent
+from agent.virt.events import Event, Lifecycle, LifecycleKind
 from handlers import default_routes, with_extra
 from tests.testbed.domains import DiskSpec, DomainFactory, TestDomain
 

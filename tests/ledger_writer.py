@@ -15,8 +15,8 @@ import itertools
 import sys
 from pathlib import Path
 
-from agent.ledger import CheckpointDisk, CheckpointRecord, CheckpointState, Ledger
-from agent.logs import configure_logging
+from agent.chain.ledger import CheckpointDisk, CheckpointRecord, CheckpointState, Ledger
+from agent.core.logs import configure_logging
 
 DOMAIN = "crash-domain"
 DOMAIN_UUID = "0f7c2a9e-3d1b-4c5a-8e6f-1a2b3c4d5e6f"

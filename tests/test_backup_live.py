@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.backup import BackupResult, Backups
-from agent.backup_plan import BackupMode
-from agent.config import AgentConfig
-from agent.errors import BackupError, RepositorySpaceError
-from agent.events import JobCompleted
-from agent.events import LifecycleKind as K
-from agent.faults import CRASH_ENV, SimulatedCrash
-from agent.ledger import CheckpointState
-from agent.repository import Repository
+from agent.backup.plan import BackupMode
+from agent.backup.run import BackupResult, Backups
+from agent.chain.ledger import CheckpointState
+from agent.core.config import AgentConfig
+from agent.core.errors import BackupError, RepositorySpaceError
+from agent.core.faults import CRASH_ENV, SimulatedCrash
+from agent.repository.store import Repository
+from agent.virt.events import JobCompleted
+from agent.virt.events import LifecycleKind as K
 from tests.guest_model import (
     SIZE,
     Guest,

@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from agent.backup_plan import BackupMode, RepositoryTip, plan_backup
-from agent.errors import BackupError
-from agent.inventory import DomainState, parse_domain
-from agent.ledger import CheckpointDisk, CheckpointRecord, CheckpointState, DiskChain
+from agent.backup.plan import BackupMode, RepositoryTip, plan_backup
+from agent.chain.ledger import CheckpointDisk, CheckpointRecord, CheckpointState, DiskChain
+from agent.core.errors import BackupError
+from agent.virt.inventory import DomainState, parse_domain
 
 UUID = "6b0bb1c1-4a40-4d5e-9a8a-0e9e4d0f2c11"
 

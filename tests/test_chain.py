@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from agent.chain import (
+from agent.chain.ledger import CheckpointDisk, CheckpointRecord, CheckpointState
+from agent.chain.rules import (
     base_checkpoint,
     bitmap_disks,
     checkpoint_xml,
@@ -21,9 +22,8 @@ from agent.chain import (
     redefine_xml,
     restrict_disks,
 )
-from agent.errors import ChainError
-from agent.inventory import DomainState, parse_domain
-from agent.ledger import CheckpointDisk, CheckpointRecord, CheckpointState
+from agent.core.errors import ChainError
+from agent.virt.inventory import DomainState, parse_domain
 
 UUID = "6b0bb1c1-4a40-4d5e-9a8a-0e9e4d0f2c11"
 DOMAIN_XML = f"""<domain type='kvm'><name>d1</name><uuid>{UUID}</uuid><devices>

@@ -19,11 +19,11 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from agent import checkpoints as checkpoints_module
-from agent.events import DeviceAdded, DomainRef, JobCompleted, Lifecycle
-from agent.events import LifecycleKind as K
-from agent.faults import CRASH_ENV, Faults, SimulatedCrash
-from agent.ledger import CheckpointState
+from agent.chain import checkpoints as checkpoints_module
+from agent.chain.ledger import CheckpointState
+from agent.core.faults import CRASH_ENV, Faults, SimulatedCrash
+from agent.virt.events import DeviceAdded, DomainRef, JobCompleted, Lifecycle
+from agent.virt.events import LifecycleKind as K
 from tests.harness import (
     TWO_DISKS,
     RunningAgent,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.repository import Repository
+from agent.repository.store import Repository
 from tests.guest_model import agent_cli, config_file
 from tests.guest_model import config as agent_config
 from tests.test_repository import DOMAIN, Builder, KiB, MiB, _flip_byte, _host_offset

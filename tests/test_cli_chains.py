@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.ledger import CheckpointDisk, CheckpointRecord, CheckpointState, Ledger
+from agent.chain.ledger import CheckpointDisk, CheckpointRecord, CheckpointState, Ledger
 
 UUID = "6b0bb1c1-4a40-4d5e-9a8a-0e9e4d0f2c11"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from agent.config import (
+from agent.core.config import (
     DEFAULT_CONFIG_PATH,
     AgentConfig,
     AgentSection,
@@ -34,7 +34,7 @@ from agent.config import (
     load_config,
     render_toml,
 )
-from agent.errors import ConfigError
+from agent.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FILE = REPO / "config" / "agent.toml"
@@ -187,7 +187,7 @@ def test_schema_forbids_unknown_keys() -> None:
 def test_write_schema_command(tmp_path: Path) -> None:
     out = tmp_path / "schema.json"
     subprocess.run(
-        [sys.executable, "-m", "agent.config", "--write-schema", str(out)],
+        [sys.executable, "-m", "agent.core.config", "--write-schema", str(out)],
         cwd=REPO,
         check=True,
         timeout=60,
@@ -424,7 +424,7 @@ def test_not_utf8(tmp_path: Path) -> None:
     assert isinstance(error.__cause__, UnicodeDecodeError)
 
 
-# --- CLI (needs agent/cli.py and agent/__main__.py) ------------------------------------
+# --- CLI (needs agent/cli/main.py and agent/__main__.py) ------------------------------------
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

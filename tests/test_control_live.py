@@ -18,10 +18,10 @@ import aiohttp
 import libvirt
 import pytest
 
-from agent.events import LifecycleKind
-from agent.job_store import JobStore
-from agent.ledger import CheckpointState, Ledger
-from agent.repository import Repository
+from agent.chain.ledger import CheckpointState, Ledger
+from agent.control.job_store import JobStore
+from agent.repository.store import Repository
+from agent.virt.events import LifecycleKind
 from tests.guest_model import Guest, MiB, agent_cli, assert_restores, config, started_guest
 from tests.harness import RunningAgent, lifecycle, running_agent
 from tests.test_backup_live import flip_byte

@@ -8,8 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.copy import QCOW2_L2_RANGE, RateLimit, Run, chunks, runs_to_copy, table_openers_first
-from agent.nbd import Extent
+from agent.backup.copy import (
+    QCOW2_L2_RANGE,
+    RateLimit,
+    Run,
+    chunks,
+    runs_to_copy,
+    table_openers_first,
+)
+from agent.nbd.client import Extent
 
 K = 1024
 DATA, HOLE_ZERO, ZERO = 0, 3, 2

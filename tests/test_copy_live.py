@@ -20,13 +20,13 @@ from typing import Any
 
 import pytest
 
-from agent import qemu_nbd
-from agent.copy import Run, copy_runs
-from agent.data_plane import DataPlane
-from agent.errors import ImageError
-from agent.nbd import connect_many
-from agent.qemu_nbd import MALLOC_TUNING, serve_image
-from agent.repository import RangeChecksum, digest_of
+from agent.backup.copy import Run, copy_runs
+from agent.backup.data_plane import DataPlane
+from agent.core.errors import ImageError
+from agent.nbd.client import connect_many
+from agent.qemu import qemu_nbd
+from agent.qemu.qemu_nbd import MALLOC_TUNING, serve_image
+from agent.repository.store import RangeChecksum, digest_of
 from tests.test_nbd import QEMU_IMG, _run, nbdkit
 
 KiB = 1024

@@ -9,8 +9,8 @@ import libvirt
 import pytest
 import structlog
 
-from agent.dispatch import Dispatcher, HandlerContext
-from agent.events import (
+from agent.control.dispatch import Dispatcher, HandlerContext
+from agent.virt.events import (
     BlockJob,
     BlockJobStatus,
     BlockJobType,

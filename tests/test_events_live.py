@@ -13,7 +13,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from agent.events import (
+from agent.virt.events import (
     BlockJob,
     BlockJobStatus,
     BlockJobType,
@@ -23,7 +23,7 @@ from agent.events import (
     JobCompleted,
     Lifecycle,
 )
-from agent.events import LifecycleKind as K
+from agent.virt.events import LifecycleKind as K
 from tests.harness import lifecycle, running_agent, started_domain, test_config
 from tests.testbed.domains import DiskSpec, DomainFactory
 

@@ -48,7 +48,7 @@ JOBS_SUBJECT = f"backup-agent.{HOST}.jobs"
 EVENTS_SUBJECT = f"backup-agent.{HOST}.events"
 STREAM = "BACKUP_AGENT"
 CONSUMER = f"agent-{HOST}"
-MAX_REQUEST_BYTES = 16 * 1024  # agent.job_requests.MAX_REQUEST_BYTES, restated on purpose
+MAX_REQUEST_BYTES = 16 * 1024  # agent.control.job_requests.MAX_REQUEST_BYTES, restated on purpose
 WAIT = 20.0
 READY_EVERY = 25  # spot-check /readyz after this many hostile requests
 

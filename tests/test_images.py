@@ -1,4 +1,4 @@
-"""Tests for agent.images, against the real qemu-img with real images in tmp_path."""
+"""Tests for agent.qemu.images, against the real qemu-img with real images in tmp_path."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import images
-from agent.errors import ImageError
-from agent.images import (
+from agent.core.errors import ImageError
+from agent.qemu import images
+from agent.qemu.images import (
     Bitmap,
     bitmap_problem,
     list_bitmaps,

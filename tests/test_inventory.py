@@ -1,4 +1,4 @@
-"""Tests for agent.inventory: disk parsing, backup eligibility, and disk identity."""
+"""Tests for agent.virt.inventory: disk parsing, backup eligibility, and disk identity."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from agent.errors import InventoryError
-from agent.inventory import (
+from agent.core.errors import InventoryError
+from agent.virt.inventory import (
     Disk,
     DiskIdentity,
     DomainInfo,

@@ -1,4 +1,4 @@
-"""The job runner (agent.jobs.Jobs): pure logic, with a real job store and fake runners.
+"""The job runner (agent.control.jobs.Jobs): pure logic, with a real job store and fake runners.
 
 Each fake runner call waits until the test finishes it (with an outcome or an error), so
 the test decides when a job ends; nothing here talks to libvirt. Every wait is bounded.
@@ -16,8 +16,11 @@ from typing import Any
 
 import pytest
 
-from agent.config import JobsSection
-from agent.errors import (
+from agent.control.job_requests import JOB_ID_RE, Job, JobDisk, JobKind, JobRequest, JobState
+from agent.control.job_store import JobStore
+from agent.control.jobs import JobFailedError, JobOutcome, JobRunner, Jobs, Progress
+from agent.core.config import JobsSection
+from agent.core.errors import (
     AgentError,
     BackupError,
     ConfigError,
@@ -29,9 +32,6 @@ from agent.errors import (
     NotConnectedError,
     RepositorySpaceError,
 )
-from agent.job_requests import JOB_ID_RE, Job, JobDisk, JobKind, JobRequest, JobState
-from agent.job_store import JobStore
-from agent.jobs import JobFailedError, JobOutcome, JobRunner, Jobs, Progress
 
 WAIT = 10.0  # bound on any wait for something that should happen soon
 SETTLE = 0.3  # time given to something that must not happen

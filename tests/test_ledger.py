@@ -1,4 +1,4 @@
-"""Tests for agent.ledger: round trips, transactions, schema checks, export/import, kill -9."""
+"""Tests for agent.chain.ledger: round trips, transactions, schemas, export/import, kill -9."""
 
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ from typing import Any
 
 import pytest
 
-from agent.errors import LedgerCorruptError, LedgerError, LedgerImportError
-from agent.ledger import (
+from agent.chain.ledger import (
     SCHEMA_VERSION,
     AddCheckpoint,
     CheckpointDisk,
@@ -33,6 +32,7 @@ from agent.ledger import (
     SetDiskChains,
     SetState,
 )
+from agent.core.errors import LedgerCorruptError, LedgerError, LedgerImportError
 from tests import ledger_writer
 
 ROOT = Path(__file__).resolve().parent.parent

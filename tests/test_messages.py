@@ -25,11 +25,11 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from agent.config import NatsSection
-from agent.errors import JobConflictError, JobsClosedError
-from agent.faults import Faults, SimulatedCrash, no_faults
-from agent.job_requests import Job, JobListener, JobRequest, JobState, new_job_id
-from agent.messages import SchedulerMessages
+from agent.control.job_requests import Job, JobListener, JobRequest, JobState, new_job_id
+from agent.control.messages import SchedulerMessages
+from agent.core.config import NatsSection
+from agent.core.errors import JobConflictError, JobsClosedError
+from agent.core.faults import Faults, SimulatedCrash, no_faults
 from tests.testbed.nats import NatsServer, free_port
 
 HOST = "host.one *>"  # dots, a space and wildcards: all must be sanitised

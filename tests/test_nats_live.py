@@ -15,8 +15,8 @@ from typing import Any
 import nats
 import pytest
 
-from agent.faults import CRASH_ENV
-from agent.repository import Repository
+from agent.core.faults import CRASH_ENV
+from agent.repository.store import Repository
 from tests.guest_model import MiB
 from tests.testbed.agent_process import agent_process
 from tests.testbed.domains import DiskSpec, DomainFactory

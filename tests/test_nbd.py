@@ -1,4 +1,4 @@
-"""Tests for agent.nbd against real NBD servers (qemu-nbd, nbdkit) and scripted fakes.
+"""Tests for agent.nbd.client against real NBD servers (qemu-nbd, nbdkit) and scripted fakes.
 
 Real peers are started per test on a Unix socket in a short temporary directory and
 stopped by their own pid afterwards, even when the test fails; a peer that cannot be
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import NbdConnectionError, NbdProtocolError, NbdServerError, NbdTimeoutError
-from agent.nbd import (
+from agent.core.errors import NbdConnectionError, NbdProtocolError, NbdServerError, NbdTimeoutError
+from agent.nbd.client import (
     BASE_ALLOCATION,
     STATE_DIRTY,
     STATE_HOLE,

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import structlog
 
-from agent.connection import ConnState
-from agent.events import Lifecycle
-from agent.events import LifecycleKind as K
+from agent.virt.connection import ConnState
+from agent.virt.events import Lifecycle
+from agent.virt.events import LifecycleKind as K
 from tests.harness import lifecycle, running_agent, test_config
 from tests.testbed import daemon
 from tests.testbed.domains import DomainFactory

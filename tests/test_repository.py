@@ -1,4 +1,4 @@
-"""Tests for agent.repository with the real qemu-img and qemu-io, on images in tmp_path.
+"""Tests for agent.repository.store with the real qemu-img and qemu-io, on images in tmp_path.
 
 Backups are built the way the backup job builds them: stage, create_image (full, then
 overlays), write known patterns into the staged images, publish with their checksums.
@@ -28,11 +28,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import images
-from agent import repository as repository_module
-from agent.errors import BackupNotFoundError, RepositoryError
-from agent.faults import SimulatedCrash
-from agent.repository import (
+from agent.core.errors import BackupNotFoundError, RepositoryError
+from agent.core.faults import SimulatedCrash
+from agent.qemu import images
+from agent.repository import store as repository_module
+from agent.repository.store import (
     BACKUP_ID_RE,
     DiskManifest,
     Manifest,

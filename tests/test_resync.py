@@ -6,11 +6,11 @@ import dataclasses
 
 import libvirt
 
-from agent.connection import backoff_delays, map_libvirt_error
-from agent.domains import missed_events
-from agent.errors import DomainNotFoundError, NotConnectedError, VirtError
-from agent.events import DeviceAdded, DeviceRemoved, Event, Lifecycle, LifecycleKind
-from agent.inventory import DomainInfo, DomainState, parse_domain
+from agent.core.errors import DomainNotFoundError, NotConnectedError, VirtError
+from agent.virt.connection import backoff_delays, map_libvirt_error
+from agent.virt.domains import missed_events
+from agent.virt.events import DeviceAdded, DeviceRemoved, Event, Lifecycle, LifecycleKind
+from agent.virt.inventory import DomainInfo, DomainState, parse_domain
 
 UUID = "6b0bb1c1-4a40-4d5e-9a8a-0e9e4d0f2c11"
 

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import structlog
 
-from agent.config import ScheduleEntry
-from agent.errors import JobConflictError, JobsClosedError
-from agent.job_requests import JOB_ID_RE, Job, JobListener, JobRequest, JobState
-from agent.schedules import MAX_SLEEP, Schedules, job_id, next_runs
+from agent.control.job_requests import JOB_ID_RE, Job, JobListener, JobRequest, JobState
+from agent.control.schedules import MAX_SLEEP, Schedules, job_id, next_runs
+from agent.core.config import ScheduleEntry
+from agent.core.errors import JobConflictError, JobsClosedError
 
 
 def at(hour: int, minute: int, second: int = 0, day: int = 28) -> float:
@@ -62,7 +62,7 @@ class MemoryStore:
 
 
 class MemorySink:
-    """Like agent.jobs.Jobs as the schedules see it: one job per id."""
+    """Like agent.control.jobs.Jobs as the schedules see it: one job per id."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from agent.backup import _settle
+from agent.backup.run import _settle
 
 
 async def test_settle_waits_for_the_clean_up_through_repeated_cancellation() -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from agent.shielding import to_completion
+from agent.core.shielding import to_completion
 
 
 async def test_work_finishes_through_repeated_cancellations_which_are_raised_after() -> None:

@@ -9,11 +9,11 @@ from typing import Any, cast
 
 import pytest
 
-from agent.dispatch import HandlerContext
-from agent.job_requests import Job, JobRequest, JobState
-from agent.jobs import JobFailedError
-from agent.ledger import Ledger
-from agent.repository import Repository
+from agent.chain.ledger import Ledger
+from agent.control.dispatch import HandlerContext
+from agent.control.job_requests import Job, JobRequest, JobState
+from agent.control.jobs import JobFailedError
+from agent.repository.store import Repository
 from handlers.job_kinds import verify
 from tests.test_repository import DOMAIN, Builder, MiB, _flip_byte, _host_offset
 

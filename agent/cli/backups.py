@@ -1,0 +1,175 @@
+"""The operator's backup commands: ``backup``, ``backups``, ``restore``, ``verify``.
+
+``backups``, ``restore`` and ``verify`` read the repository directly and need neither
+libvirt nor a running agent. ``backup`` runs one backup in this process (its own
+libvirt connection), the way the agent runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agent.backup.plan import BackupMode
+from agent.backup.run import BackupResult
+from agent.chain.checkpoints import break_damaged_chains
+from agent.chain.ledger import Ledger
+from agent.core.config import AgentConfig
+from agent.core.errors import AgentError
+from agent.repository.store import Problem, Repository
+
+
+class CommandError(AgentError):
+    """The command cannot do what was asked; the message says why."""
+
+
+def _when(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _in_repository(repository: Repository, domain: str) -> str:
+    """The name ``domain`` (a name or UUID) has in the repository; an error naming the
+    repository if it holds no backup of it."""
+    name = asyncio.run(repository.domain_named(domain))
+    if name is None:
+        raise CommandError(f"no backups of {domain!r} in {repository.root}")
+    return name
+
+
+def list_backups(config: AgentConfig, domain: str, as_json: bool) -> None:
+    repository = Repository(config.repository_path)
+    manifests = asyncio.run(repository.backups(_in_repository(repository, domain)))
+    if as_json:
+        print(json.dumps([m.summary() for m in manifests], indent=2))
+        return
+    rows = [["BACKUP", "COMPLETED", "MODE", "BYTES", "PARENT", "DISKS"]]
+    rows += [
+        [
+            m.backup_id,
+            _when(m.completed_at),
+            m.mode,
+            str(sum(d.bytes_copied for d in m.disks)),
+            m.parent or "-",
+            ",".join(f"{d.target}:{d.mode}" for d in m.disks),
+        ]
+        for m in manifests
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+class _Bar:
+    """A progress bar on a terminal; nothing when stderr is not one."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._tty = sys.stderr.isatty()
+
+    def __call__(self, fraction: float) -> None:
+        if self._tty:
+            filled = int(fraction * 40)
+            sys.stderr.write(
+                f"\r{self._label} [{'#' * filled}{'.' * (40 - filled)}] {fraction:6.1%}"
+            )
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self._tty:
+            sys.stderr.write("\n")
+
+
+def restore(
+    config: AgentConfig, domain: str, backup_id: str, disk: str | None, to: Path, fmt: str
+) -> None:
+    repository = Repository(config.repository_path)
+    domain = _in_repository(repository, domain)
+    manifest = asyncio.run(repository.backup(domain, backup_id))
+    targets = [d.target for d in manifest.disks]
+    if disk is not None and disk not in targets:
+        raise CommandError(f"backup {backup_id} has no disk {disk!r} (it has {', '.join(targets)})")
+    if disk is None:  # every disk, into a directory (also when the backup has one)
+        if to.suffix in (".qcow2", ".raw", ".img"):
+            raise CommandError(
+                f"without --disk, --to is the directory every disk is written into; {to} "
+                f"looks like an image file: add --disk ({', '.join(targets)})"
+            )
+        try:
+            to.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CommandError(f"cannot create directory {to}: {exc.strerror}") from exc
+        plan = [(t, to / f"{t}.{fmt}") for t in targets]
+    else:
+        plan = [(disk, to)]
+    for target, dest in plan:
+        bar = _Bar(f"{target}")
+        asyncio.run(repository.restore(domain, backup_id, target, dest, fmt=fmt, progress=bar))
+        bar.done()
+        print(f"restored {domain} {target} at {backup_id} to {dest} ({fmt})")
+
+
+def verify(config: AgentConfig, domain: str, backup_id: str | None) -> int:
+    repository = Repository(config.repository_path)
+    domain = _in_repository(repository, domain)
+    problems = asyncio.run(repository.verify(domain, backup_id))
+    for p in problems:
+        where = f" bytes {p.offset}..{p.offset + (p.length or 0)}" if p.offset is not None else ""
+        print(f"{p.backup_id} {p.target} {p.image}{where}: {p.message}")
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        # (this host's ledger, if it has one: checked here, not on the event loop)
+        ledger = config.ledger_path if config.ledger_path.exists() else None
+        try:
+            damaged, marked = asyncio.run(_full_next(ledger, repository, domain, problems))
+        except AgentError as exc:
+            print(f"could not mark the damaged disks' chains in the ledger: {exc}", file=sys.stderr)
+            return 1
+        for target in damaged:
+            said = (
+                "its next backup copies it in full (backup-corrupt)"
+                if marked
+                else f"damaged, but not marked: no ledger here knows {domain} (back it up "
+                "with --mode full where its ledger is)"
+            )
+            print(f"{target}: {said}", file=sys.stderr)
+        return 1
+    print(f"{domain}: all checked backups verified")
+    return 0
+
+
+async def _full_next(
+    ledger_path: Path | None, repository: Repository, domain: str, problems: Sequence[Problem]
+) -> tuple[list[str], bool]:
+    if ledger_path is None:
+        return await break_damaged_chains(repository, None, domain, problems)
+    async with await Ledger.open(ledger_path) as ledger:
+        return await break_damaged_chains(repository, ledger, domain, problems)
+
+
+def backup(config: AgentConfig, domain: str, mode: str) -> None:
+    result = asyncio.run(_backup(config, domain, BackupMode(mode)))
+    print(
+        f"backup {result.backup_id} of {result.domain}: "
+        + ", ".join(
+            f"{d.target} {d.mode}" + (f" ({d.reason})" if d.reason else "") for d in result.disks
+        )
+        + f"; {result.bytes_copied} bytes in {result.seconds:.2f} s"
+    )
+
+
+async def _backup(config: AgentConfig, domain: str, mode: BackupMode) -> BackupResult:
+    from agent.service import Agent  # noqa: PLC0415 - libvirt only for this command
+
+    agent = Agent(config, services=False)  # one job, no API: no port, no job store runner
+    async with agent.started(wait_ready=config.libvirt.call_timeout):
+        info = agent.domains.find(domain)
+        if info is None:
+            raise CommandError(f"domain {domain!r} is not in libvirt on {config.libvirt.uri}")
+        bar = _Bar("backup")
+        result = await agent.backups.run(info.uuid, mode, progress=lambda d, t: bar(d / max(t, 1)))
+        bar.done()
+        return result

@@ -1,0 +1,194 @@
+"""``backup-agent``: the command line.
+
+Verbs: ``run`` (the service), ``config --show`` (the effective configuration), the
+chain and repository commands that work without a running agent, and the operator's
+commands that talk to the running agent's API (``backup``, ``jobs``, ``cancel``,
+``status``).
+A configuration problem is one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from agent.core.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config, render_toml
+from agent.core.errors import AgentError, ConfigError
+from agent.core.logs import configure_logging
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backup-agent", description="Incremental backups of libvirt domains."
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    config_help = (
+        f"configuration file (TOML); default: {DEFAULT_CONFIG_PATH} if it exists, "
+        "else the embedded defaults"
+    )
+    run = verbs.add_parser("run", help="run the agent in the foreground")
+    run.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    show = verbs.add_parser("config", help="inspect the configuration")
+    show.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    show.add_argument(
+        "--show",
+        action="store_true",
+        required=True,
+        help="print the effective configuration as TOML",
+    )
+    cps = verbs.add_parser("checkpoints", help="print a domain's checkpoint chain from the ledger")
+    cps.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    cps.add_argument("--json", action="store_true", help="machine-readable output")
+    cps.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    rec = verbs.add_parser("reconcile", help="repair a domain's checkpoints in libvirt now")
+    rec.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    rec.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    ledger = verbs.add_parser("ledger", help="export or import a domain's chain (JSON)")
+    ledger_verbs = ledger.add_subparsers(dest="ledger_verb", required=True, metavar="ACTION")
+    export = ledger_verbs.add_parser("export", help="write a domain's chain as JSON")
+    export.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    export.add_argument("--output", "-o", type=Path, metavar="FILE", help="default: stdout")
+    export.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    imp = ledger_verbs.add_parser("import", help="add a chain exported on another host")
+    imp.add_argument("file", type=Path, metavar="FILE")
+    imp.add_argument(
+        "--replace", action="store_true", help="replace what the ledger holds for that domain"
+    )
+    imp.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    bk = verbs.add_parser("backup", help="ask the running agent to back up a domain now")
+    bk.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    bk.add_argument(
+        "--mode",
+        choices=["auto", "full", "incremental"],
+        default="auto",
+        help="auto: incremental where the chain allows, full per disk elsewhere",
+    )
+    bk.add_argument(
+        "--wait", action="store_true", help="wait for the job to end (progress bar on a terminal)"
+    )
+    bk.add_argument(
+        "--local",
+        action="store_true",
+        help="run the backup in this process instead, with no agent running",
+    )
+    bk.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    _control_verbs(verbs, config_help)
+    lst = verbs.add_parser("backups", help="list a domain's backups in the repository")
+    lst.add_argument("domain", metavar="DOMAIN", help="domain name")
+    lst.add_argument("--json", action="store_true", help="machine-readable output")
+    lst.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    rs = verbs.add_parser("restore", help="write a standalone image of a backed-up disk")
+    rs.add_argument("domain", metavar="DOMAIN", help="domain name")
+    rs.add_argument("--backup", required=True, metavar="ID", help="backup id (see `backups`)")
+    rs.add_argument("--disk", metavar="TARGET", help="e.g. vda; default: every disk")
+    rs.add_argument(
+        "--to",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="the image file (with --disk or one disk), else a directory",
+    )
+    rs.add_argument("--format", choices=["qcow2", "raw"], default="qcow2")
+    rs.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    vf = verbs.add_parser("verify", help="re-read backups and check them against their manifests")
+    vf.add_argument("domain", metavar="DOMAIN", help="domain name")
+    vf.add_argument("--backup", metavar="ID", help="default: every backup of the domain")
+    vf.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    return parser
+
+
+def _control_verbs(verbs: Any, config_help: str) -> None:
+    """The verbs that talk to the running agent (besides ``backup``)."""
+    jb = verbs.add_parser("jobs", help="list the running agent's jobs, newest first")
+    jb.add_argument("--domain", metavar="DOMAIN", help="only this domain's")
+    jb.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    jb.add_argument("--json", action="store_true", help="machine-readable output")
+    jb.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    cn = verbs.add_parser("cancel", help="cancel a queued or running job")
+    cn.add_argument("job", metavar="ID", help="job id (see `jobs`)")
+    cn.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    st = verbs.add_parser("status", help="domains, chains, last backups and running jobs")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+
+
+def _config_path(given: Path | None) -> Path | None:
+    if given is not None:
+        return given
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+async def _run(config: AgentConfig) -> None:
+    from agent.service import Agent  # noqa: PLC0415 - keeps `config --show` free of libvirt
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await Agent(config).run(stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(_config_path(args.config))
+    except ConfigError as exc:
+        print(f"backup-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.verb == "config":
+        sys.stdout.write(render_toml(config))
+        return 0
+    configure_logging(config.logging.level, config.logging.format)
+    try:
+        return _dispatch(args, config)
+    except AgentError as exc:
+        print(f"backup-agent: {exc}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace, config: AgentConfig) -> int:
+    """Run the verb; its exit status (0, or 1 when `verify` found problems)."""
+    # Imported here: `config --show` runs without libvirt.
+    from agent.cli import backups as cli_backups  # noqa: PLC0415
+    from agent.cli import chains as cli_chains  # noqa: PLC0415
+
+    if args.verb == "run":
+        asyncio.run(_run(config))
+    elif args.verb == "backup" and args.local:
+        cli_backups.backup(config, args.domain, args.mode)
+    elif args.verb in ("backup", "jobs", "cancel", "status"):
+        return _control(args, config)
+    elif args.verb == "backups":
+        cli_backups.list_backups(config, args.domain, args.json)
+    elif args.verb == "restore":
+        cli_backups.restore(config, args.domain, args.backup, args.disk, args.to, args.format)
+    elif args.verb == "verify":
+        return cli_backups.verify(config, args.domain, args.backup)
+    elif args.verb == "checkpoints":
+        cli_chains.show_checkpoints(config, args.domain, args.json)
+    elif args.verb == "reconcile":
+        cli_chains.reconcile(config, args.domain)
+    elif args.ledger_verb == "export":
+        cli_chains.export_chain(config, args.domain, args.output)
+    else:
+        cli_chains.import_chain(config, args.file, args.replace)
+    return 0
+
+
+def _control(args: argparse.Namespace, config: AgentConfig) -> int:
+    from agent.cli import control as cli_control  # noqa: PLC0415 - `config --show` without aiohttp
+
+    if args.verb == "backup":
+        return cli_control.backup(config, args.domain, args.mode, args.wait)
+    if args.verb == "jobs":
+        return cli_control.jobs(config, args.domain, args.state, args.json)
+    if args.verb == "cancel":
+        return cli_control.cancel(config, args.job)
+    return cli_control.status(config, args.json)

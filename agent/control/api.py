@@ -1,0 +1,431 @@
+"""The HTTP API (``/v1``), ``/metrics``, ``/healthz`` and ``/readyz``: where requests arrive.
+
+JSON in and out. Every error, including unknown routes, wrong methods and oversized
+bodies, is a JSON body ``{"error": {"code", "message", "field"?}}`` with a 4xx or 5xx
+status. ``/v1`` requires ``Authorization: Bearer <token>`` when ``[http] token_file``
+is set (compared in constant time); ``/metrics``, ``/healthz``, ``/readyz`` and
+``/v1/openapi.json`` do not. A request that is refused changes nothing: validation
+happens before the job store is touched.
+
+The API runs inside the agent's event loop (aiohttp ``AppRunner``); every handler only
+awaits non-blocking calls (the stores and the repository use worker threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from aiohttp import web
+
+from agent.chain.checkpoints import Chains
+from agent.chain.ledger import CheckpointRecord
+from agent.control.job_requests import (
+    JOB_ID_RE,
+    MAX_REQUEST_BYTES,
+    JobState,
+    domain_name_problem,
+    parse_request,
+)
+from agent.control.jobs import Jobs
+from agent.control.metrics import CONTENT_TYPE, Metrics, chain_length
+from agent.control.openapi import openapi_document
+from agent.core.config import HttpSection
+from agent.core.errors import (
+    AgentError,
+    BackupNotFoundError,
+    ConfigError,
+    JobConflictError,
+    JobError,
+    JobNotFoundError,
+    JobsClosedError,
+    JobStoreError,
+    LedgerError,
+    RepositoryError,
+    RequestError,
+)
+from agent.core.logs import get_logger
+from agent.repository.store import Manifest, Repository
+from agent.virt.connection import ConnState, VirtConnection
+from agent.virt.domains import Domains
+
+log = get_logger("api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_PUBLIC: Final = frozenset({"/metrics", "/healthz", "/readyz", "/v1/openapi.json"})
+_READY_TIMEOUT: Final = 5.0
+
+
+@dataclass(frozen=True)
+class ApiParts:
+    """What the API reads and drives."""
+
+    jobs: Jobs
+    chains: Chains
+    domains: Domains
+    connection: VirtConnection
+    repository: Repository
+    metrics: Metrics
+    # True or False while connected to NATS or not; None without a [nats] url.
+    nats: Callable[[], bool | None] = lambda: None
+
+
+_PARTS: Final = web.AppKey("parts", ApiParts)
+_TOKEN: Final = web.AppKey("token", str)
+
+
+class ApiError(Exception):
+    """An error response: ``status`` and the JSON error body."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.field = field
+
+
+def _error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if field is not None:
+        body["field"] = field
+    headers = {"WWW-Authenticate": 'Bearer realm="backup-agent"'} if status == 401 else None
+    return web.json_response({"error": body}, status=status, headers=headers)
+
+
+def _status_of(exc: AgentError) -> int:
+    table: list[tuple[type[AgentError], int]] = [
+        (RequestError, 400),
+        (JobNotFoundError, 404),
+        (BackupNotFoundError, 404),
+        (JobConflictError, 409),
+        (JobsClosedError, 503),
+        (JobStoreError, 503),
+        (LedgerError, 503),
+        (JobError, 400),
+    ]
+    for kind, status in table:
+        if isinstance(exc, kind):
+            return 413 if isinstance(exc, RequestError) and exc.code == "too-large" else status
+    return 500
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _error_response(exc.status, exc.code, str(exc), exc.field)
+    except AgentError as exc:
+        code = getattr(exc, "code", None)
+        field = exc.field if isinstance(exc, RequestError) else None
+        status = _status_of(exc)
+        if status >= 500:
+            log.error("request failed", path=request.path, error=str(exc))
+        return _error_response(status, code if isinstance(code, str) else "failed", str(exc), field)
+    except web.HTTPRequestEntityTooLarge:
+        return _error_response(
+            413, "too-large", f"request body is larger than {MAX_REQUEST_BYTES} bytes"
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status, "http-error")
+        return _error_response(exc.status, code, exc.reason)
+    except Exception:
+        log.exception("unexpected error in request", path=request.path)
+        return _error_response(500, "internal-error", "internal error; see the agent's log")
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.app[_TOKEN]
+    if token and request.path not in _PUBLIC:
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(errors="surrogatepass"), token.encode()
+        ):
+            reason = "missing bearer token" if not given else "wrong bearer token"
+            raise ApiError(401, "unauthorized", reason)
+    return await handler(request)
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+def _parts(request: web.Request) -> ApiParts:
+    return request.app[_PARTS]
+
+
+def _only_params(request: web.Request, allowed: set[str]) -> None:
+    for key in request.query:
+        if key not in allowed:
+            raise ApiError(400, "invalid-request", f"unknown query parameter {key!r}", key)
+
+
+def _job_id(request: web.Request) -> str:
+    job_id = request.match_info["job_id"]
+    if not JOB_ID_RE.fullmatch(job_id):
+        raise ApiError(400, "invalid-request", f"{job_id!r} is not a valid job id", "id")
+    return job_id
+
+
+def _domain_param(request: web.Request) -> str:
+    name = request.match_info["domain"]
+    problem = domain_name_problem(name)
+    if problem is not None:
+        raise ApiError(400, "invalid-request", f"domain {name!r}: {problem}", "domain")
+    return name
+
+
+# -- /v1/jobs -------------------------------------------------------------------------
+
+
+async def _post_job(request: web.Request) -> web.Response:
+    body = await request.read()
+    job, created = await _parts(request).jobs.submit(parse_request(body), source="http")
+    return web.json_response(job.to_json(), status=201 if created else 200)
+
+
+async def _get_job(request: web.Request) -> web.Response:
+    job = await _parts(request).jobs.get(_job_id(request))
+    return web.json_response(job.to_json())
+
+
+async def _list_jobs(request: web.Request) -> web.Response:
+    _only_params(request, {"domain", "state"})
+    state = None
+    if "state" in request.query:
+        try:
+            state = JobState(request.query["state"])
+        except ValueError as exc:
+            allowed = ", ".join(s.value for s in JobState)
+            raise ApiError(
+                400, "invalid-request", f"state must be one of {allowed}", "state"
+            ) from exc
+    parts = _parts(request)
+    jobs = await parts.jobs.find(state=state)
+    if "domain" in request.query:  # by name or UUID, whichever the jobs were submitted with
+        wanted = parts.domains.name_of(request.query["domain"])
+        jobs = [job for job in jobs if parts.domains.name_of(job.domain) == wanted]
+    return web.json_response({"jobs": [job.to_json() for job in jobs]})
+
+
+async def _cancel_job(request: web.Request) -> web.Response:
+    job = await _parts(request).jobs.cancel(_job_id(request))
+    # A running job is still undoing its work: accepted, not done.
+    return web.json_response(job.to_json(), status=202 if not job.state.finished else 200)
+
+
+# -- /v1/domains ------------------------------------------------------------------------
+
+
+async def _domains(request: web.Request) -> web.Response:
+    parts = _parts(request)
+    live = {info.name: info for info in parts.domains.all().values()}
+    names = sorted(set(live) | set(await parts.chains.ledger.domains()))
+    result = []
+    for name in names:
+        info = live.get(name)
+        chains = await parts.chains.ledger.disk_chains(name)
+        backups, problem = await _backups_of(parts.repository, name)
+        latest = backups[-1] if backups else None
+        result.append(
+            {
+                "name": name,
+                "uuid": info.uuid if info else None,
+                "state": info.state.name.lower() if info else "undefined",
+                "disks": [
+                    {"target": t, "chain_valid": c.valid, "reason": c.reason, "detail": c.detail}
+                    for t, c in sorted(chains.items())
+                ],
+                "last_backup": None
+                if latest is None
+                else {
+                    "id": latest.backup_id,
+                    "completed_at": latest.completed_at,
+                    "mode": latest.mode,
+                },
+                "backups": len(backups),
+                "chain_length": chain_length(backups),
+                "repository_problem": problem,
+            }
+        )
+    return web.json_response({"domains": result})
+
+
+async def _backups_of(repository: Repository, name: str) -> tuple[list[Manifest], str | None]:
+    """The domain's backups, or none and why: one bad manifest must not hide the host."""
+    try:
+        return await repository.backups(name), None
+    except RepositoryError as exc:
+        return [], str(exc)
+
+
+def _checkpoint_json(record: CheckpointRecord) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "parent": record.parent,
+        "created_at": record.created_at,
+        "state": record.state.value,
+        "backed_up_at": record.backed_up_at,
+        "domain_uuid": record.domain_uuid,
+        "disks": [{"target": d.target, "bitmap": d.bitmap} for d in record.disks],
+    }
+
+
+async def _checkpoints(request: web.Request) -> web.Response:
+    parts = _parts(request)
+    name = parts.domains.name_of(_domain_param(request))
+    records = await parts.chains.ledger.checkpoints(name)
+    if not records and not await _known(parts, name):
+        raise ApiError(404, "domain-not-found", f"no domain {name!r} here or in the ledger")
+    return web.json_response(
+        {"domain": name, "checkpoints": [_checkpoint_json(r) for r in records]}
+    )
+
+
+async def _backups(request: web.Request) -> web.Response:
+    parts = _parts(request)
+    name = parts.domains.name_of(_domain_param(request))
+    manifests = await parts.repository.backups(name)
+    if not manifests and not await _known(parts, name):
+        raise ApiError(
+            404, "domain-not-found", f"no domain {name!r} here, in the ledger or in the repository"
+        )
+    return web.json_response({"domain": name, "backups": [m.summary() for m in manifests]})
+
+
+async def _known(parts: ApiParts, name: str) -> bool:
+    if name in {i.name for i in parts.domains.all().values()}:
+        return True
+    return name in await parts.chains.ledger.domains()
+
+
+# -- operations -----------------------------------------------------------------------
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = _parts(request).metrics.render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = CONTENT_TYPE
+    return response
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"alive": True})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    parts = _parts(request)
+    checks: dict[str, str] = {}
+    checks["libvirt"] = "ok" if parts.connection.state is ConnState.CONNECTED else "disconnected"
+    checks["jobs"] = "ok" if parts.jobs.accepting else "not taking jobs"
+    try:
+        await parts.jobs.store.probe()
+        checks["state_store"] = "ok"
+    except AgentError as exc:
+        checks["state_store"] = str(exc)
+    checks["repository"] = await _writable(parts.repository.root)
+    ready = all(v == "ok" for v in checks.values())
+    body: dict[str, Any] = {"ready": ready, "checks": checks}
+    # Said, not checked: the API and local schedules take jobs without NATS, and
+    # JetStream keeps the scheduler's requests until the agent is back.
+    nats = parts.nats()
+    if nats is not None:
+        body["nats"] = "connected" if nats else "disconnected"
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def _writable(directory: Path) -> str:
+    def probe() -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f".readyz-{os.getpid()}"
+        path.write_bytes(b"ok")
+        path.unlink()
+
+    try:
+        await asyncio.wait_for(asyncio.to_thread(probe), _READY_TIMEOUT)
+    except TimeoutError:
+        return f"{directory}: no answer within {_READY_TIMEOUT:g} s"
+    except OSError as exc:
+        return f"{directory}: {exc.strerror or exc}"
+    return "ok"
+
+
+def make_app(parts: ApiParts, token: str) -> web.Application:
+    app = web.Application(middlewares=[_errors, _auth], client_max_size=MAX_REQUEST_BYTES)
+    app[_PARTS] = parts
+    app[_TOKEN] = token
+    app.router.add_post("/v1/jobs", _post_job)
+    app.router.add_get("/v1/jobs", _list_jobs)
+    app.router.add_get("/v1/jobs/{job_id}", _get_job)
+    app.router.add_delete("/v1/jobs/{job_id}", _cancel_job)
+    app.router.add_get("/v1/domains", _domains)
+    app.router.add_get("/v1/domains/{domain}/checkpoints", _checkpoints)
+    app.router.add_get("/v1/domains/{domain}/backups", _backups)
+    app.router.add_get("/v1/openapi.json", _openapi)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    return app
+
+
+def read_token(settings: HttpSection) -> str:
+    """The bearer token from ``[http] token_file`` ('' when unset); ConfigError if unusable."""
+    if not settings.token_file:
+        return ""
+    try:
+        token = Path(settings.token_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"[http] token_file {settings.token_file}: cannot read it: {exc}",
+            key="http.token_file",
+        ) from exc
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise ConfigError(
+            f"[http] token_file {settings.token_file}: the token must be one word of at "
+            "least 16 characters",
+            key="http.token_file",
+        )
+    return token
+
+
+@contextlib.asynccontextmanager
+async def serving(parts: ApiParts, settings: HttpSection) -> AsyncIterator[list[str]]:
+    """The API listening on ``[http] listen``/``port`` inside the block; yields its URLs."""
+    token = await asyncio.to_thread(read_token, settings)
+    runner = web.AppRunner(
+        make_app(parts, token), access_log=None, handle_signals=False, shutdown_timeout=5.0
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.listen, settings.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"[http] cannot listen on {settings.listen}:{settings.port}: {exc.strerror}",
+                key="http.port",
+            ) from exc
+        urls = [_url(address) for address in runner.addresses]
+        log.info("API listening", urls=urls, token=bool(token))
+        yield urls
+    finally:
+        await runner.cleanup()
+
+
+def _url(address: Any) -> str:
+    host, port = address[0], address[1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -1,0 +1,287 @@
+"""The job store: every job the agent was asked to run, durably, in SQLite.
+
+A job is recorded before anyone is told it exists (HTTP 201, a NATS acknowledgement),
+so a job the agent accepted survives its death: at the next start, jobs that were
+running are reported failed (``agent-restarted``) and queued ones run. Ids are unique:
+:meth:`JobStore.insert_or_get` returns the job already stored under an id, which is
+what makes a request submitted twice (an HTTP retry, a NATS redelivery) one job.
+
+The store also remembers, per local schedule, the last slot it handled.
+
+One file (``<state_dir>/jobs.sqlite``, WAL, ``synchronous=FULL``), one connection owned
+by one worker thread; every call is awaited with a timeout, so the event loop never
+waits for the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from agent.control.job_requests import Job, JobDisk, JobRequest, JobState
+from agent.core.errors import JobConflictError, JobStoreError
+from agent.core.sqlite import Cause, Failure, StoreThread, read_transaction, write_transaction
+
+T = TypeVar("T")
+
+SCHEMA_VERSION: Final = 1
+
+_SCHEMA: Final = (
+    """
+    CREATE TABLE jobs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        request TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        domain TEXT NOT NULL,
+        state TEXT NOT NULL
+            CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+        source TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        progress_done INTEGER NOT NULL DEFAULT 0,
+        progress_total INTEGER NOT NULL DEFAULT 0,
+        backup_id TEXT,
+        disks TEXT NOT NULL DEFAULT '[]',
+        error_code TEXT,
+        error_message TEXT,
+        result TEXT NOT NULL DEFAULT '{}'
+    ) STRICT
+    """,
+    "CREATE INDEX jobs_by_state ON jobs (state)",
+    "CREATE INDEX jobs_by_domain ON jobs (domain)",
+    "CREATE TABLE schedule_slots (name TEXT PRIMARY KEY, last_slot REAL NOT NULL) STRICT",
+    "CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), probed_at REAL) STRICT",
+)
+
+_COLUMNS: Final = (
+    "id, request, state, source, created_at, started_at, finished_at, progress_done,"
+    " progress_total, backup_id, disks, error_code, error_message, result"
+)
+
+
+def _open_sync(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    try:
+        version: int = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise JobStoreError(
+                f"job store {path}: schema version {version} is newer than this agent's "
+                f"({SCHEMA_VERSION}); refusing to touch it",
+                path=str(path),
+            )
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+        if version < SCHEMA_VERSION:
+
+            def create() -> None:
+                if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                    raise JobStoreError(
+                        f"{path} is an SQLite database but not a job store", path=str(path)
+                    )
+                for statement in _SCHEMA:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+            write_transaction(db, create)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _row(job: Job) -> tuple[Any, ...]:
+    return (
+        job.id,
+        job.request.model_dump_json(),
+        job.state.value,
+        job.source,
+        job.created_at,
+        job.started_at,
+        job.finished_at,
+        job.progress_done,
+        job.progress_total,
+        job.backup_id,
+        json.dumps([[d.target, d.mode, d.reason, d.bytes_copied] for d in job.disks]),
+        job.error_code,
+        job.error_message,
+        json.dumps(dict(job.result)),
+    )
+
+
+def _job(row: Sequence[Any]) -> Job:
+    return Job(
+        id=row[0],
+        request=JobRequest.model_validate_json(row[1], strict=False),
+        state=JobState(row[2]),
+        source=row[3],
+        created_at=row[4],
+        started_at=row[5],
+        finished_at=row[6],
+        progress_done=row[7],
+        progress_total=row[8],
+        backup_id=row[9],
+        disks=tuple(JobDisk(*d) for d in json.loads(row[10])),
+        error_code=row[11],
+        error_message=row[12],
+        result=json.loads(row[13]),
+    )
+
+
+def _select(db: sqlite3.Connection, where: str = "", params: Sequence[Any] = ()) -> list[Job]:
+    sql = f"SELECT {_COLUMNS} FROM jobs {where}"
+    return [_job(row) for row in db.execute(sql, params)]
+
+
+def _insert_or_get(db: sqlite3.Connection, job: Job) -> tuple[Job, bool]:
+    found = _select(db, "WHERE id = ?", (job.id,))
+    if found:
+        existing = found[0]
+        if existing.request.fingerprint() != job.request.fingerprint():
+            raise JobConflictError(
+                f"job id {job.id!r} is taken by a different request "
+                f"({existing.request.kind} of {existing.domain})"
+            )
+        return existing, False
+    placeholders = ", ".join("?" * 14)
+    db.execute(
+        f"INSERT INTO jobs ({_COLUMNS}, fingerprint, domain) VALUES ({placeholders}, ?, ?)",
+        (*_row(job), job.request.fingerprint(), job.domain),
+    )
+    return job, True
+
+
+def _update(db: sqlite3.Connection, job: Job) -> None:
+    columns = _COLUMNS.replace(" ", "").split(",")[1:]
+    sets = ", ".join(f"{c} = ?" for c in columns)
+    cursor = db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*_row(job)[1:], job.id))
+    if cursor.rowcount != 1:
+        raise JobStoreError(f"job {job.id} is not in the store")
+
+
+class JobStore:
+    """The open job store (see the module docstring). Use :meth:`open`, then :meth:`close`."""
+
+    def __init__(self, path: Path, thread: StoreThread) -> None:
+        self.path = path
+        self._thread = thread
+
+    @classmethod
+    async def open(cls, path: Path, *, timeout: float = 30.0) -> JobStore:
+        thread, _ = await StoreThread.open(
+            "jobstore",
+            timeout,
+            lambda: (_open_sync(path, timeout / 2), None),
+            _failure(path, timeout),
+        )
+        return cls(path, thread)
+
+    async def close(self) -> None:
+        await self._thread.close()
+
+    async def _call(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._thread.closed:
+            raise JobStoreError(f"{what}: job store {self.path} is closed", path=str(self.path))
+        return await self._thread.call(what, fn)
+
+    # --- jobs ---
+
+    async def insert_or_get(self, job: Job) -> tuple[Job, bool]:
+        """Store a new job; or return the one stored under its id (``created`` False).
+
+        The same id with a different request raises JobConflictError.
+        """
+        return await self._call(
+            "record job", lambda db: write_transaction(db, lambda: _insert_or_get(db, job))
+        )
+
+    async def update(self, job: Job) -> None:
+        await self._call("update job", lambda db: write_transaction(db, lambda: _update(db, job)))
+
+    async def update_many(self, jobs: Sequence[Job]) -> None:
+        def body(db: sqlite3.Connection) -> None:
+            for job in jobs:
+                _update(db, job)
+
+        await self._call("update jobs", lambda db: write_transaction(db, lambda: body(db)))
+
+    async def get(self, job_id: str) -> Job | None:
+        found = await self._call("read job", lambda db: _select(db, "WHERE id = ?", (job_id,)))
+        return found[0] if found else None
+
+    async def find(
+        self, *, domain: str | None = None, state: JobState | None = None, limit: int = 1000
+    ) -> list[Job]:
+        """Newest first."""
+        clauses, params = [], []
+        if domain is not None:
+            clauses.append("domain = ?")
+            params.append(domain)
+        if state is not None:
+            clauses.append("state = ?")
+            params.append(state.value)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        sql = f"{where} ORDER BY seq DESC LIMIT {int(limit)}"
+        return await self._call(
+            "list jobs", lambda db: read_transaction(db, lambda: _select(db, sql, params))
+        )
+
+    async def unfinished(self) -> list[Job]:
+        """Queued and running jobs, oldest first."""
+        return await self._call(
+            "read unfinished jobs",
+            lambda db: _select(db, "WHERE state IN ('queued', 'running') ORDER BY seq"),
+        )
+
+    async def forget_finished(self, before: float) -> int:
+        """Drop finished jobs that ended before ``before``; how many."""
+
+        def body(db: sqlite3.Connection) -> int:
+            sql = "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') "
+            return db.execute(sql + "AND finished_at < ?", (before,)).rowcount
+
+        return await self._call(
+            "forget old jobs", lambda db: write_transaction(db, lambda: body(db))
+        )
+
+    # --- schedules (agent.control.schedules.ScheduleStore) ---
+
+    async def last_slot(self, name: str) -> float | None:
+        def body(db: sqlite3.Connection) -> float | None:
+            row = db.execute("SELECT last_slot FROM schedule_slots WHERE name = ?", (name,))
+            found = row.fetchone()
+            return None if found is None else float(found[0])
+
+        return await self._call("read schedule", body)
+
+    async def set_last_slot(self, name: str, slot: float) -> None:
+        sql = "INSERT OR REPLACE INTO schedule_slots (name, last_slot) VALUES (?, ?)"
+        await self._call(
+            "write schedule",
+            lambda db: write_transaction(db, lambda: db.execute(sql, (name, slot))),
+        )
+
+    # --- health ---
+
+    async def probe(self) -> None:
+        """A real write (for /readyz): raises JobStoreError if the store cannot be written."""
+        sql = "INSERT OR REPLACE INTO health (id, probed_at) VALUES (1, ?)"
+        now = time.time()
+        await self._call("probe", lambda db: write_transaction(db, lambda: db.execute(sql, (now,))))
+
+
+def _failure(path: Path, seconds: float) -> Failure:
+    def failed(what: str, cause: Cause) -> JobStoreError:
+        if cause is None:
+            return JobStoreError(
+                f"{what}: job store {path} did not answer within {seconds:g}s", path=str(path)
+            )
+        return JobStoreError(f"{what}: job store {path}: {cause}", path=str(path))
+
+    return failed

@@ -1,0 +1,244 @@
+"""What the agent shows Prometheus at ``/metrics``, and the event-loop lag probe.
+
+Each agent has its own registry (tests run several agents in one process). Counters
+move where things happen: job ends (:meth:`Metrics.job_changed`, a job listener),
+libvirt events as they are dispatched, checkpoint redefines. Values that already live
+elsewhere (connection state, reconnects, jobs queued and running, NATS counters) are
+read at scrape time by a collector, so they cannot drift.
+
+Backups are counted per job by ``result`` (succeeded, failed, cancelled) and ``mode``:
+for a successful backup what was done (``full``, ``incremental``, or ``mixed`` when the
+disks differ), for others the mode that was asked for. Full copies forced on a disk
+whose chain could not be trusted are counted per disk by ``reason``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Final
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from agent.control.job_requests import Job, JobKind, JobState
+from agent.core.logs import get_logger
+from agent.repository.store import Manifest, restore_chain
+
+log = get_logger("metrics")
+
+# The *_created series double every counter's output and nothing here needs them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+NOT_FORCED: Final = frozenset({None, "full-requested", "first-backup"})
+
+_DURATION_BUCKETS: Final = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200)
+_LAG_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+def job_mode(job: Job) -> str:
+    """``full``/``incremental``/``mixed`` for a backup that ran, else the requested mode."""
+    modes = {d.mode for d in job.disks}
+    if job.state is JobState.SUCCEEDED and modes:
+        return modes.pop() if len(modes) == 1 else "mixed"
+    return job.request.mode or "auto"
+
+
+class Metrics:
+    """The agent's metrics; ``render()`` is the body of ``/metrics``."""
+
+    def __init__(self, domain_name: Callable[[str], str] = lambda domain: domain) -> None:
+        self._domain_name = domain_name  # a job may name its domain by UUID
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.backups = Counter(
+            "backup_agent_backups",
+            "Backup jobs ended, by result and mode.",
+            ["result", "mode"],
+            registry=r,
+        )
+        self.full_forced = Counter(
+            "backup_agent_full_backups_forced",
+            "Disks copied in full because their chain could not be trusted, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.bytes_copied = Counter(
+            "backup_agent_bytes_copied", "Bytes copied by successful backups.", registry=r
+        )
+        self.duration = Histogram(
+            "backup_agent_backup_duration_seconds",
+            "Duration of successful backup jobs.",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "backup_agent_last_successful_backup_timestamp_seconds",
+            "When the newest successful backup of each domain finished (Unix time).",
+            ["domain"],
+            registry=r,
+        )
+        self.chain_length = Gauge(
+            "backup_agent_chain_length",
+            "Images a restore of each domain's newest backup reads (its newest full and "
+            "the incrementals since; the longest over the disks).",
+            ["domain"],
+            registry=r,
+        )
+        self.jobs_ended = Counter(
+            "backup_agent_jobs_ended",
+            "Jobs of every kind ended, by kind and state.",
+            ["kind", "state"],
+            registry=r,
+        )
+        self.redefines = Counter(
+            "backup_agent_checkpoint_redefines",
+            "Checkpoint redefines in libvirt, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.events = Counter(
+            "backup_agent_events", "libvirt events received, by type.", ["type"], registry=r
+        )
+        self.loop_lag = Histogram(
+            "backup_agent_event_loop_lag_seconds",
+            "How late the event loop ran a timer (how long something blocked it).",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag_max = Gauge(
+            "backup_agent_event_loop_lag_max_seconds",
+            "The worst event-loop lag seen since the agent started.",
+            registry=r,
+        )
+        self._max_lag = 0.0
+        # Pre-create the common label sets so a dashboard sees zeros, not gaps.
+        for result in ("succeeded", "failed", "cancelled"):
+            for mode in ("full", "incremental", "mixed"):
+                self.backups.labels(result=result, mode=mode)
+        self.redefines.labels(result="ok")
+        self.redefines.labels(result="failed")
+
+    def add_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # -- feeds ---------------------------------------------------------------------------
+
+    def job_changed(self, job: Job) -> None:
+        """Job listener: counts jobs (and backups) as they end."""
+        if not job.state.finished:
+            return
+        self.jobs_ended.labels(kind=job.request.kind, state=job.state.value).inc()
+        if job.kind is not JobKind.BACKUP:
+            return
+        self.backups.labels(result=job.state.value, mode=job_mode(job)).inc()
+        if job.state is not JobState.SUCCEEDED:
+            return
+        for disk in job.disks:
+            if disk.mode == "full" and disk.reason not in NOT_FORCED:
+                self.full_forced.labels(reason=disk.reason).inc()
+        self.bytes_copied.inc(sum(d.bytes_copied for d in job.disks))
+        if job.started_at is not None and job.finished_at is not None:
+            self.duration.observe(max(0.0, job.finished_at - job.started_at))
+        domain = self._domain_name(job.domain)
+        if job.finished_at is not None:
+            self.last_success.labels(domain=domain).set(job.finished_at)
+        length = job.result.get("chain_length")
+        if isinstance(length, int):
+            self.chain_length.labels(domain=domain).set(length)
+
+    def redefined(self, ok: bool) -> None:
+        self.redefines.labels(result="ok" if ok else "failed").inc()
+
+    def event(self, kind: str) -> None:
+        self.events.labels(type=kind).inc()
+
+    def lag(self, seconds: float) -> None:
+        self.loop_lag.observe(seconds)
+        if seconds > self._max_lag:
+            self._max_lag = seconds
+            self.loop_lag_max.set(seconds)
+
+
+class StateCollector(Collector):
+    """Reads, at scrape time, values that live in other objects."""
+
+    def __init__(
+        self,
+        connected: Callable[[], bool],
+        reconnects: Callable[[], int],
+        job_counts: Callable[[], Mapping[JobState, int]],
+        messages: Callable[[], Mapping[str, int]] = dict,
+        nats: Callable[[], bool | None] = lambda: None,
+    ) -> None:
+        self._connected = connected
+        self._reconnects = reconnects
+        self._job_counts = job_counts
+        self._messages = messages
+        self._nats = nats
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "backup_agent_libvirt_connected",
+            "1 while the agent holds a working libvirt connection.",
+            value=1.0 if self._connected() else 0.0,
+        )
+        yield CounterMetricFamily(
+            "backup_agent_libvirt_reconnects",
+            "Successful libvirt reconnections after the first connection.",
+            value=self._reconnects(),
+        )
+        jobs = GaugeMetricFamily(
+            "backup_agent_jobs", "Jobs queued and running now.", labels=["state"]
+        )
+        counts = self._job_counts()
+        for state in (JobState.QUEUED, JobState.RUNNING):
+            jobs.add_metric([state.value], counts.get(state, 0))
+        yield jobs
+        messages = CounterMetricFamily(
+            "backup_agent_nats_messages",
+            "Job requests received from NATS, by outcome.",
+            labels=["outcome"],
+        )
+        for outcome, value in self._messages().items():
+            messages.add_metric([outcome], value)
+        yield messages
+        nats = self._nats()
+        if nats is not None:  # (absent without [nats] url)
+            yield GaugeMetricFamily(
+                "backup_agent_nats_connected",
+                "1 while the agent is connected to its NATS server.",
+                value=1.0 if nats else 0.0,
+            )
+
+
+async def watch_loop_lag(metrics: Metrics, interval: float = 0.1) -> None:
+    """Until cancelled: sleep ``interval`` and record how much later than asked we woke."""
+    loop = asyncio.get_running_loop()
+    while True:
+        before = loop.time()
+        await asyncio.sleep(interval)
+        lag = max(0.0, loop.time() - before - interval)
+        metrics.lag(lag)
+        if lag > 0.1:
+            log.warning("event loop was blocked", seconds=round(lag, 3))
+
+
+def chain_length(manifests: Sequence[Manifest]) -> int:
+    """Images a restore of the newest backup reads: per disk, the backups from the newest
+    back to that disk's last full copy; the longest over the disks. 0 without backups."""
+    if not manifests:
+        return 0
+    return max((len(restore_chain(manifests, d.target)) for d in manifests[-1].disks), default=0)
