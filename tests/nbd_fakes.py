@@ -5,7 +5,7 @@ A :class:`FakeServer` runs a *script* coroutine per accepted connection, given a
 :class:`FakeConn` with helpers to perform a correct server-side handshake and to read
 requests and send replies, so each test states only where the server goes wrong.
 
-The wire constants are spelled out here independently of ``agent.nbd.client`` on purpose: a
+The wire constants are spelled out here independently of ``agent.nbd.wire`` on purpose: a
 fake that borrowed the client's constants would agree with any mistake in them.
 """
 

@@ -1,4 +1,4 @@
-"""Tests for agent.nbd.client against real NBD servers (qemu-nbd, nbdkit) and scripted fakes.
+"""Tests for agent.nbd against real NBD servers (qemu-nbd, nbdkit) and scripted fakes.
 
 Real peers are started per test on a Unix socket in a short temporary directory and
 stopped by their own pid afterwards, even when the test fails; a peer that cannot be
@@ -27,17 +27,9 @@ from pathlib import Path
 import pytest
 
 from agent.core.errors import NbdConnectionError, NbdProtocolError, NbdServerError, NbdTimeoutError
-from agent.nbd.client import (
-    BASE_ALLOCATION,
-    STATE_DIRTY,
-    STATE_HOLE,
-    STATE_ZERO,
-    Extent,
-    NbdClient,
-    connect_many,
-    extents,
-    merge,
-)
+from agent.nbd.client import NbdClient, connect_many
+from agent.nbd.extents import extents
+from agent.nbd.wire import BASE_ALLOCATION, STATE_DIRTY, STATE_HOLE, STATE_ZERO, Extent
 from tests import nbd_fakes
 from tests.nbd_fakes import FakeConn, FakeServer, fake_server
 
@@ -335,8 +327,19 @@ async def test_block_status_matches_qemu_img_map(qemu: Path, image: Path) -> Non
 # --- qemu-nbd: dirty bitmaps -------------------------------------------------------------
 
 
-async def test_dirty_bitmap_extents_and_merge(sockdir: Path) -> None:
-    image = sockdir / "dirty.qcow2"
+# What dirty_image's writes dirty (the bitmap's granularity is 64 KiB).
+DIRTY_RANGES = [
+    (1 * MiB, 64 * KiB),
+    (10 * MiB, 128 * KiB),
+    (20 * MiB - 64 * KiB, 128 * KiB),
+    (30 * MiB, 64 * KiB),
+]
+DIRTY_BITMAP = "qemu:dirty-bitmap:b0"
+
+
+def dirty_image(image: Path) -> None:
+    """A 64 MiB qcow2 with bitmap b0, and writes after it was added that dirty
+    DIRTY_RANGES (the last one written as zeroes)."""
     _run(QEMU_IMG, "create", "-q", "-f", "qcow2", image, "64M")
     _run(QEMU_IO, "-c", "write -P 0x01 0 2M", image)  # before the bitmap: not dirty
     _run(QEMU_IMG, "bitmap", "--add", image, "b0")
@@ -348,16 +351,20 @@ async def test_dirty_bitmap_extents_and_merge(sockdir: Path) -> None:
         *("-c", "write -z 30M 64k"),  # zeroes: dirty, and base:allocation says ZERO
         image,
     )
-    dirty_ranges = [
-        (1 * MiB, 64 * KiB),
-        (10 * MiB, 128 * KiB),
-        (20 * MiB - 64 * KiB, 128 * KiB),
-        (30 * MiB, 64 * KiB),
-    ]
+
+
+def serve_dirty_image(image: Path, sock: Path) -> contextlib.AbstractContextManager[int]:
+    """qemu-nbd serving a dirty_image read-only as "vda", with its bitmap b0."""
+    return qemu_nbd(image, sock, "-r", "-B", "b0")
+
+
+async def test_dirty_bitmap_extents(sockdir: Path) -> None:
+    image = sockdir / "dirty.qcow2"
+    dirty_image(image)
     allocation = _map_extents(image)
     sock = sockdir / "d.sock"
-    bitmap = "qemu:dirty-bitmap:b0"
-    with qemu_nbd(image, sock, "-r", "-B", "b0"):
+    bitmap = DIRTY_BITMAP
+    with serve_dirty_image(image, sock):
         async with await NbdClient.connect(
             socket_path=sock, export="vda", meta_contexts=[BASE_ALLOCATION, bitmap]
         ) as client:
@@ -368,62 +375,10 @@ async def test_dirty_bitmap_extents_and_merge(sockdir: Path) -> None:
             assert refused.value.errno == 1 and client.alive  # EPERM
             dirty = [e async for e in extents(client, bitmap)]
             alloc = [e async for e in extents(client, BASE_ALLOCATION)]
-    assert [(e.offset, e.length) for e in dirty if e.flags & STATE_DIRTY] == dirty_ranges
+    assert [(e.offset, e.length) for e in dirty if e.flags & STATE_DIRTY] == DIRTY_RANGES
     assert sum(e.length for e in dirty) == IMAGE_SIZE  # contiguous, whole export
     assert _coalesce([(e.offset, e.length, e.flags) for e in alloc]) == allocation
-
-    runs = merge(alloc, dirty)
-    assert runs == _merge_oracle(allocation, dirty_ranges)
-    assert (30 * MiB, 64 * KiB, True) in runs  # written zeroes: write zeroes, do not read
-    assert sum(length for _, length, _ in runs) == sum(n for _, n in dirty_ranges)
-
-
-def _merge_oracle(
-    allocation: list[tuple[int, int, int]], dirty: list[tuple[int, int]]
-) -> list[tuple[int, int, bool]]:
-    """merge() done the slow way: one decision per 512-byte sector, then coalesced."""
-    zero = {}
-    for offset, length, flags in allocation:
-        for sector in range(offset // 512, (offset + length) // 512):
-            zero[sector] = bool(flags & (STATE_HOLE | STATE_ZERO))
-    sectors = sorted(s for off, n in dirty for s in range(off // 512, (off + n) // 512))
-    runs = [(s * 512, 512, zero[s]) for s in sectors]
-    return [(o, n, bool(z)) for o, n, z in _coalesce([(o, n, int(z)) for o, n, z in runs])]
-
-
-# --- merge -------------------------------------------------------------------------------
-
-
-def test_merge_keeps_exactly_the_dirty_ranges_split_by_allocation() -> None:
-    allocation = [
-        Extent(0, 4096, 0),  # data
-        Extent(4096, 4096, STATE_HOLE | STATE_ZERO),
-        Extent(8192, 4096, STATE_ZERO),
-        Extent(12288, 4096, STATE_HOLE),  # hole, contents unspecified: zero it
-        Extent(16384, 8192, 0),
-    ]
-    dirty = [
-        Extent(0, 2048, 0),  # clean: ignored
-        Extent(2048, 12288, STATE_DIRTY),  # data, then HOLE|ZERO, ZERO and HOLE
-        Extent(14336, 2048, 0),
-        Extent(16384, 4096, STATE_DIRTY),
-        Extent(20480, 4096, 0),
-        Extent(24576, 4096, STATE_DIRTY),  # beyond what allocation describes: read it
-    ]
-    assert merge(allocation, dirty) == [
-        (2048, 2048, False),
-        (4096, 10240, True),  # HOLE|ZERO, ZERO and HOLE coalesced
-        (16384, 4096, False),
-        (24576, 4096, False),
-    ]
-    assert merge(allocation, []) == []
-    assert merge([], [Extent(0, 10, STATE_DIRTY)]) == [(0, 10, False)]
-
-
-def test_merge_coalesces_adjacent_dirty_extents_with_the_same_decision() -> None:
-    allocation = [Extent(0, 1 << 20, 0)]
-    dirty = [Extent(0, 65536, STATE_DIRTY), Extent(65536, 65536, STATE_DIRTY)]
-    assert merge(allocation, dirty) == [(0, 131072, False)]
+    # What a backup copies of these extents: tests/test_copy.py (runs_to_copy).
 
 
 # --- nbdkit: concurrency, multi-conn, TCP ------------------------------------------------
