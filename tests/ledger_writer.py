@@ -15,7 +15,8 @@ import itertools
 import sys
 from pathlib import Path
 
-from agent.chain.ledger import CheckpointDisk, CheckpointRecord, CheckpointState, Ledger
+from agent.chain.ledger import Ledger
+from agent.chain.records import CheckpointDisk, CheckpointRecord, CheckpointState
 from agent.core.logs import configure_logging
 
 DOMAIN = "crash-domain"

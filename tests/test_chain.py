@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from agent.chain.ledger import CheckpointDisk, CheckpointRecord, CheckpointState
+from agent.chain.records import CheckpointDisk, CheckpointRecord, CheckpointState
 from agent.chain.rules import (
     base_checkpoint,
     bitmap_disks,

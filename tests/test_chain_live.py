@@ -20,7 +20,7 @@ import libvirt
 import pytest
 
 from agent.chain import checkpoints as checkpoints_module
-from agent.chain.ledger import CheckpointState
+from agent.chain.records import CheckpointState
 from agent.core.faults import CRASH_ENV, Faults, SimulatedCrash
 from agent.virt.events import DeviceAdded, DomainRef, JobCompleted, Lifecycle
 from agent.virt.events import LifecycleKind as K

@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.chain.ledger import CheckpointDisk, CheckpointRecord, CheckpointState, Ledger
+from agent.chain.ledger import Ledger
+from agent.chain.records import CheckpointDisk, CheckpointRecord, CheckpointState
 
 UUID = "6b0bb1c1-4a40-4d5e-9a8a-0e9e4d0f2c11"
 

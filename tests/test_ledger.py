@@ -1,4 +1,4 @@
-"""Tests for agent.chain.ledger: round trips, transactions, schemas, export/import, kill -9."""
+"""Tests for the ledger: round trips, transactions, schemas, export/import, kill -9."""
 
 from __future__ import annotations
 
@@ -20,18 +20,10 @@ from typing import Any
 
 import pytest
 
-from agent.chain.ledger import (
-    SCHEMA_VERSION,
-    AddCheckpoint,
-    CheckpointDisk,
-    CheckpointRecord,
-    CheckpointState,
-    DiskChain,
-    Ledger,
-    MarkBackedUp,
-    SetDiskChains,
-    SetState,
-)
+from agent.chain.ledger import Ledger
+from agent.chain.ledger_ops import AddCheckpoint, MarkBackedUp, SetDiskChains, SetState
+from agent.chain.ledger_schema import SCHEMA_VERSION
+from agent.chain.records import CheckpointDisk, CheckpointRecord, CheckpointState, DiskChain
 from agent.core.errors import LedgerCorruptError, LedgerError, LedgerImportError
 from tests import ledger_writer
 
@@ -660,6 +652,55 @@ async def test_malformed_export_is_refused_naming_the_field_and_changes_nothing(
         # replace=True: an importer that deleted before validating would lose the records.
         await ledger.import_domain(data, replace=True)
     assert (await ledger.export_domain("d1"), await ledger.export_domain("d2")) == before
+
+
+# With several mistakes, the one reported is the first in the order an export is checked in:
+# per object unknown fields, then missing ones by name, then values in order; a checkpoint's
+# disk values after its other fields; the checkpoints before the disk chains.
+SEVERAL_MISTAKES: list[tuple[list[Callable[[dict[str, Any]], None]], str]] = [
+    ([_set("surprise", 1), _set("domain", ...)], "import: surprise: unknown field"),
+    ([_set("exported_at", ...), _set("domain", ...)], "import: domain: missing"),
+    (
+        [_set("version", 2), _set("domain", "")],
+        "import: version: this agent reads version 1, got 2",
+    ),
+    (
+        [_set("checkpoints.1.colour", 1), _set("checkpoints.0.name", "")],
+        "import: checkpoints[0].name: must not be empty",
+    ),
+    (
+        [_set("checkpoints.0.disks.1.capacity", -1), _set("checkpoints.0.created_at", "x")],
+        "import: checkpoints[0].created_at: expected an integer, got 'x'",
+    ),
+    (
+        [_set("checkpoints.0.disks", 3), _set("checkpoints.0.domain_uuid", "nope")],
+        "import: checkpoints[0].disks: expected an array, got 3",
+    ),
+    (
+        [_set("checkpoints.2.name", "c2"), _set("disk_chains", 5)],
+        "import: checkpoints[2].name: 'c2' appears twice",
+    ),
+    (
+        [_set("checkpoints.0.xml", ...), _set("checkpoints.0.colour", 1)],
+        "import: checkpoints[0].colour: unknown field",
+    ),
+    (  # a target that is not a string used to fail with TypeError (unhashable)
+        [_set("checkpoints.0.disks.0.target", {}), _set("checkpoints.1.state", "zombie")],
+        "import: checkpoints[0].disks[0].target: expected a string, got {}",
+    ),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), SEVERAL_MISTAKES)
+async def test_of_several_mistakes_the_first_checked_is_reported(
+    ledger: Ledger, clock: Clock, changes: list[Callable[[dict[str, Any]], None]], message: str
+) -> None:
+    data = await populated(ledger, clock)
+    for change in changes:
+        change(data)
+    with pytest.raises(LedgerImportError) as info:
+        await ledger.import_domain(data, replace=True)
+    assert str(info.value) == message
 
 
 # --- kill -9 -------------------------------------------------------------------------------------

@@ -25,20 +25,14 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import libvirt
 
-from agent.chain.ledger import (
-    CheckpointDisk,
-    CheckpointRecord,
-    CheckpointState,
-    Ledger,
-    MarkBackedUp,
-    SetDiskChains,
-    SetParents,
-    SetState,
-)
+from agent.chain import libvirt_calls
+from agent.chain.damage import break_damaged_chains
+from agent.chain.ledger import Ledger
+from agent.chain.ledger_ops import MarkBackedUp, SetDiskChains, SetParents, SetState
+from agent.chain.records import CheckpointDisk, CheckpointRecord, CheckpointState
 from agent.chain.rules import (
     LIVE_STATES,
     VALID,
@@ -62,15 +56,15 @@ from agent.core.faults import Faults, no_faults
 from agent.core.logs import get_logger
 from agent.core.statelock import state_lock
 from agent.qemu.images import bitmap_problem, read_chain, remove_bitmap
-from agent.repository.store import Problem, Repository, damaged_disks
 from agent.virt.connection import VirtConnection
 from agent.virt.domains import Domains
 from agent.virt.inventory import DomainInfo
 
+# break_damaged_chains is defined in agent.chain.damage; it stays importable from here.
+__all__ = ["Chains", "ReconcileReport", "break_damaged_chains", "standalone_chains"]
+
 log = get_logger("checkpoints")
 
-_REDEFINE = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
-_VALIDATE = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
 _BAD_BITMAP_DISK = re.compile(r"for disk '(?P<disk>[^']+)'")
 _CREATE_ATTEMPTS = 3
 
@@ -151,7 +145,7 @@ class Chains:
             name = new_checkpoint_name()
             xml = checkpoint_xml(name, info.disks)
             try:
-                await self._connection.call("create checkpoint", _create, uuid, xml)
+                await self._connection.call("create checkpoint", libvirt_calls.create, uuid, xml)
             except VirtError as exc:
                 if "already exists" not in str(exc):
                     raise
@@ -169,7 +163,9 @@ class Chains:
 
         ``judge=False`` skips checking the chain again (a backup judged it when planning).
         """
-        xml = await self._connection.call("read checkpoint", _full_xml, info.uuid, name)
+        xml = await self._connection.call(
+            "read checkpoint", libvirt_calls.full_xml, info.uuid, name
+        )
         bitmaps = bitmap_disks(xml)
         disks = tuple(
             CheckpointDisk(
@@ -299,19 +295,7 @@ class Chains:
             r if r.parent is None or r.parent in names else dataclasses.replace(r, parent=None)
             for r in live
         ]
-        for record in live:
-            if defined.get(record.name, _MISSING) == record.parent:
-                report.already_defined.append(record.name)
-                continue
-            self._faults(f"redefine:{record.name}")
-            xml = redefine_xml(record, keep_domain=_keeps_domain(record, info))
-            try:
-                await self._connection.call("redefine checkpoint", _redefine, uuid, xml, 0)
-            except Exception:
-                self._on_redefine(False)
-                raise
-            self._on_redefine(True)
-            report.redefined.append(record.name)
+        await self._redefine(info, live, defined, report)
         if pruning:
             report.prunes_finished = await self._finish_pruning(info.name, uuid, pruning)
             defined = await self._libvirt_checkpoints(uuid)
@@ -326,6 +310,30 @@ class Chains:
             uuid_changed=report.uuid_changed,
         )
         return report
+
+    async def _redefine(
+        self,
+        info: DomainInfo,
+        live: Sequence[CheckpointRecord],
+        defined: Mapping[str, str | None],
+        report: ReconcileReport,
+    ) -> None:
+        """Redefine, parents first, each of ``live`` that libvirt lacks or has re-parented."""
+        for record in live:
+            if defined.get(record.name, _MISSING) == record.parent:
+                report.already_defined.append(record.name)
+                continue
+            self._faults(f"redefine:{record.name}")
+            xml = redefine_xml(record, keep_domain=_keeps_domain(record, info))
+            try:
+                await self._connection.call(
+                    "redefine checkpoint", libvirt_calls.redefine, info.uuid, xml, 0
+                )
+            except Exception:
+                self._on_redefine(False)
+                raise
+            self._on_redefine(True)
+            report.redefined.append(record.name)
 
     async def _adopt_new_uuid(
         self, info: DomainInfo, live: list[CheckpointRecord]
@@ -392,7 +400,11 @@ class Chains:
             )
             try:
                 await self._connection.call(
-                    "validate checkpoint", _redefine, info.uuid, xml, _VALIDATE
+                    "validate checkpoint",
+                    libvirt_calls.redefine,
+                    info.uuid,
+                    xml,
+                    libvirt_calls.VALIDATE,
                 )
                 return verdicts
             except VirtError as exc:
@@ -518,7 +530,7 @@ class Chains:
         stay in the qcow2 files and record again at the next boot, so the agent removes
         them itself (no QEMU has the images open then).
         """
-        if not await self._connection.call("delete checkpoint", _delete, uuid, name):
+        if not await self._connection.call("delete checkpoint", libvirt_calls.delete, uuid, name):
             return
         info = self._domains.get(uuid)
         if info is None or info.state.active:
@@ -553,7 +565,7 @@ class Chains:
         return bool(await self.ledger.checkpoints(domain, states=LIVE_STATES))
 
     async def _libvirt_checkpoints(self, uuid: str) -> dict[str, str | None]:
-        return await self._connection.call("list checkpoints", _list, uuid)
+        return await self._connection.call("list checkpoints", libvirt_calls.parents, uuid)
 
 
 _MISSING = object()
@@ -575,62 +587,3 @@ def _bitmap_of(record: CheckpointRecord, target: str) -> str:
 def _creation_time(xml: str) -> int:
     match = re.search(r"<creationTime>(\d+)</creationTime>", xml)
     return int(match.group(1)) if match else int(time.time())
-
-
-# Blocking libvirt calls; run through VirtConnection.call in worker threads.
-
-
-def _dom(conn: Any, uuid: str) -> Any:
-    return conn.lookupByUUIDString(uuid)
-
-
-def _create(conn: Any, uuid: str, xml: str) -> None:
-    _dom(conn, uuid).checkpointCreateXML(xml, 0)
-
-
-def _full_xml(conn: Any, uuid: str, name: str) -> str:
-    return str(_dom(conn, uuid).checkpointLookupByName(name).getXMLDesc(0))
-
-
-def _redefine(conn: Any, uuid: str, xml: str, extra_flags: int) -> None:
-    _dom(conn, uuid).checkpointCreateXML(xml, _REDEFINE | extra_flags)
-
-
-def _list(conn: Any, uuid: str) -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for cp in _dom(conn, uuid).listAllCheckpoints(0):
-        xml = cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
-        found[cp.getName()] = parent_in_xml(xml)
-    return found
-
-
-def _delete(conn: Any, uuid: str, name: str) -> bool:
-    """Delete the checkpoint; True if only its metadata could be deleted."""
-    try:
-        cp = _dom(conn, uuid).checkpointLookupByName(name)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
-            return False
-        raise
-    try:
-        cp.delete(0)
-    except libvirt.libvirtError:
-        # The bitmap is gone from the image (removed by hand, never written), or the
-        # domain is stopped (libvirt then refuses): only the metadata goes here.
-        cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
-        return True
-    return False
-
-
-async def break_damaged_chains(
-    repository: Repository, ledger: Ledger | None, domain: str, problems: Sequence[Problem]
-) -> tuple[list[str], bool]:
-    """After verify found ``problems``: the disks whose restore at the newest backup
-    reads a damaged one, and whether their chains are now broken (``backup-corrupt``)
-    in ``ledger``, so that their next backup is full; not if there is no ledger or it
-    does not know the domain (a repository verified on another host)."""
-    damaged = damaged_disks(await repository.backups(domain), problems)
-    marked = ledger is not None and await ledger.break_disk_chains(
-        domain, "backup-corrupt", damaged
-    )
-    return sorted(damaged), marked

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 
 from lxml import etree
 
-from agent.chain.ledger import CheckpointDisk, CheckpointRecord, CheckpointState
+from agent.chain.records import CheckpointDisk, CheckpointRecord, CheckpointState
 from agent.core.errors import ChainError, InventoryError
 from agent.virt.inventory import Disk, DiskIdentity
 
