@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.backup.run import throttled
+from agent.backup.progress import throttled
 
 
 def test_reports_at_most_once_per_interval_and_always_the_end() -> None:

@@ -28,10 +28,12 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.nbd.client import STATE_DIRTY, STATE_ZERO, Extent, NbdClient
 from agent.repository.store import RangeChecksum, digest_of
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,67 +177,96 @@ async def copy_runs(
     """
     sinks = [targets] if isinstance(targets, NbdClient) else list(targets)
     size = min(request_size, *(c.info.max_block for c in [*sources, *sinks]))
-    piece = min(size, read_size or size, *(c.info.max_block for c in sources))
-    pending = chunks(runs, size)
     # Buffers as large as the largest data chunk: an incremental's scattered 64 KiB
     # runs need no 2 MiB buffers (whose zeroing alone costs page faults).
     longest = max((r.length for r in runs if not r.zero), default=0)
-    buffer_size = min(size, longest)
-    checksums: list[RangeChecksum] = []
-    turn = 0  # the source connection the next piece of a split read goes to
+    workers = _Workers(
+        sources,
+        sinks,
+        chunks(runs, size),
+        piece=min(size, read_size or size, *(c.info.max_block for c in sources)),
+        buffer_size=min(size, longest),
+        punch_holes=punch_holes,
+        limit=limit,
+        progress=progress,
+    )
+    await together([workers.work(index) for index in range(max(1, in_flight))])
+    workers.checksums.sort(key=lambda c: c.offset)
+    return workers.checksums
 
-    async def read(view: memoryview, offset: int, first: NbdClient) -> None:
-        nonlocal turn
-        if len(view) <= piece:
-            await first.read_into(offset, view)
-            return
-        reads = []
-        for start in range(0, len(view), piece):
-            turn += 1
-            source = sources[turn % len(sources)]
-            reads.append(source.read_into(offset + start, view[start : start + piece]))
-        await _all(reads)
 
-    async def worker(index: int) -> None:
-        source = sources[index % len(sources)]
-        target = sinks[index % len(sinks)]
-        buffer = memoryview(bytearray(buffer_size))
-        for run in pending:  # a shared iterator: each chunk goes to exactly one worker
-            if limit is not None:
-                await limit.take(run.length)
+class _Workers:
+    """The workers of one :func:`copy_runs`, each with a buffer of its own; they share
+    the chunks left to copy and the checksums of those written."""
+
+    def __init__(
+        self,
+        sources: Sequence[NbdClient],
+        sinks: Sequence[NbdClient],
+        pending: Iterator[Run],
+        *,
+        piece: int,
+        buffer_size: int,
+        punch_holes: bool,
+        limit: RateLimit | None,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        self._sources = sources
+        self._sinks = sinks
+        self._pending = pending
+        self._piece = piece
+        self._buffer_size = buffer_size
+        self._punch_holes = punch_holes
+        self._limit = limit
+        self._progress = progress
+        self.checksums: list[RangeChecksum] = []
+        self._turn = 0  # the source connection the next piece of a split read goes to
+
+    async def work(self, index: int) -> None:
+        source = self._sources[index % len(self._sources)]
+        target = self._sinks[index % len(self._sinks)]
+        buffer = memoryview(bytearray(self._buffer_size))
+        for run in self._pending:  # a shared iterator: each chunk goes to exactly one worker
+            if self._limit is not None:
+                await self._limit.take(run.length)
             if run.zero:
-                await target.write_zeroes(run.offset, run.length, punch_hole=punch_holes)
+                await target.write_zeroes(run.offset, run.length, punch_hole=self._punch_holes)
                 digest = _zero_digest(run.length)
             else:
                 view = buffer[: run.length]
-                await read(view, run.offset, source)
+                await self._read(view, run.offset, source)
                 # XXH3 hashes a 2 MiB chunk in about a tenth of a millisecond: on the
                 # copy's own loop, cheaper than any hop to a worker thread.
                 digest = digest_of(view)
                 await target.write(run.offset, view)
-            checksums.append(RangeChecksum(run.offset, run.length, digest))
-            if progress is not None:
-                progress(run.length)
+            self.checksums.append(RangeChecksum(run.offset, run.length, digest))
+            if self._progress is not None:
+                self._progress(run.length)
 
+    async def _read(self, view: memoryview, offset: int, first: NbdClient) -> None:
+        """Into ``view``: from ``first`` in one request, or in pieces spread over the
+        source connections."""
+        if len(view) <= self._piece:
+            await first.read_into(offset, view)
+            return
+        reads = []
+        for start in range(0, len(view), self._piece):
+            self._turn += 1
+            source = self._sources[self._turn % len(self._sources)]
+            reads.append(source.read_into(offset + start, view[start : start + self._piece]))
+        await together(reads)
+
+
+async def together(calls: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """Await ``calls`` together, each in a task of its own, and return their results;
+    the first failure cancels the rest and is raised (:func:`first_cause`)."""
     try:
         async with asyncio.TaskGroup() as group:
-            for index in range(max(1, in_flight)):
-                group.create_task(worker(index))
+            tasks = [group.create_task(call) for call in calls]
     except BaseExceptionGroup as failed:
         # One broken connection fails every worker; the first error is the story.
         raise first_cause(failed) from failed
-    checksums.sort(key=lambda c: c.offset)
-    return checksums
-
-
-async def _all(calls: list[Coroutine[Any, Any, None]]) -> None:
-    """Await ``calls`` together; the first failure cancels the rest and is raised."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            for call in calls:
-                group.create_task(call)
-    except BaseExceptionGroup as failed:
-        raise first_cause(failed) from failed
+    return [task.result() for task in tasks]
 
 
 def first_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:

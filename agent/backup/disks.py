@@ -1,0 +1,213 @@
+"""The disks of one job copied, in parallel, on the data plane's loop.
+
+Each disk's staged repository image is created and served by a local qemu-nbd
+(:mod:`agent.qemu.qemu_nbd`) while libvirt begins the job; once it has begun, the disk
+is read from QEMU's NBD export (Unix socket in the agent's private directory), over up
+to ``[backup] connections`` connections, and what its block status says is copied
+(:mod:`agent.backup.copy`). One failing disk cancels the others; every socket and
+qemu-nbd is closed before the failure is raised, so an undo never races them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+
+from agent.backup.copy import RateLimit, Run, copy_runs, runs_to_copy, table_openers_first, together
+from agent.backup.data_plane import DataPlane
+from agent.backup.job import Job
+from agent.backup.plan import BackupPlan, DiskPlan
+from agent.backup.progress import Progress, Tally, from_data_plane
+from agent.core.config import AgentConfig
+from agent.core.errors import BackupError
+from agent.core.faults import Faults
+from agent.nbd.client import BASE_ALLOCATION as ALLOCATION
+from agent.nbd.client import Extent, NbdClient, connect_many, extents
+from agent.qemu.qemu_nbd import serve_image
+from agent.repository.store import DiskManifest, Manifest, RangeChecksum, Repository
+
+# A disk's staged image: its name, its backing (an increment's parent) and connections
+# to the qemu-nbd that serves it.
+_Target = tuple[str, str | None, list[NbdClient]]
+
+
+class DiskCopies:
+    """Copies the disks of this host's jobs; owns the data plane they run on."""
+
+    def __init__(self, config: AgentConfig, repository: Repository, faults: Faults) -> None:
+        self._config = config
+        self._repository = repository
+        self._faults = faults
+        self._data_plane = DataPlane()
+
+    async def copy(
+        self,
+        plan: BackupPlan,
+        job: Job,
+        parent: Manifest | None,
+        progress: Progress | None,
+        begun: concurrent.futures.Future[None],
+    ) -> tuple[DiskManifest, ...]:
+        """Every disk of ``plan`` into the job's staging directory; the export is read
+        once ``begun`` is set (cancelled: the job did not begin)."""
+        limit = (
+            RateLimit(self._config.backup.bandwidth_limit)
+            if self._config.backup.bandwidth_limit
+            else None
+        )
+        tally = Tally(from_data_plane(progress), faults=self._faults)
+        # The bytes move on the data plane's loop, so this loop stays responsive.
+        return await self._data_plane.run(self._copy_disks(plan, job, parent, limit, tally, begun))
+
+    async def close(self) -> None:
+        """Stop the data plane (at agent shutdown, after every job has ended)."""
+        await self._data_plane.close()
+
+    async def _copy_disks(
+        self,
+        plan: BackupPlan,
+        job: Job,
+        parent: Manifest | None,
+        limit: RateLimit | None,
+        tally: Tally,
+        begun: concurrent.futures.Future[None],
+    ) -> tuple[DiskManifest, ...]:
+        # One failing disk cancels the others before anything is undone.
+        copies = [self._copy_disk(disk, job, parent, limit, tally, begun) for disk in plan.disks]
+        return tuple(await together(copies))
+
+    async def _copy_disk(
+        self,
+        disk: DiskPlan,
+        job: Job,
+        parent: Manifest | None,
+        limit: RateLimit | None,
+        tally: Tally,
+        begun: concurrent.futures.Future[None],
+    ) -> DiskManifest:
+        """Create and serve the disk's repository image, then (once the job has begun)
+        copy what the export's block status says into it."""
+        contexts = [ALLOCATION] + ([] if disk.full else [f"qemu:dirty-bitmap:backup-{disk.target}"])
+        async with contextlib.AsyncExitStack() as stack:
+            size = disk.size
+            # Unless libvirt did not report the capacity (then the export will tell).
+            opened = await self._open_target(stack, disk, job, parent, size) if size else None
+            await asyncio.wrap_future(begun)
+            sources = await self._connect_export(stack, disk, job, contexts)
+            exported = sources[0].info.size
+            if opened is None:
+                size = exported
+                opened = await self._open_target(stack, disk, job, parent, size)
+            elif exported != size:
+                raise _resized(disk, job, exported, size)
+            image, backing, targets = opened
+            runs = await _runs(sources[0], contexts)
+            if not disk.full:  # an overlay, written through the page cache
+                runs = table_openers_first(runs)
+            tally.expect(sum(r.length for r in runs))
+            checksums = await self._copy_runs(disk, sources, targets, runs, limit, tally)
+        return DiskManifest(
+            target=disk.target,
+            image=image,
+            mode=disk.mode,
+            reason=disk.reason,
+            virtual_size=size,
+            bytes_copied=sum(r.length for r in runs),
+            backing=backing,
+            checksums=tuple(checksums),
+        )
+
+    async def _connect_export(
+        self, stack: contextlib.AsyncExitStack, disk: DiskPlan, job: Job, contexts: list[str]
+    ) -> list[NbdClient]:
+        """Connections to QEMU's export of the disk, closed with ``stack``."""
+        sources = await connect_many(
+            self._config.backup.connections,
+            socket_path=job.socket,
+            export=disk.target,
+            meta_contexts=contexts,
+        )
+        stack.push_async_callback(_close_all, sources)
+        return sources
+
+    async def _open_target(
+        self,
+        stack: contextlib.AsyncExitStack,
+        disk: DiskPlan,
+        job: Job,
+        parent: Manifest | None,
+        size: int,
+    ) -> _Target:
+        """The staged image (name, backing), served by a local qemu-nbd, and connections
+        to it."""
+        settings = self._config.backup
+        image, backing = await self._repository.create_image(
+            job.staging, disk.target, size, backing=None if disk.full else parent
+        )
+        socket = self._config.socket_path / f"{job.backup_id}-{disk.target}.sock"
+        # An overlay is served with its backing: a write covering part of a cluster
+        # must be completed from the parent backup's data, not with zeroes. Direct I/O
+        # speeds up the big copies of full disks, but costs ~50 ms to tear down: not
+        # worth it for an incremental's few changed blocks (fsync'd at publish anyway).
+        served = await stack.enter_async_context(
+            serve_image(
+                job.staging / image,
+                socket,
+                clients=settings.connections,
+                backing=not disk.full,
+                direct=disk.full,
+            )
+        )
+        targets = await connect_many(settings.connections, socket_path=served)
+        stack.push_async_callback(_close_all, targets)
+        return image, backing, targets
+
+    async def _copy_runs(
+        self,
+        disk: DiskPlan,
+        sources: list[NbdClient],
+        targets: list[NbdClient],
+        runs: list[Run],
+        limit: RateLimit | None,
+        tally: Tally,
+    ) -> list[RangeChecksum]:
+        settings = self._config.backup
+        checksums = await copy_runs(
+            sources,
+            targets,
+            runs,
+            request_size=settings.request_size,
+            read_size=settings.read_size,
+            in_flight=settings.in_flight,
+            punch_holes=disk.full,
+            limit=limit,
+            progress=tally.add,
+        )
+        # The target advertises multi-conn whenever there are several connections:
+        # one flush covers the writes completed on all of them.
+        await targets[0].flush()
+        return checksums
+
+
+def _resized(disk: DiskPlan, job: Job, exported: int, size: int) -> BackupError:
+    return BackupError(
+        f"QEMU exports {disk.target} with {exported} bytes, libvirt reported "
+        f"{size}: the disk changed size",
+        code="disk-resized",
+        domain=job.domain,
+    )
+
+
+async def _runs(source: NbdClient, contexts: list[str]) -> list[Run]:
+    """What to copy: allocation, and for an incremental the dirty bitmap, from the export."""
+    allocation = [e async for e in extents(source, ALLOCATION)]
+    dirty: list[Extent] | None = None
+    if len(contexts) > 1:
+        dirty = [e async for e in extents(source, contexts[1])]
+    return runs_to_copy(allocation, dirty)
+
+
+async def _close_all(clients: list[NbdClient]) -> None:
+    for client in clients:
+        await client.close()
