@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import random
 
 import libvirt
+import pytest
 
 from agent.core.errors import DomainNotFoundError, NotConnectedError, VirtError
-from agent.virt.connection import backoff_delays, map_libvirt_error
+from agent.core.retry import JITTER, Backoff, retry_forever
+from agent.virt.connection import map_libvirt_error
 from agent.virt.domains import missed_events
 from agent.virt.events import DeviceAdded, DeviceRemoved, Event, Lifecycle, LifecycleKind
 from agent.virt.inventory import DomainInfo, DomainState, parse_domain
@@ -93,9 +97,32 @@ def test_same_path_new_inode_is_a_replaced_disk() -> None:
     ]
 
 
-def test_backoff_doubles_up_to_the_cap() -> None:
-    delays = backoff_delays(0.5, 3.0)
-    assert [delays() for _ in range(6)] == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
+async def _reconnect_delays(backoff: Backoff, count: int) -> list[float]:
+    """The first ``count`` delays of a connection that never comes up (no real sleep)."""
+    delays: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        delays.append(delay)
+        if len(delays) == count:
+            raise asyncio.CancelledError
+
+    async def never_up(_up: asyncio.Event) -> None:
+        return None
+
+    with pytest.raises(asyncio.CancelledError):
+        await retry_forever(never_up, backoff, lambda _d, _e: None, sleep=sleep)
+    return delays
+
+
+async def test_backoff_doubles_up_to_the_cap() -> None:
+    nominal = await _reconnect_delays(Backoff(0.5, 3.0, draw=lambda: 0.0), 6)
+    assert nominal == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
+    # With jitter: never below the nominal delay, at most a quarter above, really random.
+    jittered = await _reconnect_delays(Backoff(0.5, 3.0, draw=random.Random(1).random), 6)
+    assert JITTER == 0.25
+    for actual, expected in zip(jittered, nominal, strict=True):
+        assert expected <= actual <= expected * (1 + JITTER)
+    assert len({actual / expected for actual, expected in zip(jittered, nominal, strict=True)}) == 6
 
 
 def _libvirt_error(code: int, message: str) -> libvirt.libvirtError:

@@ -18,6 +18,7 @@ from agent.backup.plan import BackupMode
 from agent.backup.run import BackupResult
 from agent.chain.checkpoints import break_damaged_chains
 from agent.chain.ledger import Ledger
+from agent.cli.progress import ProgressBar
 from agent.core.config import AgentConfig
 from agent.core.errors import AgentError
 from agent.repository.store import Problem, Repository
@@ -63,26 +64,6 @@ def list_backups(config: AgentConfig, domain: str, as_json: bool) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
-class _Bar:
-    """A progress bar on a terminal; nothing when stderr is not one."""
-
-    def __init__(self, label: str) -> None:
-        self._label = label
-        self._tty = sys.stderr.isatty()
-
-    def __call__(self, fraction: float) -> None:
-        if self._tty:
-            filled = int(fraction * 40)
-            sys.stderr.write(
-                f"\r{self._label} [{'#' * filled}{'.' * (40 - filled)}] {fraction:6.1%}"
-            )
-            sys.stderr.flush()
-
-    def done(self) -> None:
-        if self._tty:
-            sys.stderr.write("\n")
-
-
 def restore(
     config: AgentConfig, domain: str, backup_id: str, disk: str | None, to: Path, fmt: str
 ) -> None:
@@ -106,9 +87,10 @@ def restore(
     else:
         plan = [(disk, to)]
     for target, dest in plan:
-        bar = _Bar(f"{target}")
-        asyncio.run(repository.restore(domain, backup_id, target, dest, fmt=fmt, progress=bar))
-        bar.done()
+        with ProgressBar(target) as bar:
+            asyncio.run(
+                repository.restore(domain, backup_id, target, dest, fmt=fmt, progress=bar.fraction)
+            )
         print(f"restored {domain} {target} at {backup_id} to {dest} ({fmt})")
 
 
@@ -169,7 +151,5 @@ async def _backup(config: AgentConfig, domain: str, mode: BackupMode) -> BackupR
         info = agent.domains.find(domain)
         if info is None:
             raise CommandError(f"domain {domain!r} is not in libvirt on {config.libvirt.uri}")
-        bar = _Bar("backup")
-        result = await agent.backups.run(info.uuid, mode, progress=lambda d, t: bar(d / max(t, 1)))
-        bar.done()
-        return result
+        with ProgressBar("backup") as bar:
+            return await agent.backups.run(info.uuid, mode, progress=bar.update)

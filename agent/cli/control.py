@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -17,6 +16,7 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 
+from agent.cli.progress import ProgressBar
 from agent.control.api import read_token
 from agent.core.config import AgentConfig
 from agent.core.errors import AgentError
@@ -78,12 +78,11 @@ async def _backup(client: ApiClient, domain: str, mode: str, wait: bool) -> int:
     print(f"job {job['id']}: backup of {domain} ({mode}) {job['state']}")
     if not wait:
         return 0
-    bar = _ByteBar()
-    while not _finished(job):
-        await asyncio.sleep(_POLL)
-        job = await client.call("GET", f"/v1/jobs/{quote(job['id'])}")
-        bar(job["progress"]["done_bytes"], job["progress"]["total_bytes"])
-    bar.done()
+    with ProgressBar("backup", mib=True) as bar:
+        while not _finished(job):
+            await asyncio.sleep(_POLL)
+            job = await client.call("GET", f"/v1/jobs/{quote(job['id'])}")
+            bar.update(job["progress"]["done_bytes"], job["progress"]["total_bytes"])
     print(describe(job))
     return 0 if job["state"] == "succeeded" else 1
 
@@ -110,30 +109,6 @@ def describe(job: Mapping[str, Any]) -> str:
     if job.get("error"):
         text += f": {job['error']['code']}: {job['error']['message']}"
     return text
-
-
-class _ByteBar:
-    """Bytes copied of the total, on a terminal; nothing otherwise."""
-
-    def __init__(self) -> None:
-        self._tty = sys.stderr.isatty()
-        self._shown = False
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self._tty or not total:
-            return
-        fraction = min(done / total, 1.0)
-        filled = int(fraction * 40)
-        sys.stderr.write(
-            f"\rbackup [{'#' * filled}{'.' * (40 - filled)}] {fraction:6.1%} "
-            f"{done >> 20}/{total >> 20} MiB"
-        )
-        sys.stderr.flush()
-        self._shown = True
-
-    def done(self) -> None:
-        if self._shown:
-            sys.stderr.write("\n")
 
 
 def jobs(config: AgentConfig, domain: str | None, state: str | None, as_json: bool) -> int:

@@ -36,8 +36,9 @@ Delivery guarantees
 Connection
     nats-py reconnects by itself once connected; the first connection (and a session
     that fails, e.g. because JetStream refuses the stream) is retried by :meth:`run`
-    with exponential back-off from 1 s to 30 s. After every reconnection the stream and
-    the consumer are ensured again, in case the server came back without its store.
+    with exponential back-off from 1 s to 30 s, each delay up to a quarter longer at
+    random (:mod:`agent.core.retry`). After every reconnection the stream and the
+    consumer are ensured again, in case the server came back without its store.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from agent.core.errors import (
 )
 from agent.core.faults import Faults, no_faults
 from agent.core.logs import get_logger
+from agent.core.retry import Backoff, retry_forever
 from agent.core.shielding import to_completion
 
 log = get_logger("messages")
@@ -158,25 +160,25 @@ class SchedulerMessages:
         retried with back-off. Cancellation closes the connection.
         """
         unsubscribe = self._jobs.subscribe(self._on_job)
-        delay = RETRY_FIRST_DELAY
+        backoff = Backoff(RETRY_FIRST_DELAY, RETRY_MAX_DELAY)
         try:
-            while True:
-                consuming = asyncio.Event()
-                try:
-                    await self._session(consuming, ready)
-                except Exception as exc:  # the agent must survive any failure here
-                    log.warning(
-                        "scheduler messages unavailable",
-                        url=self._settings.url,
-                        error=str(exc) or type(exc).__name__,
-                        retry_in=delay,
-                    )
-                if consuming.is_set():
-                    delay = RETRY_FIRST_DELAY
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_DELAY)
+            await retry_forever(
+                lambda consuming: self._session(consuming, ready),
+                backoff,
+                self._unavailable,
+                retry_on=(Exception,),  # the agent must survive any failure here
+            )
         finally:
             unsubscribe()
+
+    def _unavailable(self, delay: float, error: Exception | None) -> None:
+        if error is not None:
+            log.warning(
+                "scheduler messages unavailable",
+                url=self._settings.url,
+                error=str(error) or type(error).__name__,
+                retry_in=delay,
+            )
 
     async def _session(self, consuming: asyncio.Event, ready: asyncio.Event | None) -> None:
         """One connection's life: connect, set up, consume; returns only by raising."""

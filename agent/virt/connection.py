@@ -3,10 +3,10 @@
 :class:`VirtConnection.run` is the connection's life: open (in a worker thread), turn
 on keepalive, register the close callback and every domain-event callback, tell the
 agent it is connected (which resynchronises, because events were missed while away),
-then wait for the connection to close; on loss, back off exponentially (capped) and
-start again. Everything else talks to libvirt through :meth:`VirtConnection.call`,
-which runs the blocking call in a worker thread with a timeout and turns
-``libvirtError`` into the agent's own :mod:`agent.core.errors`.
+then wait for the connection to close; on loss, back off exponentially (capped, with
+jitter: :mod:`agent.core.retry`) and start again. Everything else talks to libvirt
+through :meth:`VirtConnection.call`, which runs the blocking call in a worker thread
+with a timeout and turns ``libvirtError`` into the agent's own :mod:`agent.core.errors`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from agent.core.errors import (
     VirtTimeoutError,
 )
 from agent.core.logs import get_logger
+from agent.core.retry import Backoff, retry_forever
 from agent.core.shielding import to_completion
 from agent.virt.events import Event, EventSink, subscriptions
 from agent.virt.libvirt_loop import register_event_loop
@@ -90,19 +91,6 @@ def map_libvirt_error(exc: libvirt.libvirtError, operation: str) -> VirtError:
     return VirtError(message, code=code, operation=operation)
 
 
-def backoff_delays(initial: float, maximum: float) -> Callable[[], float]:
-    """Successive reconnect delays: initial, doubled each time, capped at ``maximum``."""
-    delay = initial
-
-    def next_delay() -> float:
-        nonlocal delay
-        current = delay
-        delay = min(delay * 2, maximum)
-        return current
-
-    return next_delay
-
-
 class VirtConnection:
     """Owns the libvirt connection for the agent's lifetime (see the module docstring)."""
 
@@ -133,23 +121,24 @@ class VirtConnection:
         # libvirt prints every error to stderr by default; the agent reports them itself.
         libvirt.registerErrorHandler(_ignore_error, None)
         self._loop = asyncio.get_running_loop()
-        next_delay = backoff_delays(
+        backoff = Backoff(
             self._settings.reconnect_initial_delay, self._settings.reconnect_max_delay
         )
         try:
-            while True:
-                if await self._connect_once():
-                    next_delay = backoff_delays(
-                        self._settings.reconnect_initial_delay, self._settings.reconnect_max_delay
-                    )
-                    await self._closed.wait()
-                    await self._drop("connection lost")
-                delay = next_delay()
-                log.info("reconnecting", uri=self._settings.uri, delay=delay)
-                await asyncio.sleep(delay)
+            await retry_forever(self._stay_connected, backoff, self._reconnecting)
         finally:
             await to_completion(self._drop(_STOPPING))
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _stay_connected(self, up: asyncio.Event) -> None:
+        """One connection's life: connect, and if that worked, wait until it is lost."""
+        if await self._connect_once():
+            up.set()
+            await self._closed.wait()
+            await self._drop("connection lost")
+
+    def _reconnecting(self, delay: float, _error: Exception | None) -> None:
+        log.info("reconnecting", uri=self._settings.uri, delay=delay)
 
     async def open_once(self) -> None:
         """Connect once, without reconnecting, for one-shot commands; :meth:`close` after."""
