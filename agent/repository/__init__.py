@@ -1,5 +1,13 @@
 """The backup repository: qcow2 chains and their manifests on a filesystem.
 
+``store``      :class:`~agent.repository.store.Repository`, the public surface
+``manifest``   what one backup holds (frozen dataclasses) and its JSON file, read by pydantic
+``layout``     the directories and files on disk, durable file operations, staging, publishing
+``layers``     qemu-img, bounded, and what it says about one image layer (header, extents)
+``verify``     images checked against their manifests; which disks a damage breaks
+``restore``    one disk at one backup written out as a standalone image
+``retention``  the oldest backups dropped, crash-safely, every kept one restoring as before
+
 May import: :mod:`agent.core`, :mod:`agent.qemu`. Not :mod:`agent.virt` or
 :mod:`agent.nbd` (siblings), nor any layer above.
 """

@@ -1,0 +1,466 @@
+"""The manifest: what one backup holds, as frozen dataclasses, and its JSON file.
+
+``manifest.json`` in a backup's directory is read strictly: every field typed, unknown
+fields refused (a newer writer must bump :data:`MANIFEST_VERSION`), and every error names
+the file and the field's path (``disks[0].checksums[3].digest: invalid value ...``).
+
+The file's shape is checked by pydantic models (:class:`_ManifestV2`, :class:`_ManifestV1`,
+one per version: version 2 names each range's checksum algorithm, version 1 holds SHA-256
+digests); the rules across fields (a range within the disk, a digest as long as its
+algorithm's, a mode's backing file, unique targets) then by :func:`_checked`. Fields are
+declared in the order they have always been checked in, and pydantic reports errors in
+that order: of several mistakes the first is named (a rule across fields, though, only
+once the whole shape is right). pydantic's errors are phrased as before: ``<path>:
+missing``, ``wrong type str``, ``invalid value '...'``, ``unknown field`` and so on.
+
+A full backup has one checksum per 2 MiB request (51,200 for 100 GiB), and the newest
+manifest is read before every backup: version 2's checksums are validated by
+pydantic-core straight into :class:`RangeChecksum` (no intermediate model), and the rules
+across fields take one pass over plain attributes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Final, Protocol
+
+import xxhash
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetPydanticSchema,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import ErrorDetails, core_schema
+
+from agent.core.errors import RepositoryError
+
+MANIFEST_FORMAT: Final = "libvirt-backup-agent/backup"
+MANIFEST_VERSION: Final = 2  # 2: per-range checksum algorithm (XXH3-128); 1: SHA-256
+CHECKSUM: Final = "xxh3-128"
+MANIFEST_FILE: Final = "manifest.json"
+
+BACKUP_ID_RE: Final = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
+NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+BACKING_RE: Final = re.compile(r"\.\./(?P<id>[^/]+)/(?P<image>[^/]+)")
+# The checksum algorithms manifests may name, and how many hex digits their digests have.
+_DIGEST_LENGTHS: Final = {"sha256": 64, "xxh3-128": 32}
+_MODES: Final = ("full", "incremental")
+
+
+class Digest(Protocol):
+    """What verify needs of a hash object (hashlib's and xxhash's both fit)."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RangeChecksum:
+    """The checksum (``algorithm``, hex ``digest``) of the bytes written at
+    ``[offset, offset + length)`` into one image.
+
+    New backups use XXH3-128: it finds corruption as surely as SHA-256 and costs a
+    hundredth of its CPU, which on a busy host is what a full backup is short of. (A
+    checksum next to the data cannot stop anyone able to rewrite both anyway.)
+    Manifests of version 1 carry SHA-256, and are still verified with it.
+    """
+
+    offset: int
+    length: int
+    digest: str
+    algorithm: str = CHECKSUM
+
+
+def new_digest(algorithm: str) -> Digest:
+    """A fresh incremental hash object for ``algorithm``."""
+    if algorithm == "xxh3-128":
+        return xxhash.xxh3_128()
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    raise RepositoryError(f"unknown checksum algorithm {algorithm!r}")
+
+
+def digest_of(data: bytes | memoryview) -> str:
+    """The checksum new backups record for ``data`` (:data:`CHECKSUM`)."""
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+@dataclass(frozen=True, slots=True)
+class DiskManifest:
+    """One disk of a backup: its image (relative to the backup directory) and what is in it.
+
+    ``reason`` says why a disk is full when the backup as a whole was not (e.g.
+    ``disk-added``); ``backing`` is the image's backing path (``../<id>/<image>``) or None.
+    """
+
+    target: str
+    image: str
+    mode: str
+    reason: str | None
+    virtual_size: int
+    bytes_copied: int
+    backing: str | None
+    checksums: tuple[RangeChecksum, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Manifest:
+    """Everything about one backup; ``manifest.json`` in its directory.
+
+    ``merged_from`` lists the dropped backups whose data retention merged into this one;
+    such a backup has no ``parent`` and its merged disks no ``backing``, whatever their mode.
+    """
+
+    format: str = MANIFEST_FORMAT
+    version: int = MANIFEST_VERSION
+    backup_id: str
+    domain: str
+    domain_uuid: str
+    created_at: float
+    completed_at: float
+    parent: str | None
+    checkpoint: str
+    checkpoint_xml: str
+    domain_xml: str
+    disks: tuple[DiskManifest, ...]
+    merged_from: tuple[str, ...] = ()
+
+    def disk(self, target: str) -> DiskManifest | None:
+        """The disk called ``target`` in this backup, if it has one."""
+        return next((d for d in self.disks if d.target == target), None)
+
+    def to_json(self) -> str:
+        # The same document as dataclasses.asdict gives, built field by field: asdict
+        # deep-copies every value, 8 ms for the thousand checksums of a 2 GiB full.
+        data = _fields(self)
+        # Always the current format: checksums are written in version 2's shape (a version
+        # 1 manifest rewritten by retention keeps its SHA-256 digests, with their name).
+        data["version"] = MANIFEST_VERSION
+        data["disks"] = [
+            {**_fields(d), "checksums": [_fields(c) for c in d.checksums]} for d in self.disks
+        ]
+        return json.dumps(data, indent=2) + "\n"
+
+    @property
+    def mode(self) -> str:
+        """``full`` or ``incremental`` when every disk agrees, else ``mixed``."""
+        modes = {d.mode for d in self.disks}
+        return modes.pop() if len(modes) == 1 else "mixed"
+
+    def summary(self) -> dict[str, object]:
+        """What ``backups --json`` and ``GET /v1/domains/{domain}/backups`` show."""
+        return {
+            "id": self.backup_id,
+            "domain": self.domain,
+            "domain_uuid": self.domain_uuid,
+            "created_at": self.created_at,
+            "completed_at": self.completed_at,
+            "mode": self.mode,
+            "parent": self.parent,
+            "checkpoint": self.checkpoint,
+            "bytes": sum(d.bytes_copied for d in self.disks),
+            "disks": [
+                {
+                    "target": d.target,
+                    "mode": d.mode,
+                    "reason": d.reason,
+                    "bytes": d.bytes_copied,
+                    "virtual_size": d.virtual_size,
+                    "image": d.image,
+                }
+                for d in self.disks
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, text: str, *, path: str) -> Manifest:
+        """Parse and strictly validate a manifest; RepositoryError names the bad field."""
+        try:
+            return _checked(_validated(text))
+        except ValueError as exc:  # not JSON
+            raise RepositoryError(f"manifest {path}: not JSON: {exc}", path=path) from exc
+        except _FieldError as exc:
+            raise RepositoryError(f"manifest {path}: field {exc}", path=path) from exc
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+
+
+# --- the file's shape, per version (pydantic) ------------------------------------------
+#
+# Fields are declared in the order they are checked: pydantic reports a model's errors in
+# that order (its unknown fields after them), so the first error is the first mistake.
+
+
+def _pattern(regex: re.Pattern[str]) -> str:
+    return f"^(?:{regex.pattern})$"  # pydantic searches; a manifest's values must match whole
+
+
+_Count = Annotated[int, Field(ge=0)]
+_BackupId = Annotated[str, Field(pattern=_pattern(BACKUP_ID_RE))]
+_Name = Annotated[str, Field(pattern=_pattern(NAME_RE))]
+_HEX_DIGEST = r"^(?:[0-9a-f]{32}|[0-9a-f]{64})$"  # which of the two: see _check_checksums
+
+
+def _checksum_schema(version: int) -> core_schema.CoreSchema:
+    """A checksum of a manifest of ``version``, built by pydantic-core as a
+    :class:`RangeChecksum` itself (without calling ``__init__``): a model per range and a
+    copy into the dataclass took twice as long as the whole parse does now.
+
+    Version 2: ``offset``, ``length``, ``algorithm``, ``digest``. Version 1: ``offset``,
+    ``length``, ``sha256`` (the digest; the algorithm is not in the file).
+    """
+    offset = core_schema.dataclass_field("offset", core_schema.int_schema(ge=0, strict=True))
+    length = core_schema.dataclass_field("length", core_schema.int_schema(ge=1, strict=True))
+    if version == 1:
+        digest = core_schema.str_schema(pattern=r"^[0-9a-f]{64}$", strict=True)
+        fields = [
+            offset,
+            length,
+            core_schema.dataclass_field("digest", digest, validation_alias="sha256"),
+            core_schema.dataclass_field(
+                "algorithm",
+                core_schema.with_default_schema(core_schema.str_schema(), default="sha256"),
+                init=False,  # not read from the file: "algorithm" there is an unknown field
+            ),
+        ]
+    else:
+        algorithm = core_schema.literal_schema(list(_DIGEST_LENGTHS))
+        digest = core_schema.str_schema(pattern=_HEX_DIGEST, strict=True)
+        fields = [
+            offset,
+            length,
+            core_schema.dataclass_field("algorithm", algorithm),
+            core_schema.dataclass_field("digest", digest),
+        ]
+    arguments = core_schema.dataclass_args_schema("RangeChecksum", fields, extra_behavior="forbid")
+    names = [f.name for f in dataclasses.fields(RangeChecksum)]
+    return core_schema.dataclass_schema(
+        RangeChecksum, arguments, names, slots=True, frozen=True, strict=False
+    )
+
+
+_ChecksumV2 = Annotated[RangeChecksum, GetPydanticSchema(lambda *_: _checksum_schema(2))]
+_ChecksumV1 = Annotated[RangeChecksum, GetPydanticSchema(lambda *_: _checksum_schema(1))]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class _DiskV2(_Strict):
+    virtual_size: Annotated[int, Field(ge=1)]
+    target: _Name
+    image: _Name
+    mode: str  # its value is checked after the checksums (_check_disk)
+    reason: str | None
+    bytes_copied: _Count
+    backing: Annotated[str, Field(pattern=_pattern(BACKING_RE))] | None
+    checksums: tuple[_ChecksumV2, ...]
+
+    def parsed(self) -> DiskManifest:
+        return DiskManifest(
+            self.target,
+            self.image,
+            self.mode,
+            self.reason,
+            self.virtual_size,
+            self.bytes_copied,
+            self.backing,
+            self.checksums,
+        )
+
+
+class _DiskV1(_DiskV2):
+    checksums: tuple[_ChecksumV1, ...]
+
+
+class _OtherVersionError(ValueError):
+    """The document is of the other version this agent reads: parse it with that model."""
+
+
+class _ManifestV2(_Strict):
+    VERSION: ClassVar[int] = MANIFEST_VERSION
+
+    format: str
+    version: _Count
+    merged_from: tuple[_BackupId, ...]
+    disks: tuple[_DiskV2, ...]
+    backup_id: _BackupId
+    domain: str
+    domain_uuid: str
+    created_at: float
+    completed_at: float
+    parent: _BackupId | None
+    checkpoint: str
+    checkpoint_xml: str
+    domain_xml: str
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        if value != MANIFEST_FORMAT:
+            raise _InvalidValueError(f"not {MANIFEST_FORMAT!r}")
+        return value
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: int) -> int:
+        if value not in (1, MANIFEST_VERSION):
+            raise _InvalidValueError(f"unsupported (this agent reads 1 and {MANIFEST_VERSION})")
+        if value != cls.VERSION:
+            raise _OtherVersionError(value)
+        return value
+
+    def parsed(self) -> Manifest:
+        return Manifest(
+            format=self.format,
+            version=self.version,
+            backup_id=self.backup_id,
+            domain=self.domain,
+            domain_uuid=self.domain_uuid,
+            created_at=self.created_at,
+            completed_at=self.completed_at,
+            parent=self.parent,
+            checkpoint=self.checkpoint,
+            checkpoint_xml=self.checkpoint_xml,
+            domain_xml=self.domain_xml,
+            disks=tuple(d.parsed() for d in self.disks),
+            merged_from=self.merged_from,
+        )
+
+
+class _ManifestV1(_ManifestV2):
+    VERSION: ClassVar[int] = 1
+
+    disks: tuple[_DiskV1, ...]  # version 1's checksums
+
+
+# --- errors: pydantic's, phrased as a field path and what is wrong with it -------------
+
+
+class _FieldError(Exception):
+    """A manifest field is missing or wrong; the message starts with its dotted name."""
+
+
+class _InvalidValueError(ValueError):
+    """Raised by a validator: the message says what is wrong with the field's value."""
+
+
+def _validated(text: str) -> _ManifestV2:
+    """The document validated by its version's model (raises _FieldError, ValueError)."""
+    # The writer puts the version first: a guess of the model, which checks it anyway.
+    model: type[_ManifestV2] = _ManifestV1 if '"version": 1,' in text[:200] else _ManifestV2
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as exc:
+        failure = exc
+    if any(_other_version(e) for e in failure.errors()):
+        try:
+            return (_ManifestV2 if model is _ManifestV1 else _ManifestV1).model_validate_json(text)
+        except ValidationError as exc:
+            failure = exc
+    errors = failure.errors()
+    if errors[0]["type"] == "json_invalid":
+        json.loads(text)  # raises ValueError: the standard library's words, as ever
+        raise ValueError(errors[0]["ctx"]["error"]) from failure  # what only pydantic refuses
+    raise _FieldError(_describe(_first(errors))) from failure
+
+
+def _other_version(error: ErrorDetails) -> bool:
+    return isinstance(error.get("ctx", {}).get("error"), _OtherVersionError)
+
+
+def _first(errors: Sequence[ErrorDetails]) -> ErrorDetails:
+    # An object's unknown fields come after its other errors, reported in name order.
+    first = errors[0]
+    if first["type"] not in _UNKNOWN_TYPES:
+        return first
+    parent = first["loc"][:-1]
+    extra = [e for e in errors if e["type"] in _UNKNOWN_TYPES and e["loc"][:-1] == parent]
+    return min(extra, key=lambda e: str(e["loc"][-1]))
+
+
+def _path(loc: Sequence[int | str]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else part
+    return path
+
+
+_OBJECT_TYPES: Final = {"model_type", "dataclass_type", "dataclass_args_type", "dict_type"}
+# An unknown field: of a model, and of a checksum (a dataclass, to pydantic a keyword).
+_UNKNOWN_TYPES: Final = {"extra_forbidden", "unexpected_keyword_argument"}
+
+
+_PHRASES: Final[dict[str, Callable[[Any, dict[str, Any]], str]]] = {
+    "value_error": lambda _, ctx: str(ctx["error"]),  # a validator's _InvalidValueError
+    "greater_than_equal": lambda value, ctx: f"{value} is less than {ctx['ge']}",
+    "string_pattern_mismatch": lambda value, _: f"invalid value {value!r}",
+    "missing": lambda *_: "missing",
+    **dict.fromkeys(_OBJECT_TYPES, lambda *_: "expected an object"),
+    **dict.fromkeys(_UNKNOWN_TYPES, lambda *_: "unknown field"),
+}
+
+
+def _describe(error: ErrorDetails) -> str:
+    """``<field path>: <what is wrong>``, in the words of the hand-written parser it replaced."""
+    return f"{_path(error['loc']) or '(document)'}: {_problem(error)}"
+
+
+def _problem(error: ErrorDetails) -> str:
+    loc, kind, value = error["loc"], error["type"], error["input"]
+    if len(loc) == 2 and loc[0] == "merged_from" and kind not in _UNKNOWN_TYPES:
+        return "not a backup id"
+    if kind == "literal_error" and type(value) is str:  # only a checksum's algorithm
+        return f"unknown checksum algorithm {value!r}"
+    if (phrase := _PHRASES.get(kind)) is not None:
+        return phrase(value, error.get("ctx", {}))
+    # A type error (pydantic's strict mode: no bool for an int, no "4M" for a size).
+    return f"wrong type {type(value).__name__}"
+
+
+# --- the rules across fields -----------------------------------------------------------
+
+
+def _checked(document: _ManifestV2) -> Manifest:
+    """The manifest, once the rules that tie its fields together hold."""
+    manifest = document.parsed()
+    for index, disk in enumerate(manifest.disks):
+        _check_disk(f"disks[{index}]", disk, manifest.merged_from)
+    if len({d.target for d in manifest.disks}) != len(manifest.disks):
+        raise _FieldError("disks: duplicate target")
+    return manifest
+
+
+def _check_disk(where: str, disk: DiskManifest, merged_from: tuple[str, ...]) -> None:
+    _check_checksums(where, disk)
+    if disk.mode not in _MODES:
+        raise _FieldError(f"{where}.mode: {disk.mode!r} is not one of {', '.join(_MODES)}")
+    if disk.mode == "full" and disk.backing is not None:
+        raise _FieldError(f"{where}.backing: a full image has no backing file")
+    # Retention makes an incremental image standalone; without that it needs a backing.
+    if disk.mode == "incremental" and disk.backing is None and not merged_from:
+        raise _FieldError(f"{where}.backing: an incremental image needs a backing file")
+
+
+def _check_checksums(where: str, disk: DiskManifest) -> None:
+    size, lengths = disk.virtual_size, _DIGEST_LENGTHS
+    for index, c in enumerate(disk.checksums):
+        if len(c.digest) != lengths[c.algorithm]:
+            # Only version 2 names the algorithm; version 1's pattern admits 64 digits only.
+            raise _FieldError(f"{where}.checksums[{index}].digest: invalid value {c.digest!r}")
+        if c.offset + c.length > size:
+            raise _FieldError(
+                f"{where}.checksums[{index}].length: range ends beyond the virtual size"
+            )

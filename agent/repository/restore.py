@@ -1,0 +1,61 @@
+"""Restore: one disk as it was at one backup, written out as a standalone image.
+
+``qemu-img convert`` of the backup's image reads its whole backing chain. The copy is
+written to ``<dest>.part`` and renamed to ``dest`` once complete and fsync'd; an existing
+``dest`` is refused, and a failed or cancelled restore leaves no ``.part`` behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.core.errors import DestinationExistsError, RepositoryError
+from agent.repository.layers import QemuImg
+from agent.repository.layout import _clean_up, _fsync, _os_errors, _replace_file, _unlink
+
+
+async def restore_image(
+    qemu: QemuImg,
+    source: Path,
+    dest: Path,
+    *,
+    fmt: str,
+    progress: Callable[[float], None] | None = None,
+) -> None:
+    """Convert the qcow2 image ``source`` (with its chain) to ``dest`` in format ``fmt``;
+    ``progress`` gets the fraction done as qemu-img reports it."""
+    part = dest.with_name(dest.name + ".part")
+    await asyncio.to_thread(_prepare_destination, dest, part)
+    if progress is not None:
+        progress(0.0)
+    try:
+        args = ["convert", "-f", "qcow2", "-O", fmt, str(source), str(part)]
+        if progress is not None:
+            args.insert(1, "-p")
+        await qemu.run(args, source, long=True, progress=progress)
+        await asyncio.to_thread(_commit_file, part, dest)
+    except BaseException:
+        await _clean_up(_unlink, part, qemu.timeout)
+        raise
+    if progress is not None:
+        progress(1.0)
+
+
+def _prepare_destination(dest: Path, part: Path) -> None:
+    if dest.exists() or dest.is_symlink():
+        raise DestinationExistsError(f"restore destination {dest} already exists", path=str(dest))
+    if not dest.parent.is_dir():
+        raise RepositoryError(f"directory {dest.parent} does not exist", path=str(dest.parent))
+    # <dest>.part is this restore's own temporary name; one left by a crash is replaced.
+    with _os_errors("cannot remove", part), contextlib.suppress(FileNotFoundError):
+        part.unlink()
+
+
+def _commit_file(part: Path, dest: Path) -> None:
+    _fsync(part)
+    if dest.exists():
+        raise RepositoryError(f"restore destination {dest} appeared meanwhile", path=str(dest))
+    _replace_file(part, dest)
