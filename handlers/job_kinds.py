@@ -14,7 +14,7 @@ import functools
 from pathlib import Path
 
 from agent.backup.plan import BackupMode
-from agent.chain.checkpoints import break_damaged_chains
+from agent.chain.damage import break_damaged_chains
 from agent.control.dispatch import HandlerContext
 from agent.control.job_requests import Job, JobDisk, JobKind
 from agent.control.jobs import JobFailedError, JobOutcome, JobRunner, Progress

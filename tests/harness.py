@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.chain.checkpoints import Chains, standalone_chains
-from agent.chain.ledger import CheckpointRecord
+from agent.chain.records import CheckpointRecord
 from agent.control.dispatch import HandlerContext
 from agent.core.config import AgentConfig
 from agent.core.faults import Faults, SimulatedCrash, no_faults

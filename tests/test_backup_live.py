@@ -22,7 +22,7 @@ import pytest
 
 from agent.backup.plan import BackupMode
 from agent.backup.run import BackupResult, Backups
-from agent.chain.ledger import CheckpointState
+from agent.chain.records import CheckpointState
 from agent.core.config import AgentConfig
 from agent.core.errors import BackupError, RepositorySpaceError
 from agent.core.faults import CRASH_ENV, SimulatedCrash

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from agent.backup.plan import BackupMode, RepositoryTip, plan_backup
-from agent.chain.ledger import CheckpointDisk, CheckpointRecord, CheckpointState, DiskChain
+from agent.chain.records import CheckpointDisk, CheckpointRecord, CheckpointState, DiskChain
 from agent.core.errors import BackupError
 from agent.virt.inventory import DomainState, parse_domain
 

@@ -18,7 +18,8 @@ import aiohttp
 import libvirt
 import pytest
 
-from agent.chain.ledger import CheckpointState, Ledger
+from agent.chain.ledger import Ledger
+from agent.chain.records import CheckpointState
 from agent.control.job_store import JobStore
 from agent.repository.store import Repository
 from agent.virt.events import LifecycleKind

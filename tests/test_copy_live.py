@@ -26,7 +26,7 @@ from agent.core.errors import ImageError
 from agent.nbd.client import connect_many
 from agent.qemu import qemu_nbd
 from agent.qemu.qemu_nbd import MALLOC_TUNING, serve_image
-from agent.repository.store import RangeChecksum, digest_of
+from agent.repository.manifest import RangeChecksum, digest_of
 from tests.test_nbd import QEMU_IMG, _run, nbdkit
 
 KiB = 1024

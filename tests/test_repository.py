@@ -33,17 +33,9 @@ from agent.core.errors import BackupNotFoundError, RepositoryError
 from agent.core.faults import SimulatedCrash
 from agent.qemu import images
 from agent.repository import layout as layout_module
-from agent.repository.store import (
-    BACKUP_ID_RE,
-    DiskManifest,
-    Manifest,
-    Problem,
-    RangeChecksum,
-    Repository,
-    damaged_disks,
-    digest_of,
-    restore_chain,
-)
+from agent.repository.manifest import BACKUP_ID_RE, DiskManifest, Manifest, RangeChecksum, digest_of
+from agent.repository.store import Repository
+from agent.repository.verify import Problem, damaged_disks, restore_chain
 
 QEMU_IMG = "/usr/bin/qemu-img"
 QEMU_IO = "/usr/bin/qemu-io"

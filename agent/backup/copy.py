@@ -30,8 +30,9 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from agent.nbd.client import STATE_DIRTY, STATE_ZERO, Extent, NbdClient
-from agent.repository.store import RangeChecksum, digest_of
+from agent.nbd.client import NbdClient
+from agent.nbd.wire import STATE_DIRTY, STATE_ZERO, Extent
+from agent.repository.manifest import RangeChecksum, digest_of
 
 T = TypeVar("T")
 

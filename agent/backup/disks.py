@@ -22,10 +22,13 @@ from agent.backup.progress import Progress, Tally, from_data_plane
 from agent.core.config import AgentConfig
 from agent.core.errors import BackupError
 from agent.core.faults import Faults
-from agent.nbd.client import BASE_ALLOCATION as ALLOCATION
-from agent.nbd.client import Extent, NbdClient, connect_many, extents
+from agent.nbd.client import NbdClient, connect_many
+from agent.nbd.extents import extents
+from agent.nbd.wire import BASE_ALLOCATION as ALLOCATION
+from agent.nbd.wire import Extent
 from agent.qemu.qemu_nbd import serve_image
-from agent.repository.store import DiskManifest, Manifest, RangeChecksum, Repository
+from agent.repository.manifest import DiskManifest, Manifest, RangeChecksum
+from agent.repository.store import Repository
 
 # A disk's staged image: its name, its backing (an increment's parent) and connections
 # to the qemu-nbd that serves it.

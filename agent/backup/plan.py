@@ -20,7 +20,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.chain.ledger import CheckpointRecord, DiskChain
+from agent.chain.records import CheckpointRecord, DiskChain
 from agent.chain.rules import Verdict, base_checkpoint, disk_verdicts
 from agent.core.errors import BackupError
 from agent.virt.inventory import DomainInfo

@@ -61,7 +61,8 @@ from agent.core.errors import (
 from agent.core.faults import Faults, no_faults
 from agent.core.logs import get_logger
 from agent.core.shielding import to_completion
-from agent.repository.store import DiskManifest, Manifest, Repository
+from agent.repository.manifest import DiskManifest, Manifest
+from agent.repository.store import Repository
 from agent.virt.connection import VirtConnection
 from agent.virt.domains import Domains
 from agent.virt.events import JobCompleted

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 import libvirt
 
 from agent.chain import libvirt_calls
-from agent.chain.damage import break_damaged_chains
 from agent.chain.ledger import Ledger
 from agent.chain.ledger_ops import MarkBackedUp, SetDiskChains, SetParents, SetState
 from agent.chain.records import CheckpointDisk, CheckpointRecord, CheckpointState
@@ -59,9 +58,6 @@ from agent.qemu.images import bitmap_problem, read_chain, remove_bitmap
 from agent.virt.connection import VirtConnection
 from agent.virt.domains import Domains
 from agent.virt.inventory import DomainInfo
-
-# break_damaged_chains is defined in agent.chain.damage; it stays importable from here.
-__all__ = ["Chains", "ReconcileReport", "break_damaged_chains", "standalone_chains"]
 
 log = get_logger("checkpoints")
 

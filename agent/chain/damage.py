@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from agent.chain.ledger import Ledger
-from agent.repository.store import Problem, Repository, damaged_disks
+from agent.repository.store import Repository
+from agent.repository.verify import Problem, damaged_disks
 
 
 async def break_damaged_chains(

@@ -43,13 +43,10 @@ from agent.chain.ledger_ops import (
 )
 from agent.chain.ledger_schema import SCHEMA_VERSION, map_error, open_sync
 from agent.chain.ledger_sql import select_chains, select_checkpoints
-from agent.chain.records import CheckpointDisk, CheckpointRecord, CheckpointState, DiskChain
+from agent.chain.records import CheckpointRecord, CheckpointState, DiskChain
 from agent.core.errors import LedgerError
 from agent.core.logs import get_logger
 from agent.core.sqlite import Cause, Failure, StoreThread, read_transaction, write_transaction
-
-# The records are defined in agent.chain.records; the names stay importable from here.
-__all__ = ["CheckpointDisk", "CheckpointRecord", "CheckpointState", "DiskChain", "Ledger"]
 
 log = get_logger("ledger")
 

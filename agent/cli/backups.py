@@ -16,12 +16,13 @@ from pathlib import Path
 
 from agent.backup.plan import BackupMode
 from agent.backup.run import BackupResult
-from agent.chain.checkpoints import break_damaged_chains
+from agent.chain.damage import break_damaged_chains
 from agent.chain.ledger import Ledger
 from agent.cli.progress import ProgressBar
 from agent.core.config import AgentConfig
 from agent.core.errors import AgentError
-from agent.repository.store import Problem, Repository
+from agent.repository.store import Repository
+from agent.repository.verify import Problem
 
 
 class CommandError(AgentError):

@@ -14,7 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.chain.ledger import CheckpointRecord, DiskChain, Ledger
+from agent.chain.ledger import Ledger
+from agent.chain.records import CheckpointRecord, DiskChain
 from agent.core.config import AgentConfig
 from agent.core.errors import AgentError
 

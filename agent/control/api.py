@@ -25,7 +25,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from agent.chain.checkpoints import Chains
-from agent.chain.ledger import CheckpointRecord
+from agent.chain.records import CheckpointRecord
 from agent.control.job_requests import (
     JOB_ID_RE,
     MAX_REQUEST_BYTES,
@@ -51,7 +51,8 @@ from agent.core.errors import (
     RequestError,
 )
 from agent.core.logs import get_logger
-from agent.repository.store import Manifest, Repository
+from agent.repository.manifest import Manifest
+from agent.repository.store import Repository
 from agent.virt.connection import ConnState, VirtConnection
 from agent.virt.domains import Domains
 

@@ -31,7 +31,8 @@ from prometheus_client.registry import Collector
 
 from agent.control.job_requests import Job, JobKind, JobState
 from agent.core.logs import get_logger
-from agent.repository.store import Manifest, restore_chain
+from agent.repository.manifest import Manifest
+from agent.repository.verify import restore_chain
 
 log = get_logger("metrics")
 

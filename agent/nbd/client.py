@@ -42,12 +42,10 @@ from types import TracebackType
 from typing import Final, Self
 
 from agent.core.errors import NbdConnectionError, NbdServerError, NbdTimeoutError
-from agent.nbd.extents import extents
 from agent.nbd.handshake import _Handshake, _Negotiated
 from agent.nbd.pump import _Wire
 from agent.nbd.session import _Request, _Session
 from agent.nbd.wire import (
-    BASE_ALLOCATION,
     CMD_BLOCK_STATUS,
     CMD_FLAG_FAST_ZERO,
     CMD_FLAG_FUA,
@@ -59,24 +57,9 @@ from agent.nbd.wire import (
     CMD_WRITE_ZEROES,
     NBD_EINVAL,
     NBD_EPERM,
-    STATE_DIRTY,
-    STATE_ZERO,
     ExportInfo,
     Extent,
 )
-
-# NbdClient, connect_many and MAX_PAYLOAD are defined here; the others are re-exported
-# until their importers import them from agent.nbd.wire and agent.nbd.extents.
-__all__ = [
-    "BASE_ALLOCATION",
-    "MAX_PAYLOAD",
-    "STATE_DIRTY",
-    "STATE_ZERO",
-    "Extent",
-    "NbdClient",
-    "connect_many",
-    "extents",
-]
 
 MAX_PAYLOAD: Final = 64 * 1024 * 1024
 """The largest read or write this client sends in one request (``ExportInfo.max_block``

@@ -5,12 +5,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
+from agent.nbd.client import NbdClient
 from agent.nbd.wire import Extent
-
-if TYPE_CHECKING:  # the client re-exports extents(): a runtime import would be circular
-    from agent.nbd.client import NbdClient
 
 _STATUS_STEP: Final = 1 << 31
 """How much :func:`extents` asks for per block-status request (fits the u32 length)."""

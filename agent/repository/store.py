@@ -68,32 +68,16 @@ from agent.repository.layout import (
 from agent.repository.manifest import (
     BACKUP_ID_RE,
     MANIFEST_FILE,
-    DiskManifest,
     Manifest,
-    RangeChecksum,
-    digest_of,
 )
 from agent.repository.restore import restore_image
 from agent.repository.retention import Retention, _read_intent, _write_intent, plan
 from agent.repository.verify import (
     Problem,
     Verifier,
-    damaged_disks,
-    restore_chain,
 )
 
 # Imported from here by the layers above (their defining modules are named above).
-__all__ = [
-    "BACKUP_ID_RE",
-    "DiskManifest",
-    "Manifest",
-    "Problem",
-    "RangeChecksum",
-    "Repository",
-    "damaged_disks",
-    "digest_of",
-    "restore_chain",
-]
 
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 
