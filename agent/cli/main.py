@@ -43,6 +43,15 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="print the effective configuration as TOML",
     )
+    _chain_verbs(verbs, config_help)
+    _backup_verb(verbs, config_help)
+    _control_verbs(verbs, config_help)
+    _repository_verbs(verbs, config_help)
+    return parser
+
+
+def _chain_verbs(verbs: Any, config_help: str) -> None:
+    """``checkpoints``, ``reconcile``, ``ledger export|import``."""
     cps = verbs.add_parser("checkpoints", help="print a domain's checkpoint chain from the ledger")
     cps.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
     cps.add_argument("--json", action="store_true", help="machine-readable output")
@@ -62,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
         "--replace", action="store_true", help="replace what the ledger holds for that domain"
     )
     imp.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+
+
+def _backup_verb(verbs: Any, config_help: str) -> None:
+    """``backup`` (through the running agent, or ``--local``)."""
     bk = verbs.add_parser("backup", help="ask the running agent to back up a domain now")
     bk.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
     bk.add_argument(
@@ -79,7 +92,10 @@ def _parser() -> argparse.ArgumentParser:
         help="run the backup in this process instead, with no agent running",
     )
     bk.add_argument("--config", type=Path, metavar="FILE", help=config_help)
-    _control_verbs(verbs, config_help)
+
+
+def _repository_verbs(verbs: Any, config_help: str) -> None:
+    """``backups``, ``restore``, ``verify``: the repository read directly."""
     lst = verbs.add_parser("backups", help="list a domain's backups in the repository")
     lst.add_argument("domain", metavar="DOMAIN", help="domain name")
     lst.add_argument("--json", action="store_true", help="machine-readable output")
@@ -101,7 +117,6 @@ def _parser() -> argparse.ArgumentParser:
     vf.add_argument("domain", metavar="DOMAIN", help="domain name")
     vf.add_argument("--backup", metavar="ID", help="default: every backup of the domain")
     vf.add_argument("--config", type=Path, metavar="FILE", help=config_help)
-    return parser
 
 
 def _control_verbs(verbs: Any, config_help: str) -> None:
