@@ -243,7 +243,7 @@ class Agent:
             self.connection,
             self.domains,
             self.chains,
-            Repository(cfg.repository_path),
+            Repository(cfg.repository_path, faults=self._faults),
             faults=self._faults,
         )
         context = HandlerContext(

@@ -391,6 +391,7 @@ class Backups:
             ),
         )
         phases.mark("end")
+        self._faults("backup:ended")
         return _Copied(checkpoint.xml, disks, domain_xml)
 
     # -- after publishing --------------------------------------------------------------
@@ -413,6 +414,7 @@ class Backups:
 
     async def _finish(self, info: DomainInfo, job: Job, keep_last: int | None) -> None:
         await self._chains.backup_succeeded(info.name, job.checkpoint)
+        self._faults("backup:marked")
         keep = self._config.retention.keep_last_for(info.name) if keep_last is None else keep_last
         if keep:
             dropped = await self.repository.apply_retention(info.name, keep)
