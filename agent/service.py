@@ -9,9 +9,11 @@ a libvirtd restart drops a transient domain's checkpoints). On the first connect
 that is every domain, so each is seen, and each chain repaired, once at start.
 
 Start-up order: the stores open and the HTTP API listens at once (``/healthz`` answers,
-``/readyz`` says what is missing); once libvirt is connected and the jobs a killed agent
-left behind are undone, the job runner takes over the store (running jobs become
-``agent-restarted``), NATS and the schedules start, and systemd hears ``READY=1``.
+``/readyz`` says what is missing); once libvirt is connected the job runner takes over
+the store (running jobs become ``agent-restarted``), NATS and the schedules start, and
+systemd hears ``READY=1``. The jobs a killed agent left behind are finished or undone
+meanwhile, domain by domain (:mod:`agent.backup.recovery`; ``/readyz`` names the domains
+not done yet); a domain's reconcile waits for its recovery.
 Shutdown runs the other way: stop taking requests, let running jobs finish within
 ``[jobs] shutdown_grace``, cancel the rest (each undoes its work), close everything.
 """
@@ -21,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Coroutine
-from pathlib import Path
 from typing import Any
 
+from agent.backup.recovery import Recovery
 from agent.backup.run import Backups
 from agent.chain.checkpoints import Chains
 from agent.chain.ledger import Ledger
@@ -48,8 +50,6 @@ from handlers import default_routes
 from handlers.job_kinds import job_runners
 
 log = get_logger("service")
-
-_RETRY = 10.0  # seconds between attempts to undo what a killed agent left
 
 
 class Agent:
@@ -79,10 +79,10 @@ class Agent:
         self.backups: Backups
         self.dispatcher: Dispatcher
         self.jobs: Jobs
+        self.recovery: Recovery
         self.messages: SchedulerMessages | None = None
         self.urls: list[str] = []  # where the API listens, once it does
-        self._recovered = False
-        self.ready = asyncio.Event()  # connected, resynchronised, leftovers undone
+        self.ready = asyncio.Event()  # connected and resynchronised
         self.taking_jobs = asyncio.Event()  # the job runner, NATS and schedules started
 
     def _submit(self, event: Event) -> None:
@@ -96,27 +96,34 @@ class Agent:
     async def _resync(self) -> None:
         for event in await self.domains.resync():
             self.dispatcher.submit(event)
-        if not self._recovered:
-            # Jobs a killed agent left behind (libvirt jobs, checkpoints, staged files),
-            # undone before any reconcile could redefine their checkpoints.
-            try:
-                handled = await self.backups.recover()
-            except AgentError as exc:
-                log.error("recovering left-over backup jobs failed", error=str(exc))
-            else:
-                self._recovered = not await self._leftovers()
-                if handled:
-                    log.warning("finished backups left by an earlier agent", backups=handled)
+        # Jobs left behind (a killed agent, an undo libvirt was away for): their domains
+        # are reconciled once recovery has undone them, not before (a reconcile must not
+        # redefine or judge a checkpoint that is being undone).
+        leftover = set(await self.recovery.scan())
+        tracked = await self._tracked()
+        for uuid, info in self.domains.all().items():
+            if info.name in tracked and uuid not in leftover:
+                self._reconcile(uuid, "connected")
+        self.recovery.wake()
+        self.ready.set()
+
+    async def _tracked(self) -> set[str]:
         try:
-            tracked = set(await self.chains.ledger.domains())
+            return set(await self.chains.ledger.domains())
         except AgentError as exc:
             log.error("cannot read the ledger; chains not reconciled", error=str(exc))
-            tracked = set()
-        for uuid, info in self.domains.all().items():
-            if info.name in tracked:
-                ref = DomainRef(name=info.name, uuid=uuid)
-                self.dispatcher.submit(ReconcileRequested(domain=ref, reason="connected"))
-        self.ready.set()
+            return set()
+
+    def _reconcile(self, uuid: str, reason: str) -> None:
+        info = self.domains.get(uuid)
+        if info is not None:
+            ref = DomainRef(name=info.name, uuid=uuid)
+            self.dispatcher.submit(ReconcileRequested(domain=ref, reason=reason))
+
+    async def _recovered_domain(self, uuid: str) -> None:
+        info = self.domains.get(uuid)
+        if info is not None and info.name in await self._tracked():
+            self._reconcile(uuid, "recovered")
 
     @contextlib.asynccontextmanager
     async def started(
@@ -125,8 +132,8 @@ class Agent:
         """The agent running inside the block; stopped cleanly on the way out.
 
         With ``wait_ready`` (seconds) the block starts only once the agent is connected,
-        has resynchronised and has undone jobs an earlier agent left behind. Yields the
-        connection task (it only ends by failing).
+        has resynchronised and has tried once to finish or undo every job an earlier
+        agent left behind. Yields the connection task (it only ends by failing).
         """
         cfg = self.config
         async with state_lock(cfg.agent.state_dir), self._running(wait_ready) as connection:
@@ -149,30 +156,23 @@ class Agent:
             background = _Background()
             stack.push_async_callback(background.stop)
             connection = background.start(self.connection.run(), "libvirt-connection")
+            background.start(self.recovery.run(), "recovery")
             background.start(watch_loop_lag(self.metrics), "loop-lag")
             if self._services:
                 stack.push_async_callback(self._stop_jobs)
                 background.start(self._take_jobs(background), "take-jobs")
             if wait_ready is not None:
-                await asyncio.wait_for(self.ready.wait(), wait_ready)
+                async with asyncio.timeout(wait_ready):
+                    await self.ready.wait()
+                    await self.recovery.first_pass.wait()
                 await self.dispatcher.drain()
             yield connection
         log.info("agent stopped")
 
     async def _take_jobs(self, background: _Background) -> None:
-        """Once connected and recovered: run jobs, then listen to NATS and the schedules."""
+        """Once connected: run jobs, then listen to NATS and the schedules. Recovery goes
+        on meanwhile: a backup of a domain still recovering finishes its recovery first."""
         await self.ready.wait()
-        # Jobs run only once everything a killed agent left is undone: a new backup of a
-        # domain whose old libvirt job still runs would fail, and the jobs reported as
-        # "agent-restarted" say their libvirt jobs were cleaned up.
-        while not self._recovered:
-            log.warning("left-over backup jobs not undone yet; jobs wait", retry_in=_RETRY)
-            await asyncio.sleep(_RETRY)
-            try:
-                await self.backups.recover()
-                self._recovered = not await self._leftovers()
-            except AgentError as exc:
-                log.error("recovering left-over backup jobs failed", error=str(exc))
         # The start-up reconciles first: a job would otherwise hold a domain's lock while
         # that domain's events wait behind a reconcile that needs it.
         await self.dispatcher.drain()
@@ -202,13 +202,6 @@ class Agent:
         notify("STOPPING=1")
         await self.jobs.stop()
 
-    async def _leftovers(self) -> list[Path]:
-        try:
-            return await self.backups.leftovers()
-        except OSError as exc:
-            log.error("cannot read the job intents", error=str(exc))
-            return [Path("?")]
-
     def _domain_key(self, domain: str) -> str:
         """One key per domain, whether a job names it by name or by UUID."""
         info = self.domains.find(domain)
@@ -226,7 +219,12 @@ class Agent:
             repository=self.backups.repository,
             metrics=self.metrics,
             nats=self._nats_connected,
+            recovering=self._recovering,
         )
+
+    def _recovering(self) -> dict[str, str]:
+        """Domains not recovered yet, by name (a UUID libvirt no longer knows stays a UUID)."""
+        return {self.domains.name_of(uuid): why for uuid, why in self.recovery.recovering.items()}
 
     def _wire(self, ledger: Ledger, store: JobStore) -> None:
         cfg = self.config
@@ -245,6 +243,13 @@ class Agent:
             self.chains,
             Repository(cfg.repository_path, faults=self._faults),
             faults=self._faults,
+        )
+        self.recovery = Recovery(
+            self.backups.undo,
+            self.backups.recover_domain,
+            timeout=cfg.agent.recovery_timeout,
+            connected=lambda: self.connection.state is ConnState.CONNECTED,
+            on_recovered=self._recovered_domain,
         )
         context = HandlerContext(
             connection=self.connection,
@@ -268,6 +273,7 @@ class Agent:
                 job_counts=self.jobs.counts,
                 messages=self._message_counts,
                 nats=self._nats_connected,
+                recovering=lambda: self._recovering().keys(),
             )
         )
 

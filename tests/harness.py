@@ -108,8 +108,9 @@ class RunningAgent:
 async def running_agent(
     config: AgentConfig, connect_timeout: float | None = 30, faults: Faults | None = None
 ) -> AsyncIterator[RunningAgent]:
-    """The agent, running; connected and with its start-up events handled unless
-    ``connect_timeout`` is None (then it may still be trying to connect)."""
+    """The agent, running; connected, with its start-up events handled and every job an
+    earlier agent left tried once, unless ``connect_timeout`` is None (then it may still
+    be trying to connect)."""
     recorder = Recorder()
     agent = Agent(config, routes=with_extra(default_routes(), recorder), faults=faults)
     stop = asyncio.Event()
@@ -125,6 +126,7 @@ async def running_agent(
                 task.result()  # the agent failed to start: its error, not a timeout
             if not agent.ready.is_set():
                 raise AssertionError(f"the agent was not ready within {connect_timeout} s")
+            await asyncio.wait_for(agent.recovery.first_pass.wait(), connect_timeout)
             await agent.dispatcher.drain()
         yield RunningAgent(agent, recorder)
     finally:

@@ -48,15 +48,17 @@ from agent.backup.disks import DiskCopies
 from agent.backup.job import Intents, Job
 from agent.backup.plan import BackupMode, BackupPlan, RepositoryTip, plan_backup
 from agent.backup.progress import Phases, Progress
-from agent.backup.undo import Undo
+from agent.backup.undo import Undo, UndoPendingError
 from agent.chain.checkpoints import Chains
 from agent.chain.rules import new_checkpoint_name
 from agent.core.config import AgentConfig
 from agent.core.errors import (
     AgentError,
     BackupError,
+    NotConnectedError,
     PublishUndecidedError,
     RepositorySpaceError,
+    VirtTimeoutError,
 )
 from agent.core.faults import Faults, no_faults
 from agent.core.logs import get_logger
@@ -117,7 +119,13 @@ class Backups:
         self._publishing: set[str] = set()  # domains whose running backup began to publish
         self._completions: dict[str, asyncio.Future[Mapping[str, Any]]] = {}
         self._intents = Intents(config)
-        self._undo = Undo(connection, chains, repository, self._intents)
+        self._undo = Undo(
+            connection,
+            chains,
+            repository,
+            self._intents,
+            begin_wait=config.libvirt.call_timeout,
+        )
         self._disks = DiskCopies(config, repository, faults)
 
     # -- events ----------------------------------------------------------------------
@@ -151,6 +159,7 @@ class Backups:
             # _run in this task (asyncio.timeout, not wait_for): however many cancellations
             # arrive, the lock is released only once its undo is over.
             async with self.domain_lock(uuid), asyncio.timeout(timeout):
+                await self._leftover_first(uuid)
                 return await self._run(uuid, mode, progress, keep_last)
         except TimeoutError as exc:
             raise BackupError(
@@ -161,6 +170,33 @@ class Backups:
         finally:
             self._running.discard(uuid)
             self._publishing.discard(uuid)
+
+    async def _leftover_first(self, uuid: str) -> None:
+        """A job an earlier agent or a failed undo left for this domain is finished or
+        undone before a new one begins: its libvirt job would refuse the new one, and
+        its intent would be overwritten."""
+        try:
+            handled = await self._undo.leftover(uuid)
+        except UndoPendingError as exc:
+            raise BackupError(
+                f"a backup left behind blocks this one: {exc}", code="undo-pending"
+            ) from exc
+        if handled is not None:
+            log.warning("finished a backup left behind first", backup_id=handled)
+
+    async def recover_domain(self, uuid: str) -> str | None:
+        """Finish or undo the domain's left-over job, if any (:mod:`agent.backup.recovery`);
+        nothing if a backup of it runs (that backup does it first)."""
+        if uuid in self._running:
+            return None
+        async with self.domain_lock(uuid):
+            if uuid in self._running:
+                return None
+            return await self._undo.leftover(uuid)
+
+    @property
+    def undo(self) -> Undo:
+        return self._undo
 
     def domain_lock(self, uuid: str) -> asyncio.Lock:
         """Held by a backup for its whole run, and by the handlers that change the
@@ -283,6 +319,14 @@ class Backups:
             # domain's lock must not be released while the undo changes its checkpoints.
             began_publishing = job.uuid in self._publishing
             await to_completion(self._undo.after_failure(job, began_publishing=began_publishing))
+            if isinstance(exc, NotConnectedError):
+                raise BackupError(
+                    f"backup of {info.name} failed: libvirt went away during the backup "
+                    f"(libvirtd restarted?): {exc}. It was undone; libvirt's backup job is "
+                    "aborted as soon as libvirtd answers again",
+                    code="libvirt-lost",
+                    domain=info.name,
+                ) from exc
             if isinstance(exc, AgentError | OSError | ValueError) and not isinstance(
                 exc, BackupError
             ):
@@ -365,13 +409,20 @@ class Backups:
         completion: asyncio.Future[Mapping[str, Any]],
         phases: Phases,
     ) -> _Copied:
-        await self._connection.call(
-            "begin backup",
-            libvirt_job.begin,
-            info.uuid,
-            libvirt_job.backup_xml(plan, job),
-            libvirt_job.checkpoint_xml(plan, job),
-        )
+        self._faults("backup:beginning")
+        try:
+            await self._connection.call(
+                "begin backup",
+                libvirt_job.begin,
+                info.uuid,
+                libvirt_job.backup_xml(plan, job),
+                libvirt_job.checkpoint_xml(plan, job),
+            )
+        except VirtTimeoutError as exc:
+            # libvirt may still begin the job: the undo waits for the call to return.
+            if exc.pending is not None:
+                self._undo.begin_unsettled(info.uuid, exc.pending)
+            raise
         phases.mark("begin")
         self._faults("backup:begun")
         # (cancelled if the copy failed already: then awaiting it below raises why)
@@ -422,11 +473,7 @@ class Backups:
                 log.info("retention dropped backups", dropped=dropped)
         await self._intents.drop(job)
 
-    # -- recovery (agent.backup.undo) --------------------------------------------------
-
-    async def recover(self) -> list[str]:
-        """At start-up: finish or undo the jobs a previous agent left behind (killed)."""
-        return await self._undo.recover()
+    # -- recovery (agent.backup.undo, agent.backup.recovery) ---------------------------
 
     async def leftovers(self) -> list[Path]:
         """Intents of jobs not yet undone (an undo keeps its intent until libvirt's job

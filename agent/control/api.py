@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import hmac
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -76,6 +76,8 @@ class ApiParts:
     metrics: Metrics
     # True or False while connected to NATS or not; None without a [nats] url.
     nats: Callable[[], bool | None] = lambda: None
+    # Domains whose left-over jobs are not finished or undone yet: name -> why.
+    recovering: Callable[[], Mapping[str, str]] = dict
 
 
 _PARTS: Final = web.AppKey("parts", ApiParts)
@@ -341,6 +343,9 @@ async def _readyz(request: web.Request) -> web.Response:
     checks["repository"] = await _writable(parts.repository.root)
     ready = all(v == "ok" for v in checks.values())
     body: dict[str, Any] = {"ready": ready, "checks": checks}
+    # Said, not checked: jobs of every other domain run meanwhile, and a job of a domain
+    # still recovering finishes that domain's recovery first.
+    body["recovering"] = dict(sorted(parts.recovering().items()))
     # Said, not checked: the API and local schedules take jobs without NATS, and
     # JetStream keeps the scheduler's requests until the agent is back.
     nats = parts.nats()

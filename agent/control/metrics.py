@@ -183,7 +183,9 @@ class StateCollector(Collector):
         job_counts: Callable[[], Mapping[JobState, int]],
         messages: Callable[[], Mapping[str, int]] = dict,
         nats: Callable[[], bool | None] = lambda: None,
+        recovering: Callable[[], Iterable[str]] = tuple,
     ) -> None:
+        self._recovering = recovering
         self._connected = connected
         self._reconnects = reconnects
         self._job_counts = job_counts
@@ -216,6 +218,20 @@ class StateCollector(Collector):
         for outcome, value in self._messages().items():
             messages.add_metric([outcome], value)
         yield messages
+        recovering = sorted(self._recovering())
+        yield GaugeMetricFamily(
+            "backup_agent_domains_recovering",
+            "Domains whose left-over backup jobs are not finished or undone yet.",
+            value=len(recovering),
+        )
+        each = GaugeMetricFamily(
+            "backup_agent_domain_recovering",
+            "1 for each domain whose left-over backup job is not finished or undone yet.",
+            labels=["domain"],
+        )
+        for name in recovering:
+            each.add_metric([name], 1.0)
+        yield each
         nats = self._nats()
         if nats is not None:  # (absent without [nats] url)
             yield GaugeMetricFamily(

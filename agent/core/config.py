@@ -78,6 +78,11 @@ class AgentSection(BaseModel):
         default="",
         description="Name of this host in message subjects; empty means the host's name.",
     )
+    recovery_timeout: Seconds = Field(
+        default=300.0,
+        description="Seconds start-up recovery may spend on one domain (its left-over "
+        "libvirt job, checkpoint and files) before it is tried again later.",
+    )
 
 
 class LibvirtSection(BaseModel):

@@ -42,6 +42,9 @@ Each error carries the facts a user needs to act, as attributes and in its messa
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 
 class AgentError(Exception):
     """Base of every error the agent raises on purpose."""
@@ -84,7 +87,19 @@ class VirtTimeoutError(VirtError):
     """A libvirt call did not return within the configured timeout.
 
     The call may still complete in its worker thread; its result is discarded.
+    ``pending`` is that call, for a caller that must know when it is really over (a
+    ``backupBegin`` that timed out here may still start the job in libvirt).
     """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str | None = None,
+        pending: asyncio.Future[Any] | None = None,
+    ):
+        super().__init__(message, operation=operation)
+        self.pending = pending
 
 
 class InventoryError(AgentError):

@@ -239,11 +239,14 @@ class VirtConnection:
             self._executor, functools.partial(fn, *args)
         )
         try:
-            return await asyncio.wait_for(future, self._settings.call_timeout)
+            # Shielded: on a timeout the call goes on in its thread, and ``pending`` in the
+            # error lets a caller wait for its real end.
+            return await asyncio.wait_for(asyncio.shield(future), self._settings.call_timeout)
         except TimeoutError as exc:
             raise VirtTimeoutError(
                 f"{operation}: no answer from libvirt within {self._settings.call_timeout:g} s",
                 operation=operation,
+                pending=future,
             ) from exc
         except libvirt.libvirtError as exc:
             error = map_libvirt_error(exc, operation)
