@@ -41,6 +41,7 @@ from agent.core.errors import AgentError
 from agent.core.faults import Faults, from_environment
 from agent.core.logs import get_logger
 from agent.core.sdnotify import notify
+from agent.core.space import SpaceBook
 from agent.core.statelock import state_lock
 from agent.repository.store import Repository
 from agent.virt.connection import ConnState, VirtConnection
@@ -241,7 +242,14 @@ class Agent:
             self.connection,
             self.domains,
             self.chains,
-            Repository(cfg.repository_path, faults=self._faults),
+            Repository(
+                cfg.repository_path,
+                faults=self._faults,
+                state_dir=cfg.agent.state_dir,
+                io_timeout=cfg.repository.io_timeout,
+                # The one book of space held by running jobs: backups and retention.
+                space=SpaceBook(),
+            ),
             faults=self._faults,
         )
         self.recovery = Recovery(

@@ -14,6 +14,7 @@ PACKAGES=(
   libvirt-dev pkg-config gcc   # libvirt-python is built against the host's libvirt
   nbdkit libnbd-bin            # NBD peers for the tests; nbdcopy for the benchmark
   nats-server                  # JetStream for the scheduler-message tests (started by them)
+  libfuse3-3                   # mfusepy's library: the hung-filesystem fault test's FUSE mount
 )
 
 say() { printf '==> %s\n' "$*" >&2; }

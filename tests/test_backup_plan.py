@@ -146,3 +146,43 @@ def test_no_capable_disk_is_an_error() -> None:
     with pytest.raises(BackupError) as raised:
         plan_backup(domain(), [], {}, None, BackupMode.AUTO)
     assert raised.value.code == "no-disks" and "hdc: device-cdrom" in str(raised.value)
+
+
+# --- a damaged repository ------------------------------------------------------------
+
+
+def test_a_disk_whose_repository_chain_is_damaged_is_full_the_other_stays_incremental() -> None:
+    tip = dataclasses.replace(TIP, broken={"vdb": "image .../vdb.qcow2 is missing"})
+    records = [checkpoint("cp1", ("vda", "vdb"))]
+    plan = plan_backup(domain("vda", "vdb"), records, {}, tip, BackupMode.AUTO)
+    assert summary(plan) == {"vda": ("incremental", None), "vdb": ("full", "repository-damaged")}
+    # The increment sits on the tip's sound image only; the broken disk starts anew.
+    assert plan.parent_backup == "b1" and plan.base == "cp1"
+    assert [d.since for d in plan.disks] == ["cp1", None]
+    with pytest.raises(BackupError, match="vdb: repository-damaged") as raised:
+        plan_backup(domain("vda", "vdb"), records, {}, tip, BackupMode.INCREMENTAL)
+    assert raised.value.code == "chain-broken"
+    # Damage outranks drift (it is why the tip is not the newest): said as what it is.
+    drifted = dataclasses.replace(tip, checkpoint="cp0")
+    assert summary(plan_backup(domain("vda", "vdb"), records, {}, drifted, BackupMode.AUTO)) == {
+        "vda": ("full", "repository-drift"),
+        "vdb": ("full", "repository-damaged"),
+    }
+
+
+def test_a_damaged_backup_newer_than_the_tip_makes_every_disk_full() -> None:
+    records = [checkpoint("cp1", ("vda", "vdb"))]
+    why = "manifest .../manifest.json: not JSON"
+    plan = plan_backup(domain("vda", "vdb"), records, {}, TIP, BackupMode.AUTO, damaged=why)
+    assert summary(plan) == {
+        "vda": ("full", "repository-damaged"),
+        "vdb": ("full", "repository-damaged"),
+    }
+    assert plan.parent_backup is None and plan.base is None
+    # Also when no manifest of the domain reads at all (no tip), and not over a request.
+    alone = plan_backup(domain("vda"), records, {}, None, BackupMode.AUTO, damaged=why)
+    assert summary(alone) == {"vda": ("full", "repository-damaged")}
+    asked = plan_backup(domain("vda"), records, {}, TIP, BackupMode.FULL, damaged=why)
+    assert summary(asked) == {"vda": ("full", "full-requested")}
+    with pytest.raises(BackupError, match="vda: repository-damaged"):
+        plan_backup(domain("vda"), records, {}, TIP, BackupMode.INCREMENTAL, damaged=why)

@@ -143,3 +143,55 @@ def test_restore_into_a_directory_it_cannot_create_is_one_line(
     assert done.returncode == 1
     assert f"cannot create directory {blocker / 'x'}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_backups_lists_the_good_and_names_the_damaged(
+    one_disk: tuple[Path, Builder], tmp_path: Path
+) -> None:
+    """The newest manifest overwritten with garbage: listed in place, every other backup
+    as ever, exit status 0; verify names it and fails."""
+    config, builder = one_disk
+    for pattern in (0x41, 0x42):
+        await builder.backup({"vda": [(0, 64 * KiB, pattern)]})
+    ids = builder.ids
+    manifest = tmp_path / "repo" / DOMAIN / "backups" / ids[2] / "manifest.json"
+    manifest.write_bytes(bytes(range(256)) * 8)
+    listed = agent_cli(config, "backups", DOMAIN, "--json")
+    assert listed.returncode == 0, listed.stderr
+    entries = json.loads(listed.stdout)
+    assert [e["id"] for e in entries] == ids
+    # Every entry has the keys it always had, and "damaged"; an unreadable one too.
+    keys = {"id", "domain", "domain_uuid", "created_at", "completed_at", "mode", "parent"}
+    keys |= {"checkpoint", "bytes", "disks", "damaged"}
+    assert all(set(e) == keys for e in entries)
+    assert [e["damaged"] for e in entries[:2]] == [[], []]
+    assert entries[1]["mode"] == "incremental" and entries[1]["bytes"] == 64 * KiB
+    [damage] = entries[2]["damaged"]
+    assert damage["backup_id"] == ids[2] and damage["target"] is None
+    assert damage["path"] == str(manifest) and damage["kind"] == "manifest-not-json"
+    assert entries[2]["mode"] is None and entries[2]["disks"] == []
+    table = agent_cli(config, "backups", DOMAIN)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[3].startswith(ids[2]) and "DAMAGED" in lines[3]
+    assert "damaged (1; these do not restore):" in table.stdout
+    assert f"  {ids[2]} -: manifest {manifest}: not JSON" in table.stdout
+    verified = agent_cli(config, "verify", DOMAIN)
+    assert verified.returncode == 1
+    assert verified.stdout.startswith(f"{ids[2]} - {manifest}: manifest {manifest}: not JSON")
+    assert "1 problem(s) found" in verified.stderr
+
+
+def test_backups_of_a_domain_whose_every_backup_is_damaged_fails_after_listing(
+    one_disk: tuple[Path, Builder], tmp_path: Path
+) -> None:
+    config, builder = one_disk
+    (backup_id,) = builder.ids
+    (tmp_path / "repo" / DOMAIN / "backups" / backup_id / "manifest.json").unlink()
+    listed = agent_cli(config, "backups", DOMAIN, "--json")
+    assert listed.returncode == 1
+    [entry] = json.loads(listed.stdout)
+    assert entry["id"] == backup_id and entry["damaged"][0]["kind"] == "manifest-missing"
+    assert f"no backup of {DOMAIN} in " in listed.stderr and "every one is damaged" in listed.stderr
+    restore = agent_cli(config, "restore", DOMAIN, "--backup", backup_id, "--to", str(tmp_path))
+    assert restore.returncode == 1 and "is damaged" in restore.stderr, restore.stderr

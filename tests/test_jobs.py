@@ -8,8 +8,10 @@ A short settle (``SETTLE``) is used only to show that something does *not* happe
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 
 from agent.control.job_requests import JOB_ID_RE, Job, JobDisk, JobKind, JobRequest, JobState
-from agent.control.job_store import JobStore
+from agent.control.job_store import SCHEMA_VERSION, JobStore
 from agent.control.jobs import JobFailedError, JobOutcome, JobRunner, Jobs, Progress
 from agent.core.config import JobsSection
 from agent.core.errors import (
@@ -29,6 +31,7 @@ from agent.core.errors import (
     JobError,
     JobNotFoundError,
     JobsClosedError,
+    JobStoreError,
     NotConnectedError,
     RepositorySpaceError,
 )
@@ -665,6 +668,9 @@ async def test_restart_fails_running_jobs_and_runs_queued_ones(
         assert (failed.state, failed.error_code) == (JobState.FAILED, "agent-restarted")
         assert failed.finished_at is not None
         assert rec.states("r") == [JobState.FAILED]
+        # Its end waits in the outbox for the scheduler messages, whenever they start.
+        ends = await jobs.unpublished_ends(10)
+        assert [(job.id, job.error_code) for job in ends] == [("r", "agent-restarted")]
 
         await runners.started("q1")
         runners.finish("q1")
@@ -693,8 +699,10 @@ async def test_start_forgets_long_finished_jobs(store: JobStore, make_jobs: Make
             finished_at=finished,
         )
         await store.insert_or_get(job)
+    assert [job.id for job in await store.unpublished()] == ["old", "recent"]
     await make_jobs(JobsSection(keep_finished_days=30))
     assert [job.id for job in await store.find()] == ["recent"]
+    assert [job.id for job in await store.unpublished()] == ["recent"]  # bounded with the jobs
 
 
 # -- shutdown --------------------------------------------------------------------------
@@ -901,3 +909,105 @@ async def test_find_filters_and_forget_finished(store: JobStore, make_jobs: Make
     assert [job.id for job in await store.find()] == ["d"]  # running jobs stay
     runners.finish("d")
     await rec.ended("d")
+
+
+# -- the outbox of job ends ------------------------------------------------------------
+
+
+async def test_every_end_enters_the_outbox_once_oldest_first(
+    store: JobStore, make_jobs: MakeJobs
+) -> None:
+    jobs, runners, rec = await make_jobs()
+    await submit(jobs, request("vm1", "a"))
+    runners.finish("a")
+    await rec.ended("a")
+    await submit(jobs, request("vm2", "b"))
+    runners.fail("b", BackupError("bad", code="chain-broken"))
+    await rec.ended("b")
+    await submit(jobs, request("vm3", "running"))
+    await runners.started("running")
+    await submit(jobs, request("vm3", "c"))
+    await asyncio.wait_for(jobs.cancel("c"), WAIT)
+
+    ends = await jobs.unpublished_ends(10)
+    assert [(j.id, j.state) for j in ends] == [
+        ("a", JobState.SUCCEEDED),
+        ("b", JobState.FAILED),
+        ("c", JobState.CANCELLED),
+    ]
+    assert ends == [await stored(store, j.id) for j in ends]  # the job as stored
+    assert [j.id for j in await jobs.unpublished_ends(2)] == ["a", "b"]
+
+    await jobs.end_published("b")
+    await jobs.end_published("a")
+    # Writing a finished job again does not announce it again.
+    await store.update(replace(await stored(store, "a"), error_message="rewritten"))
+    assert [j.id for j in await jobs.unpublished_ends(10)] == ["c"]
+    runners.finish("running")
+    await rec.ended("running")
+    assert [j.id for j in await jobs.unpublished_ends(10)] == ["c", "running"]
+
+
+async def test_a_version_1_store_is_migrated_and_its_killed_job_announced(
+    tmp_path: Path, make_jobs: MakeJobs
+) -> None:
+    path = tmp_path / "v1.sqlite"
+    old = await JobStore.open(path)
+    job = Job(
+        id="r",
+        request=request("vm1", "r"),
+        state=JobState.RUNNING,
+        source="nats",
+        created_at=time.time(),
+        started_at=time.time(),
+    )
+    await old.insert_or_get(job)
+    await old.close()
+
+    def as_version_1() -> None:  # what agents before the outbox wrote
+        db = sqlite3.connect(path)
+        try:
+            db.execute("DROP TABLE outbox")
+            db.execute("PRAGMA user_version = 1")
+            db.commit()
+        finally:
+            db.close()
+
+    def version() -> int:
+        db = sqlite3.connect(path)
+        try:
+            found: int = db.execute("PRAGMA user_version").fetchone()[0]
+            return found
+        finally:
+            db.close()
+
+    await asyncio.to_thread(as_version_1)
+    store = await JobStore.open(path)
+    try:
+        assert await asyncio.to_thread(version) == SCHEMA_VERSION == 2
+        assert await store.unpublished() == []  # nothing invented for old jobs
+        jobs, _, _ = await make_jobs(on=store)
+        assert [j.id for j in await jobs.unpublished_ends(10)] == ["r"]
+        assert (await stored(store, "r")).error_code == "agent-restarted"
+        await asyncio.wait_for(jobs.stop(0), WAIT)
+    finally:
+        await store.close()
+
+
+async def test_newer_or_foreign_database_files_are_refused(tmp_path: Path) -> None:
+    def make(path: Path, *statements: str) -> None:
+        db = sqlite3.connect(path)
+        try:
+            for statement in statements:
+                db.execute(statement)
+            db.commit()
+        finally:
+            db.close()
+
+    newer, foreign = tmp_path / "newer.sqlite", tmp_path / "foreign.sqlite"
+    await asyncio.to_thread(make, newer, f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    await asyncio.to_thread(make, foreign, "CREATE TABLE t (x)")
+    with pytest.raises(JobStoreError, match=f"version {SCHEMA_VERSION + 1} is newer than this"):
+        await JobStore.open(newer)
+    with pytest.raises(JobStoreError, match="is an SQLite database but not a job store"):
+        await JobStore.open(foreign)

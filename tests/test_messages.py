@@ -1,8 +1,10 @@
 """Scheduler messages against a real ``nats-server -js``: requests in, jobs and events out.
 
 The job runner is stood in for by :class:`MemoryJobs`, a pure-logic :class:`JobSink`
-(jobs by id, fingerprint conflicts, listeners). Everything NATS does is real: the stream,
-the durable pull consumer, acks, naks and redeliveries after ``ack_wait``.
+(jobs by id, fingerprint conflicts, listeners, an outbox of job ends); one test uses the
+real job runner and store. Everything NATS does is real: the stream, the durable pull
+consumer, acks, naks, redeliveries after ``ack_wait``, and the duplicate window that
+drops an event published twice with one ``Nats-Msg-Id``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 import json
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,20 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from agent.control.job_requests import Job, JobListener, JobRequest, JobState, new_job_id
+from agent.control import messages as messages_module
+from agent.control.job_requests import (
+    Job,
+    JobKind,
+    JobListener,
+    JobRequest,
+    JobState,
+    new_job_id,
+)
+from agent.control.job_store import JobStore
+from agent.control.jobs import JobOutcome, Jobs, Progress
 from agent.control.messages import SchedulerMessages
-from agent.core.config import NatsSection
-from agent.core.errors import JobConflictError, JobsClosedError
+from agent.core.config import JobsSection, NatsSection
+from agent.core.errors import JobConflictError, JobsClosedError, JobStoreError
 from agent.core.faults import Faults, SimulatedCrash, no_faults
 from tests.testbed.nats import NatsServer, free_port
 
@@ -42,13 +54,37 @@ WAIT = 20.0
 
 
 class MemoryJobs:
-    """In-memory JobSink: records every submit; ``failures`` are raised by the next submits."""
+    """In-memory JobSink: records every submit; ``failures`` are raised by the next submits.
+
+    :meth:`end` finishes a job as the runner would: into the outbox, then the listeners.
+    ``mark_failures`` are raised by the next :meth:`end_published` calls.
+    """
 
     def __init__(self) -> None:
         self.jobs: dict[str, Job] = {}
         self.submits: list[tuple[JobRequest, str, bool | None]] = []  # request, source, created
         self.failures: list[Exception] = []
+        self.outbox: list[str] = []  # ids of ended jobs not published yet, oldest first
+        self.published: list[str] = []
+        self.mark_failures: list[Exception] = []
         self._listeners: list[JobListener] = []
+
+    def end(self, job_id: str, state: JobState = JobState.SUCCEEDED) -> Job:
+        job = self.jobs[job_id].with_state(state, time.time())
+        self.jobs[job_id] = job
+        self.outbox.append(job_id)
+        for listener in list(self._listeners):
+            listener(job)
+        return job
+
+    async def unpublished_ends(self, limit: int) -> list[Job]:
+        return [self.jobs[job_id] for job_id in self.outbox[:limit]]
+
+    async def end_published(self, job_id: str) -> None:
+        if self.mark_failures:
+            raise self.mark_failures.pop(0)
+        self.outbox.remove(job_id)
+        self.published.append(job_id)
 
     async def submit(self, request: JobRequest, *, source: str) -> tuple[Job, bool]:
         if self.failures:
@@ -440,3 +476,180 @@ async def test_token_file_authenticates_and_a_wrong_token_is_retried(tmp_path: P
                 await settled(js)
             finally:
                 await asyncio.wait_for(nc.close(), 10)
+
+
+# -- job ends: the outbox --------------------------------------------------------------
+
+
+async def stored_events(js: JetStreamContext) -> list[tuple[dict[str, Any], str | None]]:
+    """Every event the stream holds, oldest first, with its ``Nats-Msg-Id``."""
+    sub = await js.subscribe(EVENTS_SUBJECT, ordered_consumer=True)
+    found = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1)
+            except nats.errors.TimeoutError:
+                return found
+            found.append((json.loads(msg.data), (msg.headers or {}).get("Nats-Msg-Id")))
+    finally:
+        await sub.unsubscribe()
+
+
+def job_states(events: list[tuple[dict[str, Any], str | None]], job_id: str) -> list[str]:
+    return [e["job"]["state"] for e, _ in events if e["type"] == "job" and e["job"]["id"] == job_id]
+
+
+async def test_job_end_is_published_from_the_outbox_in_order_with_a_msg_id(
+    nats_server: NatsServer, client: Client
+) -> None:
+    jobs = MemoryJobs()
+    js = client.jetstream()
+    events = await client.subscribe(EVENTS_SUBJECT)
+    async with running(nats_server.url, jobs):
+        await publish(js, backup("end-1"))
+        await eventually(lambda: "end-1" in jobs.jobs, "the job")
+        jobs.end("end-1", JobState.FAILED)  # right behind "queued" in the event queue
+        first = await events.next_msg(timeout=WAIT)
+        second = await events.next_msg(timeout=WAIT)
+        assert [json.loads(m.data)["job"]["state"] for m in (first, second)] == [
+            "queued",
+            "failed",
+        ]
+        assert (second.headers or {}).get("Nats-Msg-Id") == f"{TOKEN}:end-1:failed"
+        await eventually(lambda: jobs.published == ["end-1"], "the outbox entry to go")
+        assert jobs.outbox == []
+    await events.unsubscribe()
+
+
+async def test_ends_wait_in_the_outbox_while_nats_is_away(
+    nats_server: NatsServer, client: Client
+) -> None:
+    jobs = MemoryJobs()
+    js = client.jetstream()
+    # An end recorded before the session started (by the start-up, say) goes out first.
+    async with running(nats_server.url, jobs):
+        await publish(js, backup("before"))
+        await publish(js, backup("away"))
+        await eventually(lambda: {"before", "away"} <= set(jobs.jobs), "both jobs")
+    jobs.end("before", JobState.FAILED)
+    async with running(nats_server.url, jobs) as (messages, _task, _ready):
+        await eventually(lambda: jobs.published == ["before"], "the earlier end published")
+        await asyncio.to_thread(nats_server.stop)
+        await eventually(lambda: not messages.connected, "the disconnection")
+        jobs.end("away", JobState.CANCELLED)
+        await asyncio.sleep(2)  # publishing fails meanwhile; the end must stay
+        assert jobs.outbox == ["away"]
+        await asyncio.to_thread(nats_server.start)
+        await eventually(lambda: jobs.outbox == [], "the end published after the restart", 60)
+    assert jobs.published == ["before", "away"]
+    stored = await stored_events(js)
+    assert job_states(stored, "before")[-1:] == ["failed"]
+    assert job_states(stored, "away")[-1:] == ["cancelled"]
+
+
+async def test_an_end_published_twice_is_stored_once(
+    nats_server: NatsServer, client: Client
+) -> None:
+    jobs = MemoryJobs()
+    js = client.jetstream()
+    # The store fails to drop the entry once, as after a crash right after the publish:
+    # the publisher sends the end again, and JetStream's duplicate window drops it.
+    jobs.mark_failures.append(JobStoreError("disk full"))
+    async with running(nats_server.url, jobs):
+        await publish(js, backup("twice"))
+        await eventually(lambda: "twice" in jobs.jobs, "the job")
+        jobs.end("twice")
+        await eventually(lambda: jobs.published == ["twice"], "the end published", 30)
+        assert jobs.mark_failures == []
+    stored = await stored_events(js)
+    assert job_states(stored, "twice") == ["queued", "succeeded"]
+    assert [mid for e, mid in stored if e["job"]["state"] == "succeeded"] == [
+        f"{TOKEN}:twice:succeeded"
+    ]
+
+
+async def test_subjects_taken_out_of_the_stream_are_put_back(
+    nats_server: NatsServer, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(messages_module, "STREAM_CHECK_INTERVAL", 0.5)
+    js = client.jetstream()
+    jobs = MemoryJobs()
+    async with running(nats_server.url, jobs):
+        # Another agent's stale read-modify-write lands: our subjects are gone.
+        info = await js.stream_info(STREAM)
+        await js.update_stream(info.config.evolve(subjects=["elsewhere.>"]))
+
+        async def restored() -> set[str]:
+            return set((await js.stream_info(STREAM)).config.subjects or [])
+
+        deadline = time.monotonic() + WAIT
+        while {JOBS_SUBJECT, EVENTS_SUBJECT} - await restored():
+            assert time.monotonic() < deadline, "our subjects were not put back"
+            await asyncio.sleep(0.1)
+        await publish(js, backup("after-loss"))
+        await eventually(lambda: "after-loss" in jobs.jobs, "the job")
+        await settled(js)
+
+
+async def test_a_job_the_restart_ended_is_announced_by_the_real_runner(
+    nats_server: NatsServer, client: Client, tmp_path: Path
+) -> None:
+    async def run(job: Job, progress: Progress, /) -> JobOutcome:
+        return JobOutcome()
+
+    path = tmp_path / "jobs.sqlite"
+    store = await JobStore.open(path)
+    try:
+        queued = Job(
+            id="killed-in",
+            request=JobRequest(kind="backup", domain="vm1", id="killed-in"),
+            state=JobState.QUEUED,
+            source="nats",
+            created_at=time.time(),
+        )
+        await store.insert_or_get(queued)
+        await store.update(queued.with_state(JobState.RUNNING, time.time()))
+    finally:
+        await store.close()
+    # The next agent: its start ends the job before any NATS session exists.
+    store = await JobStore.open(path)
+    jobs = Jobs(store, dict.fromkeys(JobKind, run), JobsSection())
+    js = client.jetstream()
+    try:
+        restarted = await asyncio.wait_for(jobs.start(), WAIT)
+        assert [job.id for job in restarted] == ["killed-in"]
+        async with running(nats_server.url, MemoryJobs()):  # makes the stream, then goes
+            pass
+        events = await client.subscribe(EVENTS_SUBJECT)
+        messages = SchedulerMessages(settings(nats_server.url), HOST, jobs)
+        task = asyncio.create_task(messages.run())
+        try:
+            event = await next_event(events)
+            assert event["job"]["id"] == "killed-in"
+            assert event["job"]["state"] == "failed"
+            assert event["job"]["error"]["code"] == "agent-restarted"
+            await eventually_async(store.unpublished, [], "the outbox to empty")
+            # A live job: its events in order, its end once.
+            await publish(js, backup("live"))
+            states = [(await next_event(events))["job"]["state"] for _ in range(3)]
+            assert states == ["queued", "running", "succeeded"]
+            await eventually_async(store.unpublished, [], "the outbox to empty")
+        finally:
+            task.cancel()
+            await asyncio.wait([task], timeout=WAIT)
+            await events.unsubscribe()
+        assert job_states(await stored_events(js), "live") == ["queued", "running", "succeeded"]
+    finally:
+        await asyncio.wait_for(jobs.stop(0), WAIT)
+        await store.close()
+
+
+async def eventually_async(
+    read: Callable[[], Awaitable[Any]], wanted: Any, what: str, timeout: float = WAIT
+) -> None:
+    deadline = time.monotonic() + timeout
+    while (found := await read()) != wanted:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}: {found}")
+        await asyncio.sleep(0.05)

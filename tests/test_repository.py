@@ -610,9 +610,11 @@ async def test_verify_reports_a_missing_backing_file(tmp_path: Path) -> None:
     gone = _backups_dir(repo.root) / b0 / "vda.qcow2"
     gone.unlink()
     problems = await repo.verify(DOMAIN)
-    assert {(p.backup_id, p.target) for p in problems} == {(b0, "vda"), (b1, "vda")}
+    # b1's image names the missing backing file; the later ones restore through it too.
+    assert {(p.backup_id, p.target) for p in problems} == {(i, "vda") for i in builder.ids}
     assert all(str(gone) in p.message for p in problems)
     assert any("backing file" in p.message for p in problems if p.backup_id == b1)
+    assert all(f"restores through backup {b0}" in p.message for p in problems[2:])
 
 
 @pytest.mark.parametrize(
@@ -633,8 +635,14 @@ async def test_verify_compares_image_structure_with_the_manifest(
     b3 = builder.ids[3]
     _edit_manifest(_backups_dir(builder.repo.root) / b3, edit)
     problems = await builder.repo.verify(DOMAIN)
-    assert [(p.backup_id, p.target) for p in problems] == [(b3, "vda")]
+    assert (problems[0].backup_id, problems[0].target) == (b3, "vda")
     assert expected in problems[0].message
+    if expected == "has backing":  # by its manifest, b4's vda restores through a backup
+        b4, gone = builder.ids[4], "20200101T000000Z-000000"  # that is not there
+        assert [(p.backup_id, p.target) for p in problems[1:]] == [(b4, "vda")]
+        assert f"restores through backup {gone}" in problems[1].message
+    else:
+        assert len(problems) == 1
 
 
 async def test_verify_reads_compressed_clusters_through_qemu(tmp_path: Path) -> None:
@@ -739,6 +747,168 @@ def _crash_at(points: list[str], index: int) -> Callable[[str], None]:
             raise SimulatedCrash(point)
 
     return hook
+
+
+# --- damage: one bad file hides nothing, breaks only what reads it --------------------------
+
+
+def _cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _a_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def _bad_field(path: Path) -> None:
+    data = json.loads(path.read_text())
+    data["checkpoint"] = 5
+    path.write_text(json.dumps(data))
+
+
+DAMAGES: dict[str, tuple[Callable[[Path], object], str, str]] = {
+    "garbage": (lambda p: p.write_bytes(bytes(range(256)) * 16), "manifest-not-json", "UTF-8"),
+    "text": (lambda p: p.write_text("not a manifest\n"), "manifest-not-json", "not JSON"),
+    "truncated": (_cut_in_half, "manifest-truncated", "truncated"),
+    "empty": (lambda p: p.write_bytes(b""), "manifest-truncated", "truncated"),
+    "deleted": (lambda p: p.unlink(), "manifest-missing", "is missing"),
+    "unreadable": (_a_directory, "manifest-unreadable", "cannot read"),
+    "invalid": (_bad_field, "manifest-invalid", "field checkpoint: wrong type int"),
+}
+
+
+async def _five_seconds_apart(root: Path) -> Builder:
+    """FIVE with ids a second apart (made quickly, all five often share one second; a
+    damaged backup in the tip's second counts as newer than the tip)."""
+    repo = Repository(root)
+    ids = iter(f"20261128T10000{i}Z-00000{i}" for i in range(5))
+    repo.new_backup_id = lambda: next(ids)  # type: ignore[method-assign]
+    builder = Builder(repo)
+    for writes, full in FIVE:
+        await builder.backup(writes, full=full, reason="bitmap-inconsistent" if full else None)
+    return builder
+
+
+@pytest.mark.parametrize("how", list(DAMAGES))
+async def test_a_damaged_newest_manifest_hides_no_other_backup(tmp_path: Path, how: str) -> None:
+    damage, kind, said = DAMAGES[how]
+    builder = await _five(tmp_path / "repo")
+    repo, ids = builder.repo, builder.ids
+    manifest = _backups_dir(repo.root) / ids[4] / "manifest.json"
+    damage(manifest)
+    listing = await repo.listing(DOMAIN)
+    assert [m.backup_id for m in listing.manifests] == ids[:4]
+    [found] = listing.damaged
+    assert (found.backup_id, found.target, found.path, found.kind) == (ids[4], None, manifest, kind)
+    assert said in found.error and str(manifest) in found.error
+    assert [m.backup_id for m in await repo.backups(DOMAIN)] == ids[:4]
+    latest = await repo.latest(DOMAIN)
+    assert latest is not None and latest.backup_id == ids[3]
+    # The plan's view: the tip is the newest readable backup, and a newer one is damaged.
+    tip = await repo.tip(DOMAIN)
+    assert tip.manifest == latest and tip.broken == {} and tip.newer == (found,)
+    problems = await repo.verify(DOMAIN)
+    assert [(p.backup_id, p.target, p.image) for p in problems] == [(ids[4], "-", manifest)]
+    assert [(p.backup_id, p.target) for p in await repo.verify(DOMAIN, ids[4])] == [(ids[4], "-")]
+    # Nothing good, nor the damaged backup's images, is deleted by retention or clean-up.
+    assert await repo.apply_retention(DOMAIN, 2) == []
+    assert await repo.cleanup_staging() == []
+    assert sorted(os.listdir(_backups_dir(repo.root))) == sorted(ids)
+    assert (_backups_dir(repo.root) / ids[4] / "vda.qcow2").is_file()
+    assert await _assert_all_restore(repo, builder, tmp_path) == ids[:4]
+
+
+async def test_a_damaged_manifest_mid_chain_breaks_the_disks_that_restore_through_it(
+    tmp_path: Path,
+) -> None:
+    """FIVE: vdb is full again in b2, so only vda's later backups read b1."""
+    builder = await _five_seconds_apart(tmp_path / "repo")
+    repo, ids = builder.repo, builder.ids
+    (_backups_dir(repo.root) / ids[1] / "manifest.json").write_text("{")
+    listing = await repo.listing(DOMAIN)
+    assert [(d.backup_id, d.target, d.kind) for d in listing.damaged] == [
+        (ids[1], None, "manifest-truncated"),
+        *((i, "vda", "backing-damaged") for i in ids[2:]),
+    ]
+    chained = {d.backup_id: d for d in listing.damaged if d.target == "vda"}
+    assert all(f"vda of {i} restores through backup {ids[1]}" in chained[i].error for i in ids[2:])
+    tip = await repo.tip(DOMAIN)
+    assert tip.manifest is not None and tip.manifest.backup_id == ids[4]
+    assert set(tip.broken) == {"vda"} and tip.newer == ()
+    assert tip.broken["vda"] == chained[ids[4]]
+    problems = await repo.verify(DOMAIN)
+    assert {(p.backup_id, p.target) for p in problems} == {
+        (ids[1], "-"),
+        *((i, "vda") for i in ids[2:]),
+    }
+    assert await repo.apply_retention(DOMAIN, 1) == []
+    assert sorted(os.listdir(_backups_dir(repo.root))) == sorted(ids)
+
+
+async def test_a_missing_image_breaks_that_disk_only_and_is_named_once(tmp_path: Path) -> None:
+    builder = await _five(tmp_path / "repo")
+    repo, ids = builder.repo, builder.ids
+    gone = _backups_dir(repo.root) / ids[4] / "vdb.qcow2"
+    gone.unlink()
+    listing = await repo.listing(DOMAIN)
+    assert len(listing.manifests) == 5
+    assert [(d.backup_id, d.target, d.path, d.kind) for d in listing.damaged] == [
+        (ids[4], "vdb", gone, "image-missing")
+    ]
+    tip = await repo.tip(DOMAIN)
+    assert set(tip.broken) == {"vdb"} and tip.newer == ()
+    problems = await repo.verify(DOMAIN)
+    assert [(p.backup_id, p.target) for p in problems] == [(ids[4], "vdb")]
+    assert f"image {gone} is missing" in problems[0].message
+
+
+async def test_the_tip_reads_older_manifests_once_and_again_when_they_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.repository import listing as listing_module  # noqa: PLC0415 - patched here
+
+    builder = await _five_seconds_apart(tmp_path / "repo")
+    repo = builder.repo
+    read: list[str] = []
+    real = listing_module.read_or_damage
+
+    def counted(directory: Path) -> Any:
+        read.append(directory.name)
+        return real(directory)
+
+    monkeypatch.setattr(listing_module, "read_or_damage", counted)
+    b = builder.ids
+    assert (await repo.tip(DOMAIN)).broken == {}
+    assert sorted(read) == b  # vda's chain goes back to b0
+    read.clear()
+    assert (await repo.tip(DOMAIN)).broken == {}
+    assert read == [b[4]]  # only the newest: the chain's links are known
+    read.clear()
+    (_backups_dir(repo.root) / b[0] / "manifest.json").write_text("[]")  # rewritten
+    tip = await repo.tip(DOMAIN)
+    assert read == [b[4], b[0]] and set(tip.broken) == {"vda"}
+    assert f"restores through backup {b[0]}" in tip.broken["vda"].error
+
+
+def test_a_chain_of_thousands_is_walked_without_recursion(tmp_path: Path) -> None:
+    from agent.repository.listing import _Chains  # noqa: PLC0415 - the walk alone
+
+    ids = [f"b{i:05d}" for i in range(3000)]
+    for backup_id in ids:
+        (tmp_path / backup_id).mkdir()
+        (tmp_path / backup_id / "vda.qcow2").touch()
+    links = {
+        backup_id: {"vda.qcow2": ("vda", None if i == 0 else f"../{ids[i - 1]}/vda.qcow2")}
+        for i, backup_id in enumerate(ids)
+    }
+    assert _Chains(tmp_path, links.get).damage(ids[-1], "vda", "vda.qcow2") is None
+    (tmp_path / ids[7] / "vda.qcow2").unlink()
+    chains = _Chains(tmp_path, links.get)
+    top = chains.damage(ids[-1], "vda", "vda.qcow2")
+    assert top is not None and top.kind == "backing-damaged"
+    assert f"restores through backup {ids[7]}" in top.error
+    assert chains.damage(ids[6], "vda", "vda.qcow2") is None
 
 
 # --- manifest JSON -----------------------------------------------------------------------

@@ -7,12 +7,18 @@ rewritten once the backup is published (``published``: from then on the job is f
 forward, never undone), and dropped when the job is over or undone.
 
 The run directory holds QEMU's backup sockets as well: it, and the intents in it, are
-the agent's only (mode 0700).
+the agent's only (mode 0700). An intent is written to a temporary file, fsync'd, renamed
+into place, and its directory fsync'd (and so are the directories made for it), so that
+it survives a crash of the host as well as of the agent; a dropped intent's directory is
+fsync'd too, so that a crash never brings back an intent whose job was undone.
+
+Every filesystem call here, and removing a job's scratch files and socket, is bounded by
+``[repository] io_timeout`` on the filesystem's own threads (:mod:`agent.core.blocking`):
+on a hung mount the job fails (FilesystemHungError) and its intent stays for the next try.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -21,7 +27,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.core.blocking import Filesystem
 from agent.core.config import AgentConfig
+from agent.core.durable import make_dir_durably, remove_durably, write_durably
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,21 +80,38 @@ class Intents:
 
     def __init__(self, config: AgentConfig) -> None:
         self._config = config
+        timeout = config.repository.io_timeout
+        self._run = Filesystem(config.run_path, timeout=timeout)
+        self._sockets = Filesystem(config.socket_path, timeout=timeout)
+        self._scratch = Filesystem(config.scratch_path, timeout=timeout)
 
     async def write(self, job: Job) -> None:
         """Write (or rewrite) the job's intent, durably, and make its socket's directory."""
-        await asyncio.to_thread(_private_dir, job.socket.parent)
-        await asyncio.to_thread(_write_private, self._path(job), job.to_json())
+        await self._sockets.call("make the socket directory", _private_dir, job.socket.parent)
+        await self._run.call("write a job intent", _write_private, self._path(job), job.to_json())
 
     async def drop(self, job: Job) -> None:
-        await asyncio.to_thread(remove_files, [self._path(job)])
+        await self._run.call("drop a job intent", remove_durably, self._path(job))
+
+    async def remove_files(self, job: Job) -> None:
+        """Remove the job's scratch files and socket (those already gone are fine)."""
+        scratch = list(job.scratch.values())
+        await self._scratch.call("remove scratch files", remove_files, scratch)
+        # QEMU's export socket, and those of the job's local qemu-nbd servers (named in
+        # agent.backup.disks) with their pid files: a killed agent leaves them all.
+        sockets = [job.socket]
+        for target in job.scratch:
+            served = job.socket.with_name(f"{job.backup_id}-{target}.sock")
+            sockets += [served, served.with_name(served.name + ".pid")]
+        await self._sockets.call("remove the backup sockets", remove_files, sockets)
 
     async def leftovers(self) -> list[Path]:
         """Intents of jobs not yet undone (an undo keeps its intent until libvirt's job
         is known to be over); empty once recovery is complete."""
         jobs_dir = self._config.run_path / "jobs"
-        return await asyncio.to_thread(
-            lambda: sorted(jobs_dir.glob("*.json")) if jobs_dir.exists() else []
+        return await self._run.call(
+            "list job intents",
+            lambda: sorted(jobs_dir.glob("*.json")) if jobs_dir.exists() else [],
         )
 
     def _path(self, job: Job) -> Path:
@@ -111,12 +136,7 @@ def _private_dir(path: Path) -> None:
 
 def _write_private(path: Path, text: str) -> None:
     # The run directory holds QEMU's backup sockets: only the agent may read it.
-    path.parent.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dir_durably(path.parent)
     os.chmod(path.parent.parent, 0o700)
-    path.parent.mkdir(exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    os.chmod(path.parent, 0o700)
+    write_durably(path, text, mode=0o600)

@@ -9,6 +9,12 @@ checkpoint (judged here too: no event tells of a disk grown while the domain run
 Anything else makes that disk full, with the reason, while the other disks of the same
 backup stay incremental.
 
+A damaged repository (:mod:`agent.repository.listing`) makes disks full with the reason
+``repository-damaged``: every disk when a backup at least as new as the tip is damaged
+(its manifest does not read: the tip is then not the newest backup), and otherwise each
+disk of the tip whose chain is broken (its image missing, or a backup its restore reads
+damaged). An increment is never based on a damaged image.
+
 Modes: ``auto`` falls back to full per disk; ``incremental`` refuses (BackupError with
 code ``chain-broken``, naming each disk and reason) rather than silently copying
 everything; ``full`` copies everything and starts a new chain.
@@ -18,7 +24,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Final
 
 from agent.chain.records import CheckpointRecord, DiskChain
 from agent.chain.rules import Verdict, base_checkpoint, disk_verdicts
@@ -60,13 +67,18 @@ class BackupPlan:
         return any(not d.full for d in self.disks)
 
 
+REPOSITORY_DAMAGED: Final = "repository-damaged"  # the reason a damaged repository gives
+
+
 @dataclass(frozen=True, slots=True)
 class RepositoryTip:
-    """What the plan needs of the repository's newest backup of the domain."""
+    """What the plan needs of the repository's newest backup of the domain (whose
+    manifest reads): ``broken`` names its disks whose chain is damaged, and why."""
 
     backup_id: str
     checkpoint: str
     targets: frozenset[str]
+    broken: Mapping[str, str] = field(default_factory=dict)
 
 
 def plan_backup(
@@ -75,7 +87,11 @@ def plan_backup(
     chains: Mapping[str, DiskChain],
     tip: RepositoryTip | None,
     mode: BackupMode,
+    *,
+    damaged: str | None = None,
 ) -> BackupPlan:
+    """The plan; ``damaged`` says why no disk may be incremental on ``tip`` (a backup at
+    least as new is damaged), if that is so."""
     disks = [d for d in info.disks if d.backup_capable]
     if not disks:
         raise BackupError(
@@ -91,7 +107,11 @@ def plan_backup(
     plans = []
     for disk in disks:
         size = disk.capacity or 0
-        reason = _why_full(disk.target, base, chains, verdicts.get(disk.target), tip, mode)
+        reason = (
+            REPOSITORY_DAMAGED
+            if mode is not BackupMode.FULL and damaged is not None
+            else _why_full(disk.target, base, chains, verdicts.get(disk.target), tip, mode)
+        )
         plans.append(
             DiskPlan(
                 target=disk.target,
@@ -131,8 +151,21 @@ def _why_full(
         return "full-requested"
     if base is None or tip is None:
         return "first-backup"
+    if target in tip.broken:
+        return REPOSITORY_DAMAGED
     if tip.checkpoint != base.name:
         return "repository-drift"
+    return _why_disk_full(target, base, chains, verdict, tip)
+
+
+def _why_disk_full(
+    target: str,
+    base: CheckpointRecord,
+    chains: Mapping[str, DiskChain],
+    verdict: Verdict | None,
+    tip: RepositoryTip,
+) -> str | None:
+    """The disk's own reasons, once the base and the repository's tip agree."""
     chain = chains.get(target)
     if chain is not None and not chain.valid:
         return chain.reason or "chain-broken"

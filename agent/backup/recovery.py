@@ -14,7 +14,6 @@ doubling to 5 min), and by the domain's next backup: never dropped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 
 from agent.backup.undo import Undo, UndoPendingError
@@ -74,10 +73,10 @@ class Recovery:
             if self._undo.pending.is_set():
                 self._undo.pending.clear()
                 await self.scan()
-            if self._connected() and self.recovering:
+            # The first pass runs even with no intent left: a staging directory made just
+            # before its intent was written has none.
+            if self._connected() and (self.recovering or not self.first_pass.is_set()):
                 delay = FIRST_RETRY if await self._pass() else min(delay * 2, MAX_RETRY)
-                with contextlib.suppress(AgentError, OSError):
-                    await self._undo.clean_staging()
             if self._connected():
                 self.first_pass.set()
             wait = delay if self.recovering else None
@@ -99,6 +98,13 @@ class Recovery:
     async def _pass(self) -> bool:
         """One try at every domain still recovering; True if none failed."""
         clean = True
+        # Staging and retention left half-done (finished or removed) first: a domain is
+        # not recovered while its repository directory still holds them.
+        try:
+            await self._undo.clean_staging()
+        except (AgentError, OSError) as exc:
+            log.warning("cannot clean up the repository's staging yet", error=str(exc))
+            clean = False
         for uuid in list(self.recovering):
             try:
                 async with asyncio.timeout(self._timeout):

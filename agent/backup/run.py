@@ -4,7 +4,8 @@
 
 1. **Plan** per disk, full or incremental and why (:mod:`agent.backup.plan`); refuse
    before touching anything if the scratch or repository filesystem cannot hold the
-   worst case (every disk copied, every block rewritten by the guest meanwhile).
+   worst case (every disk copied, every block rewritten by the guest meanwhile) beside
+   what the other running jobs hold (:mod:`agent.core.space`).
 2. **Intent.** Write ``<state_dir>/run/jobs/<uuid>.json`` naming the checkpoint,
    staging directory, socket and scratch files this job will create, so that an agent
    killed at any later point finds and removes them at its next start (:meth:`recover`;
@@ -34,7 +35,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,23 +46,31 @@ import libvirt
 from agent.backup import libvirt_job
 from agent.backup.disks import DiskCopies
 from agent.backup.job import Intents, Job
-from agent.backup.plan import BackupMode, BackupPlan, RepositoryTip, plan_backup
+from agent.backup.plan import (
+    REPOSITORY_DAMAGED,
+    BackupMode,
+    BackupPlan,
+    RepositoryTip,
+    plan_backup,
+)
 from agent.backup.progress import Phases, Progress
 from agent.backup.undo import Undo, UndoPendingError
 from agent.chain.checkpoints import Chains
 from agent.chain.rules import new_checkpoint_name
+from agent.core.blocking import Filesystem
 from agent.core.config import AgentConfig
+from agent.core.durable import make_dir_durably
 from agent.core.errors import (
     AgentError,
     BackupError,
     NotConnectedError,
     PublishUndecidedError,
-    RepositorySpaceError,
     VirtTimeoutError,
 )
 from agent.core.faults import Faults, no_faults
 from agent.core.logs import get_logger
 from agent.core.shielding import to_completion
+from agent.core.space import Reservation, measure
 from agent.repository.manifest import DiskManifest, Manifest
 from agent.repository.store import Repository
 from agent.virt.connection import VirtConnection
@@ -118,6 +126,7 @@ class Backups:
         self._running: set[str] = set()
         self._publishing: set[str] = set()  # domains whose running backup began to publish
         self._completions: dict[str, asyncio.Future[Mapping[str, Any]]] = {}
+        self._reservations: dict[str, Reservation] = {}  # per domain: its job's space held
         self._intents = Intents(config)
         self._undo = Undo(
             connection,
@@ -170,6 +179,7 @@ class Backups:
         finally:
             self._running.discard(uuid)
             self._publishing.discard(uuid)
+            self.repository.space.release(self._reservations.pop(uuid, None))
 
     async def _leftover_first(self, uuid: str) -> None:
         """A job an earlier agent or a failed undo left for this domain is finished or
@@ -215,6 +225,9 @@ class Backups:
         info, plan, latest, job = await self._prepare(uuid, mode)
         phases.mark("plan")
         manifest = await self._execute_or_undo(info, plan, job, latest, progress, phases)
+        # Published: what it wrote is in the free space now; retention's merge is measured
+        # against that, not against this job's worst case as well.
+        self.repository.space.release(self._reservations.pop(uuid, None))
         await self._conclude(info, job, keep_last)
         phases.mark("finish")
         log.info("backup phases", backup_id=job.backup_id, seconds=phases.seconds)
@@ -234,6 +247,7 @@ class Backups:
         self, uuid: str, mode: BackupMode
     ) -> tuple[DomainInfo, BackupPlan, Manifest | None, Job]:
         """Plan the job, stage it, write its intent: nothing in libvirt changed yet."""
+        await self.repository.ensure_ready()  # not mounted, another one: nothing written
         info = await self._domains.refresh(uuid)
         if info is None or not info.state.active:
             raise BackupError("the domain is not running", code="domain-not-running")
@@ -247,40 +261,52 @@ class Backups:
         return info, plan, latest, job
 
     async def _plan(self, info: DomainInfo, mode: BackupMode) -> tuple[BackupPlan, Manifest | None]:
-        """The plan, and the repository's newest backup (usually the increment's parent)."""
-        records, chains, latest = await asyncio.gather(
+        """The plan, and the repository's newest backup whose manifest reads (usually the
+        increment's parent; never for a disk whose chain there is damaged)."""
+        records, chains, found = await asyncio.gather(
             self._chains.ledger.checkpoints(info.name),
             self._chains.ledger.disk_chains(info.name),
-            self.repository.latest(info.name),
+            self.repository.tip(info.name),
         )
-        tip = None
+        latest, tip = found.manifest, None
         if latest is not None:
-            tip = RepositoryTip(
-                latest.backup_id, latest.checkpoint, frozenset(d.target for d in latest.disks)
-            )
-        plan = plan_backup(info, records, chains, tip, mode)
+            broken = {t: d.error for t, d in found.broken.items()}
+            targets = frozenset(d.target for d in latest.disks)
+            tip = RepositoryTip(latest.backup_id, latest.checkpoint, targets, broken)
+        newer = found.newer[0].error if found.newer else None
+        plan = plan_backup(info, records, chains, tip, mode, damaged=newer)
         for disk in plan.disks:
-            if disk.full and disk.reason not in (None, "full-requested"):
+            if disk.reason == REPOSITORY_DAMAGED:
+                log.warning(
+                    "the repository is damaged where this disk's chain goes on; copied in full",
+                    domain=info.name,
+                    disk=disk.target,
+                    reason=disk.reason,
+                    damage=newer or (tip.broken.get(disk.target) if tip is not None else None),
+                )
+            elif disk.full and disk.reason not in (None, "full-requested"):
                 log.info("full backup of disk", disk=disk.target, reason=disk.reason)
         return plan, latest
 
     async def _check_space(self, plan: BackupPlan) -> None:
-        """Worst case: every disk copied whole, and every block rewritten during the copy."""
+        """Worst case: every disk copied whole into the repository, and every block
+        rewritten during the copy (its old data goes to the scratch files). Reserved in
+        the agent's space book (:mod:`agent.core.space`) against what the other running
+        jobs hold, until this job ends (:meth:`run`); both on one filesystem add up.
+        The scratch directory is made if missing; the repository's root never is here
+        (a bare mount point must not become a repository): a missing one is measured
+        where it would be made. Each filesystem call is bounded by ``io_timeout``."""
         worst = sum(d.size for d in plan.disks)
-        scratch, repository = self._config.scratch_path, self.repository.root
-        for path in (scratch, repository):
-            await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
-        checks = [
-            ("scratch directory", scratch, await asyncio.to_thread(_free_bytes, scratch)),
-            ("repository", repository, await self.repository.free_bytes()),
-        ]
-        for what, path, free in checks:
-            if free < worst:
-                raise RepositorySpaceError(
-                    f"{what} {path} has {free} bytes free, a backup of {plan.domain} may need "
-                    f"{worst}; refusing to start",
-                    path=str(path),
-                )
+        scratch = Filesystem(self._config.scratch_path, timeout=self._config.repository.io_timeout)
+        # Mode as it always was (umask): QEMU, not only the agent, writes scratch files here.
+        await scratch.call("make the scratch directory", make_dir_durably, scratch.root, mode=0o777)
+        needs = await asyncio.gather(
+            measure(scratch, "scratch directory", worst),
+            measure(self.repository.fs, "repository", worst),
+        )
+        self._reservations[plan.uuid] = self.repository.space.reserve(
+            f"a backup of {plan.domain}", needs
+        )
 
     def _new_job(self, info: DomainInfo, plan: BackupPlan, backup_id: str, staging: Path) -> Job:
         return Job(
@@ -492,8 +518,3 @@ async def _settle(task: asyncio.Task[Any]) -> None:
     finally:
         if not task.cancelled():
             task.exception()  # retrieved: no "exception was never retrieved" warning
-
-
-def _free_bytes(path: Path) -> int:
-    stats = os.statvfs(path)
-    return stats.f_bavail * stats.f_frsize

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.backup import libvirt_job
-from agent.backup.job import Intents, Job, remove_files
+from agent.backup.job import Intents, Job
 from agent.chain.checkpoints import Chains
 from agent.core.errors import AgentError, BackupError, BackupNotFoundError, VirtError
 from agent.core.logs import get_logger
@@ -164,7 +164,7 @@ class Undo:
             raise
         await self._chains.discard_if_recorded(job.domain, job.uuid, job.checkpoint)
         await self._repository.discard(job.staging)
-        await asyncio.to_thread(remove_files, [*job.scratch.values(), job.socket])
+        await self._intents.remove_files(job)  # bounded: a hung scratch mount fails it
         await self._intents.drop(job)
         log.info("backup undone", backup_id=job.backup_id, domain=job.domain)
 

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from agent.backup.plan import BackupMode
 from agent.backup.run import BackupResult
@@ -21,6 +22,7 @@ from agent.chain.ledger import Ledger
 from agent.cli.progress import ProgressBar
 from agent.core.config import AgentConfig
 from agent.core.errors import AgentError
+from agent.repository.listing import Damage, Listing, time_order
 from agent.repository.store import Repository
 from agent.repository.verify import Problem
 
@@ -43,32 +45,83 @@ def _in_repository(repository: Repository, domain: str) -> str:
 
 
 def list_backups(config: AgentConfig, domain: str, as_json: bool) -> None:
-    repository = Repository(config.repository_path)
-    manifests = asyncio.run(repository.backups(_in_repository(repository, domain)))
+    """Print the domain's backups, the damaged ones named among them; exit status 1
+    (CommandError, after the listing) if not one of them is sound."""
+    repository = Repository(config.repository_path, state_dir=config.agent.state_dir)
+    name = _in_repository(repository, domain)
+    listing = asyncio.run(repository.listing(name))
+    entries = _entries(listing, name)
     if as_json:
-        print(json.dumps([m.summary() for m in manifests], indent=2))
-        return
+        print(json.dumps(entries, indent=2))
+    else:
+        _print_table(listing, entries)
+    if all(entry["damaged"] for entry in entries):
+        raise CommandError(
+            f"no backup of {name} in {repository.root} is sound: every one is damaged "
+            f"(listed above; `backup-agent verify {name}` checks the rest)"
+        )
+
+
+def _entries(listing: Listing, domain: str) -> list[dict[str, Any]]:
+    """``backups --json``: every backup in time order, each a manifest's summary (its
+    keys as ever) plus ``damaged`` (what is wrong with it, [] if nothing); a backup whose
+    manifest does not read has the same keys, null where only the manifest could say."""
+    entries = [
+        {**m.summary(), "damaged": [d.to_json() for d in listing.damage_of(m.backup_id)]}
+        for m in listing.manifests
+    ]
+    readable = {m.backup_id for m in listing.manifests}
+    entries += [
+        _unreadable(d, domain)
+        for d in listing.damaged
+        if d.target is None and d.backup_id not in readable
+    ]
+    in_time = time_order([m.backup_id for m in listing.manifests])
+    return sorted(entries, key=lambda e: in_time(e["id"]))
+
+
+def _unreadable(damage: Damage, domain: str) -> dict[str, Any]:
+    return {
+        "id": damage.backup_id,
+        "domain": domain,
+        "domain_uuid": None,
+        "created_at": None,
+        "completed_at": None,
+        "mode": None,
+        "parent": None,
+        "checkpoint": None,
+        "bytes": None,
+        "disks": [],
+        "damaged": [damage.to_json()],
+    }
+
+
+def _print_table(listing: Listing, entries: Sequence[dict[str, Any]]) -> None:
     rows = [["BACKUP", "COMPLETED", "MODE", "BYTES", "PARENT", "DISKS"]]
     rows += [
         [
-            m.backup_id,
-            _when(m.completed_at),
-            m.mode,
-            str(sum(d.bytes_copied for d in m.disks)),
-            m.parent or "-",
-            ",".join(f"{d.target}:{d.mode}" for d in m.disks),
+            e["id"],
+            _when(e["completed_at"]) if e["completed_at"] is not None else "-",
+            e["mode"] or "DAMAGED",
+            str(e["bytes"]) if e["bytes"] is not None else "-",
+            e["parent"] or "-",
+            ",".join(f"{d['target']}:{d['mode']}" for d in e["disks"]) or "-",
         ]
-        for m in manifests
+        for e in entries
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if listing.damaged:
+        print(f"\ndamaged ({len(listing.damaged)}; these do not restore):")
+        for d in listing.damaged:
+            print(f"  {d.backup_id} {d.target or '-'}: {d.error}")
 
 
 def restore(
     config: AgentConfig, domain: str, backup_id: str, disk: str | None, to: Path, fmt: str
 ) -> None:
-    repository = Repository(config.repository_path)
+    repository = Repository(config.repository_path, state_dir=config.agent.state_dir)
     domain = _in_repository(repository, domain)
     manifest = asyncio.run(repository.backup(domain, backup_id))
     targets = [d.target for d in manifest.disks]
@@ -96,7 +149,7 @@ def restore(
 
 
 def verify(config: AgentConfig, domain: str, backup_id: str | None) -> int:
-    repository = Repository(config.repository_path)
+    repository = Repository(config.repository_path, state_dir=config.agent.state_dir)
     domain = _in_repository(repository, domain)
     problems = asyncio.run(repository.verify(domain, backup_id))
     for p in problems:

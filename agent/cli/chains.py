@@ -17,6 +17,7 @@ from typing import Any
 from agent.chain.ledger import Ledger
 from agent.chain.records import CheckpointRecord, DiskChain
 from agent.core.config import AgentConfig
+from agent.core.durable import write_durably
 from agent.core.errors import AgentError
 
 
@@ -139,9 +140,8 @@ def export_chain(config: AgentConfig, domain: str, output: Path | None) -> None:
     if output is None:
         sys.stdout.write(text)
     else:
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(output)
+        # The export may be the only copy of the chain another host will import: durable.
+        write_durably(output, text)
 
 
 async def _import(config: AgentConfig, data: Any, replace: bool) -> int:

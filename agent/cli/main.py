@@ -1,7 +1,8 @@
 """``backup-agent``: the command line.
 
 Verbs: ``run`` (the service), ``config --show`` (the effective configuration), the
-chain and repository commands that work without a running agent, and the operator's
+chain and repository commands that work without a running agent (``repository init``
+among them), and the operator's
 commands that talk to the running agent's API (``backup``, ``jobs``, ``cancel``,
 ``status``).
 A configuration problem is one line on stderr and exit status 2, never a traceback.
@@ -47,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     _backup_verb(verbs, config_help)
     _control_verbs(verbs, config_help)
     _repository_verbs(verbs, config_help)
+    _repository_admin_verbs(verbs, config_help)
     return parser
 
 
@@ -117,6 +119,27 @@ def _repository_verbs(verbs: Any, config_help: str) -> None:
     vf.add_argument("domain", metavar="DOMAIN", help="domain name")
     vf.add_argument("--backup", metavar="ID", help="default: every backup of the domain")
     vf.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+
+
+def _repository_admin_verbs(verbs: Any, config_help: str) -> None:
+    """``repository init``: which repository this agent uses."""
+    repo = verbs.add_parser("repository", help="set up the backup repository this agent uses")
+    repo_verbs = repo.add_subparsers(dest="repository_verb", required=True, metavar="ACTION")
+    init = repo_verbs.add_parser(
+        "init",
+        help="make PATH this agent's repository: initialise it (missing or empty) or adopt "
+        "the repository there (its marker's id recorded in the state directory)",
+    )
+    init.add_argument(
+        "path", nargs="?", type=Path, metavar="PATH", help="default: the configured repository"
+    )
+    init.add_argument(
+        "--replace",
+        action="store_true",
+        help="use PATH's repository (or a new one) even though this agent uses another",
+    )
+    init.add_argument("--json", action="store_true", help="machine-readable output")
+    init.add_argument("--config", type=Path, metavar="FILE", help=config_help)
 
 
 def _control_verbs(verbs: Any, config_help: str) -> None:
@@ -190,6 +213,10 @@ def _dispatch(args: argparse.Namespace, config: AgentConfig) -> int:
         cli_chains.show_checkpoints(config, args.domain, args.json)
     elif args.verb == "reconcile":
         cli_chains.reconcile(config, args.domain)
+    elif args.verb == "repository":
+        from agent.cli import repository as cli_repository  # noqa: PLC0415
+
+        cli_repository.init(config, args.path, args.replace, args.json)
     elif args.ledger_verb == "export":
         cli_chains.export_chain(config, args.domain, args.output)
     else:

@@ -36,6 +36,7 @@ from agent.control.job_requests import (
 from agent.control.jobs import Jobs
 from agent.control.metrics import CONTENT_TYPE, Metrics, chain_length
 from agent.control.openapi import openapi_document
+from agent.core.blocking import Filesystem
 from agent.core.config import HttpSection
 from agent.core.errors import (
     AgentError,
@@ -265,11 +266,17 @@ async def _domains(request: web.Request) -> web.Response:
 
 
 async def _backups_of(repository: Repository, name: str) -> tuple[list[Manifest], str | None]:
-    """The domain's backups, or none and why: one bad manifest must not hide the host."""
+    """The domain's readable backups, and what is wrong in the repository (damaged
+    backups, or the directory unreadable): one bad file must not hide the host."""
     try:
-        return await repository.backups(name), None
+        listing = await repository.listing(name)
     except RepositoryError as exc:
         return [], str(exc)
+    if not listing.damaged:
+        return list(listing.manifests), None
+    first = listing.damaged[0]
+    problem = f"{len(listing.damaged)} damaged; first {first.backup_id}: {first.error}"
+    return list(listing.manifests), problem
 
 
 def _checkpoint_json(record: CheckpointRecord) -> dict[str, Any]:
@@ -298,12 +305,18 @@ async def _checkpoints(request: web.Request) -> web.Response:
 async def _backups(request: web.Request) -> web.Response:
     parts = _parts(request)
     name = parts.domains.name_of(_domain_param(request))
-    manifests = await parts.repository.backups(name)
-    if not manifests and not await _known(parts, name):
+    listing = await parts.repository.listing(name)
+    if not listing.manifests and not listing.damaged and not await _known(parts, name):
         raise ApiError(
             404, "domain-not-found", f"no domain {name!r} here, in the ledger or in the repository"
         )
-    return web.json_response({"domain": name, "backups": [m.summary() for m in manifests]})
+    return web.json_response(
+        {
+            "domain": name,
+            "backups": [m.summary() for m in listing.manifests],
+            "damaged": [d.to_json() for d in listing.damaged],
+        }
+    )
 
 
 async def _known(parts: ApiParts, name: str) -> bool:
@@ -340,7 +353,7 @@ async def _readyz(request: web.Request) -> web.Response:
         checks["state_store"] = "ok"
     except AgentError as exc:
         checks["state_store"] = str(exc)
-    checks["repository"] = await _writable(parts.repository.root)
+    checks["repository"] = await _writable(parts.repository)
     ready = all(v == "ok" for v in checks.values())
     body: dict[str, Any] = {"ready": ready, "checks": checks}
     # Said, not checked: jobs of every other domain run meanwhile, and a job of a domain
@@ -354,17 +367,31 @@ async def _readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
-async def _writable(directory: Path) -> str:
+async def _writable(repository: Repository) -> str:
+    """``"ok"`` if the repository answers, holds the repository this agent uses and a
+    file can be written in it, else what is wrong. A missing directory is never made
+    here (an unmounted repository's bare mount point must not become one): before the
+    first backup it is fine (that backup initialises it), once this agent records a
+    repository id the marker check says "is it mounted?". The probe runs on the
+    repository's own threads, single-flight: however many probes arrive while the
+    filesystem hangs, one thread waits on it (:mod:`agent.core.blocking`)."""
+    directory = repository.root
+
     def probe() -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f".readyz-{os.getpid()}"
-        path.write_bytes(b"ok")
-        path.unlink()
+        if directory.is_dir():
+            path = directory / f".readyz-{os.getpid()}"
+            path.write_bytes(b"ok")
+            path.unlink()
 
     try:
-        await asyncio.wait_for(asyncio.to_thread(probe), _READY_TIMEOUT)
-    except TimeoutError:
-        return f"{directory}: no answer within {_READY_TIMEOUT:g} s"
+        await Filesystem(directory, timeout=_READY_TIMEOUT).probe(
+            "readyz", probe, timeout=_READY_TIMEOUT
+        )
+        # It answers: now whether it is the repository this agent uses (a stat and two
+        # small reads; refused with "is it mounted?" if the marker is not there).
+        await repository.check_marker()
+    except RepositoryError as exc:  # FilesystemHungError, RepositoryMarkerError
+        return str(exc)
     except OSError as exc:
         return f"{directory}: {exc.strerror or exc}"
     return "ok"

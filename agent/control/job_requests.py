@@ -319,5 +319,18 @@ class JobSink(Protocol):
 
     def subscribe(self, listener: JobListener) -> Callable[[], None]:
         """Call ``listener`` (on the loop thread) with the job after each state change
-        (queued, running, succeeded, failed, cancelled); returns the unsubscribe call."""
+        (queued, running, succeeded, failed, cancelled); returns the unsubscribe call.
+        A finished job is passed on only after its end is in the outbox (if the store
+        could record it)."""
+        ...
+
+    async def unpublished_ends(self, limit: int) -> list[Job]:
+        """The outbox: up to ``limit`` finished jobs whose end is not published yet,
+        oldest first, including ends recorded before this process started (a job the
+        restart ended as ``agent-restarted``). Raises JobStoreError if unreadable."""
+        ...
+
+    async def end_published(self, job_id: str) -> None:
+        """The end of ``job_id`` was published and acknowledged: drop it from the outbox.
+        Raises JobStoreError if the store cannot be written (it is published again)."""
         ...

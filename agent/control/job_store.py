@@ -6,6 +6,14 @@ running are reported failed (``agent-restarted``) and queued ones run. Ids are u
 :meth:`JobStore.insert_or_get` returns the job already stored under an id, which is
 what makes a request submitted twice (an HTTP retry, a NATS redelivery) one job.
 
+Every job's end is also put in the store's *outbox*, in the transaction that records the
+finished state (succeeded, failed, cancelled, an ``agent-restarted`` failure included):
+the scheduler messages (:mod:`agent.control.messages`) publish what the outbox holds and
+remove an entry only once JetStream has acknowledged its event, so the end of a job is
+announced even when the agent died before it could publish it, or NATS was away. The
+outbox is bounded with the jobs: an entry goes when :meth:`JobStore.forget_finished`
+drops its job.
+
 The store also remembers, per local schedule, the last slot it handled.
 
 One file (``<state_dir>/jobs.sqlite``, WAL, ``synchronous=FULL``), one connection owned
@@ -28,36 +36,49 @@ from agent.core.sqlite import Cause, Failure, StoreThread, read_transaction, wri
 
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 1
-
-_SCHEMA: Final = (
-    """
-    CREATE TABLE jobs (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        id TEXT NOT NULL UNIQUE,
-        request TEXT NOT NULL,
-        fingerprint TEXT NOT NULL,
-        domain TEXT NOT NULL,
-        state TEXT NOT NULL
-            CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
-        source TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        progress_done INTEGER NOT NULL DEFAULT 0,
-        progress_total INTEGER NOT NULL DEFAULT 0,
-        backup_id TEXT,
-        disks TEXT NOT NULL DEFAULT '[]',
-        error_code TEXT,
-        error_message TEXT,
-        result TEXT NOT NULL DEFAULT '{}'
-    ) STRICT
-    """,
-    "CREATE INDEX jobs_by_state ON jobs (state)",
-    "CREATE INDEX jobs_by_domain ON jobs (domain)",
-    "CREATE TABLE schedule_slots (name TEXT PRIMARY KEY, last_slot REAL NOT NULL) STRICT",
-    "CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), probed_at REAL) STRICT",
+# MIGRATIONS[i] takes a file from schema version i to i + 1, inside one transaction.
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """
+        CREATE TABLE jobs (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            request TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            domain TEXT NOT NULL,
+            state TEXT NOT NULL
+                CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+            source TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            progress_done INTEGER NOT NULL DEFAULT 0,
+            progress_total INTEGER NOT NULL DEFAULT 0,
+            backup_id TEXT,
+            disks TEXT NOT NULL DEFAULT '[]',
+            error_code TEXT,
+            error_message TEXT,
+            result TEXT NOT NULL DEFAULT '{}'
+        ) STRICT
+        """,
+        "CREATE INDEX jobs_by_state ON jobs (state)",
+        "CREATE INDEX jobs_by_domain ON jobs (domain)",
+        "CREATE TABLE schedule_slots (name TEXT PRIMARY KEY, last_slot REAL NOT NULL) STRICT",
+        "CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), probed_at REAL) STRICT",
+    ),
+    (
+        # Jobs whose end is not published yet; oldest first by seq. Jobs that ended
+        # before this version are not added: their events went out (or not) back then.
+        """
+        CREATE TABLE outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            job_id TEXT NOT NULL UNIQUE,
+            queued_at REAL NOT NULL
+        ) STRICT
+        """,
+    ),
 )
+SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 _COLUMNS: Final = (
     "id, request, state, source, created_at, started_at, finished_at, progress_done,"
@@ -70,30 +91,36 @@ def _open_sync(path: Path, busy_timeout: float) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     try:
         version: int = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise JobStoreError(
-                f"job store {path}: schema version {version} is newer than this agent's "
-                f"({SCHEMA_VERSION}); refusing to touch it",
-                path=str(path),
-            )
+        _refuse_newer(version, path)
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = FULL")
         if version < SCHEMA_VERSION:
-
-            def create() -> None:
-                if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-                    raise JobStoreError(
-                        f"{path} is an SQLite database but not a job store", path=str(path)
-                    )
-                for statement in _SCHEMA:
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-            write_transaction(db, create)
+            write_transaction(db, lambda: _migrate(db, path))
     except BaseException:
         db.close()
         raise
     return db
+
+
+def _refuse_newer(version: int, path: Path) -> None:
+    if version > SCHEMA_VERSION:
+        raise JobStoreError(
+            f"job store {path}: schema version {version} is newer than this agent's "
+            f"({SCHEMA_VERSION}); refusing to touch it",
+            path=str(path),
+        )
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    # Read again under the write lock: another process may have migrated meanwhile.
+    current: int = db.execute("PRAGMA user_version").fetchone()[0]
+    _refuse_newer(current, path)
+    if current == 0 and db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+        raise JobStoreError(f"{path} is an SQLite database but not a job store", path=str(path))
+    for version in range(current, SCHEMA_VERSION):
+        for statement in MIGRATIONS[version]:
+            db.execute(statement)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _row(job: Job) -> tuple[Any, ...]:
@@ -139,6 +166,21 @@ def _select(db: sqlite3.Connection, where: str = "", params: Sequence[Any] = ())
     return [_job(row) for row in db.execute(sql, params)]
 
 
+def _to_outbox(db: sqlite3.Connection, job: Job) -> None:
+    """Queue ``job``'s end for publishing (in the caller's transaction), once per job."""
+    sql = "INSERT OR IGNORE INTO outbox (job_id, queued_at) VALUES (?, ?)"
+    db.execute(sql, (job.id, job.finished_at if job.finished_at is not None else time.time()))
+
+
+def _unpublished(db: sqlite3.Connection, limit: int) -> list[Job]:
+    columns = ", ".join(f"jobs.{c.strip()}" for c in _COLUMNS.split(","))
+    sql = (
+        f"SELECT {columns} FROM outbox JOIN jobs ON jobs.id = outbox.job_id "
+        f"ORDER BY outbox.seq LIMIT {int(limit)}"
+    )
+    return [_job(row) for row in db.execute(sql)]
+
+
 def _insert_or_get(db: sqlite3.Connection, job: Job) -> tuple[Job, bool]:
     found = _select(db, "WHERE id = ?", (job.id,))
     if found:
@@ -154,15 +196,22 @@ def _insert_or_get(db: sqlite3.Connection, job: Job) -> tuple[Job, bool]:
         f"INSERT INTO jobs ({_COLUMNS}, fingerprint, domain) VALUES ({placeholders}, ?, ?)",
         (*_row(job), job.request.fingerprint(), job.domain),
     )
+    if job.state.finished:
+        _to_outbox(db, job)
     return job, True
 
 
 def _update(db: sqlite3.Connection, job: Job) -> None:
+    found = db.execute("SELECT state FROM jobs WHERE id = ?", (job.id,)).fetchone()
+    if found is None:
+        raise JobStoreError(f"job {job.id} is not in the store")
     columns = _COLUMNS.replace(" ", "").split(",")[1:]
     sets = ", ".join(f"{c} = ?" for c in columns)
-    cursor = db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*_row(job)[1:], job.id))
-    if cursor.rowcount != 1:
-        raise JobStoreError(f"job {job.id} is not in the store")
+    db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*_row(job)[1:], job.id))
+    # Only the step into a finished state is an end to announce (a finished job is
+    # never rewritten by the runner, but a second write must not announce it twice).
+    if job.state.finished and not JobState(found[0]).finished:
+        _to_outbox(db, job)
 
 
 class JobStore:
@@ -240,14 +289,34 @@ class JobStore:
         )
 
     async def forget_finished(self, before: float) -> int:
-        """Drop finished jobs that ended before ``before``; how many."""
+        """Drop finished jobs that ended before ``before``, and their outbox entries
+        (published or not: the outbox is bounded like the jobs); how many jobs."""
 
         def body(db: sqlite3.Connection) -> int:
             sql = "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') "
-            return db.execute(sql + "AND finished_at < ?", (before,)).rowcount
+            dropped = db.execute(sql + "AND finished_at < ?", (before,)).rowcount
+            db.execute("DELETE FROM outbox WHERE job_id NOT IN (SELECT id FROM jobs)")
+            return dropped
 
         return await self._call(
             "forget old jobs", lambda db: write_transaction(db, lambda: body(db))
+        )
+
+    # --- the outbox of job ends ---
+
+    async def unpublished(self, limit: int = 100) -> list[Job]:
+        """Finished jobs whose end is not published yet, in the order they ended."""
+        return await self._call(
+            "read unpublished job ends",
+            lambda db: read_transaction(db, lambda: _unpublished(db, limit)),
+        )
+
+    async def mark_published(self, job_id: str) -> None:
+        """``job_id``'s end was published (JetStream acknowledged it): out of the outbox."""
+        sql = "DELETE FROM outbox WHERE job_id = ?"
+        await self._call(
+            "mark a job end published",
+            lambda db: write_transaction(db, lambda: db.execute(sql, (job_id,))),
         )
 
     # --- schedules (agent.control.schedules.ScheduleStore) ---

@@ -13,9 +13,10 @@ What a job *does* is not here: each kind has a runner in :mod:`handlers.job_kind
 
 Life cycle: :meth:`Jobs.start` (after the agent is connected and has undone what a
 killed agent left behind) reports jobs the store says were running as failed with
-``agent-restarted`` and runs the queued ones; :meth:`Jobs.stop` stops taking jobs, lets
-running ones finish within a grace period, then cancels them (each runner undoes its
-work on cancellation). Queued jobs stay queued for the next start.
+``agent-restarted`` (their ends go into the store's outbox, to be published to the
+scheduler whenever NATS is reachable) and runs the queued ones; :meth:`Jobs.stop` stops
+taking jobs, lets running ones finish within a grace period, then cancels them (each
+runner undoes its work on cancellation). Queued jobs stay queued for the next start.
 """
 
 from __future__ import annotations
@@ -44,11 +45,14 @@ from agent.core.errors import (
     BackupNotFoundError,
     DestinationExistsError,
     DomainNotFoundError,
+    FilesystemHungError,
     JobConflictError,
     JobError,
     JobNotFoundError,
     JobsClosedError,
     NotConnectedError,
+    RepositoryMarkerError,
+    RepositoryReadOnlyError,
     RepositorySpaceError,
 )
 from agent.core.logs import get_logger
@@ -92,6 +96,9 @@ def error_code(exc: BaseException) -> str:
         return exc.code
     codes: list[tuple[type[BaseException], str]] = [
         (RepositorySpaceError, "no-space"),
+        (RepositoryMarkerError, "repository-unavailable"),
+        (RepositoryReadOnlyError, "repository-read-only"),
+        (FilesystemHungError, "filesystem-hung"),
         (BackupNotFoundError, "backup-not-found"),
         (DestinationExistsError, "exists"),
         (DomainNotFoundError, "domain-not-found"),
@@ -146,6 +153,12 @@ class Jobs:
                 listener(job)
             except Exception:
                 log.exception("a job listener failed", job=job.id)
+
+    async def unpublished_ends(self, limit: int) -> list[Job]:
+        return await self.store.unpublished(limit)
+
+    async def end_published(self, job_id: str) -> None:
+        await self.store.mark_published(job_id)
 
     @property
     def accepting(self) -> bool:
@@ -240,7 +253,7 @@ class Jobs:
                         now,
                         error_code=AGENT_RESTARTED,
                         error_message="the agent stopped while the job ran; its libvirt job and "
-                        "partial files were cleaned up at start",
+                        "partial files are cleaned up by the agent's start-up recovery",
                     )
                 )
             else:
@@ -419,7 +432,8 @@ class Jobs:
             await self.store.update(done)
         except Exception as exc:
             # The job stays "running" in the store: at the next start it is reported as
-            # agent-restarted, which is the truth as far as anyone can tell.
+            # agent-restarted, which is the truth as far as anyone can tell. Its end is
+            # published then (the outbox has no entry now): events follow the store.
             log.error("could not record the end of a job", job=job.id, error=str(exc))
         log.info("job ended", job=job.id, state=state.value, code=code, message=message)
         self._notify(done)

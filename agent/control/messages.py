@@ -24,14 +24,41 @@ Delivery guarantees
     one each time it is submitted, so the scheduler must set ``id`` for this to hold.)
 
     Requests that can never succeed (not JSON, invalid fields, an id reused for a
-    different request) are acknowledged at once and answered with a
-    ``request-rejected`` event: redelivering them would only repeat the refusal.
-    Requests the agent cannot take *now* (stopping, job store failing) are ``nak``-ed
-    with a delay and come back later.
+    different request) are answered with a ``request-rejected`` event and acknowledged
+    once JetStream has stored that event (if it cannot, the request is ``nak``-ed and
+    comes back): redelivering them would only repeat the refusal. Requests the agent
+    cannot take *now* (stopping, job store failing) are ``nak``-ed with a delay and
+    come back later.
 
-    Events are best effort: they are queued in memory (bounded; the oldest is dropped
-    when full) and published with a timeout; a failed publish is logged, not retried.
-    The job store, not the event stream, is the record of a job.
+    The end of every job (succeeded, failed, cancelled; of any source, not only of
+    NATS requests) is published at least once. The job store records it in its outbox
+    in the same transaction as the job's finished state (:mod:`agent.control.job_store`);
+    an entry leaves the outbox only once JetStream has acknowledged its event. The
+    outbox is published at the start of every session and after every reconnection
+    (once the stream is ensured), whenever a job ends, and every
+    :data:`OUTBOX_RECHECK` seconds; a failed publish is tried again with back-off. So a
+    job the agent was killed in, reported ``agent-restarted`` by the next start, is
+    announced as soon as NATS is reachable, however long that takes (up to ``[jobs]
+    keep_finished_days``: an entry goes with its job). Every event carries the header
+    ``Nats-Msg-Id: <host>:<job id>:<state>``: JetStream drops a second copy published
+    within the stream's duplicate window (two minutes by default), e.g. after a crash
+    between the acknowledgement and the outbox's update; later copies reach the
+    scheduler, which must take an end it has seen as a no-op.
+
+    The other job events (queued, running) are best effort: they are queued in memory
+    (bounded; the oldest is dropped when full) and published with a timeout; a failed
+    publish is logged, not retried. The job store, not the event stream, is the record
+    of a job.
+
+Stream set-up
+    Adding our subjects to an existing stream is a read-modify-write (JetStream has no
+    conditional update), so agents starting at the same moment can overwrite each
+    other's subjects, and two can try to create the stream at once. After any change
+    the agent waits a random moment (:data:`STREAM_SETTLE`), reads the subjects again
+    and adds what is missing again, up to :data:`STREAM_ATTEMPTS` rounds; a stream
+    another agent created first ("stream name already in use") is read and updated.
+    While consuming it checks every :data:`STREAM_CHECK_INTERVAL` seconds that its
+    subjects are still stored, and sets them up again if not.
 
 Connection
     nats-py reconnects by itself once connected; the first connection (and a session
@@ -46,7 +73,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import re
+import time
 from pathlib import Path
 from typing import Any, Final
 
@@ -55,7 +84,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
 from agent.control.job_requests import MAX_REQUEST_BYTES, Job, JobSink, parse_request
 from agent.core.config import NatsSection
@@ -86,6 +115,22 @@ RETRY_FIRST_DELAY: Final = 1.0
 RETRY_MAX_DELAY: Final = 30.0
 EVENT_QUEUE_SIZE: Final = 10_000
 PUBLISH_TIMEOUT: Final = 5.0
+#: Job ends read from the outbox at a time.
+OUTBOX_BATCH: Final = 100
+#: Seconds between looks at the outbox when nothing woke the publisher.
+OUTBOX_RECHECK: Final = 30.0
+#: Back-off of a failed outbox publish, in seconds.
+OUTBOX_RETRY_FIRST: Final = 1.0
+OUTBOX_RETRY_MAX: Final = 30.0
+#: Rounds of adding our subjects to the stream before the session fails (and is retried).
+STREAM_ATTEMPTS: Final = 10
+#: Random pause (seconds) after changing the stream, before reading it back.
+STREAM_SETTLE: Final = (0.1, 0.4)
+#: Seconds between checks, while consuming, that the stream still holds our subjects.
+STREAM_CHECK_INTERVAL: Final = 60.0
+#: JetStream's error code for add_stream on a name taken with another configuration.
+STREAM_NAME_IN_USE: Final = 10058
+MSG_ID: Final = "Nats-Msg-Id"
 CLOSE_TIMEOUT: Final = 5.0
 # nats-py's default (two missed pings, two minutes apart) notices a silently dead server
 # only after four minutes; three missed pings 20 s apart take one.
@@ -127,7 +172,9 @@ class SchedulerMessages:
         self.events_subject: Final = f"{settings.subject_prefix}.{token}.events"
         self.consumer_name: Final = f"agent-{token}"
         self._nc: Client | None = None
-        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=EVENT_QUEUE_SIZE)
+        # None: "look at the outbox", queued where a job ended so events stay in order.
+        self._events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=EVENT_QUEUE_SIZE)
+        self._token = token
         self._overflow_logged = False
         self._received = 0
         self._rejected = 0
@@ -189,18 +236,25 @@ class SchedulerMessages:
         try:
             js = nc.jetstream()
             sub = await self._subscribe(js)
+            # The publisher starts with the outbox: ends recorded while no session ran.
             publisher = asyncio.create_task(self._publish_events(js), name="nats-events")
             log.info("consuming job requests", subject=self.jobs_subject)
             consuming.set()
             if ready is not None:
                 ready.set()
+            next_check = time.monotonic() + STREAM_CHECK_INTERVAL
             while True:
-                if reconnected.is_set():
+                lost = False
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + STREAM_CHECK_INTERVAL
+                    lost = not await self._subjects_stored(js)
+                if reconnected.is_set() or lost:
                     reconnected.clear()
                     with contextlib.suppress(nats.errors.Error):
                         await sub.unsubscribe()
                     sub = await self._subscribe(js)
-                await self._consume_batch(sub)
+                    self._enqueue(None)  # the stream is there again: publish the outbox
+                await self._consume_batch(js, sub)
         finally:
             self._nc = None
             if publisher is not None:
@@ -299,8 +353,27 @@ class SchedulerMessages:
 
         A subject already covered by some stream (e.g. one the scheduler made for
         ``<prefix>.>``) stays there; the others go into ``settings.stream``, which is
-        created if it does not exist.
+        created if it does not exist. Safe against other agents doing the same at the
+        same moment (see "Stream set-up" in the module docstring).
         """
+        name = self._settings.stream
+        missing: list[str] = []
+        for _ in range(STREAM_ATTEMPTS):
+            owners, missing = await self._owners(js)
+            if not missing:
+                return owners[self.jobs_subject]
+            await self._add_subjects(js, name, missing)
+            # An agent that read the stream before our change may still write its old
+            # subjects back: look again once such a write has had time to land.
+            await asyncio.sleep(random.uniform(*STREAM_SETTLE))
+        raise MessagingError(
+            f"the subjects {', '.join(missing)} are still missing from the JetStream stream "
+            f"{name} after {STREAM_ATTEMPTS} attempts to add them (other agents changing it "
+            "at the same moment?); retrying the set-up"
+        )
+
+    async def _owners(self, js: JetStreamContext) -> tuple[dict[str, str], list[str]]:
+        """Which stream stores each of our subjects, and the subjects none stores."""
         owners: dict[str, str] = {}
         missing: list[str] = []
         for subject in (self.jobs_subject, self.events_subject):
@@ -308,38 +381,63 @@ class SchedulerMessages:
                 owners[subject] = await js.find_stream_name_by_subject(subject)
             except nats.js.errors.NotFoundError:
                 missing.append(subject)
-        name = self._settings.stream
-        if missing:
+        return owners, missing
+
+    async def _add_subjects(self, js: JetStreamContext, name: str, missing: list[str]) -> None:
+        """One read-modify-write of the stream ``name``: create it, or add ``missing``."""
+        try:
+            info = await js.stream_info(name)
+        except nats.js.errors.NotFoundError:
             try:
-                info = await js.stream_info(name)
-            except nats.js.errors.NotFoundError:
                 # Kept a week: well within the job store's memory of finished jobs
                 # ([jobs] keep_finished_days), so a replayed request with an id is
                 # recognised as the job it already was.
                 await js.add_stream(name=name, subjects=missing, max_age=STREAM_MAX_AGE)
-                log.info("stream created", stream=name, subjects=missing)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != STREAM_NAME_IN_USE:
+                    raise
+                # Another agent created it first, with its own subjects: the next round
+                # reads it and adds ours.
+                log.info("stream created by another agent meanwhile", stream=name)
             else:
-                subjects = [*(info.config.subjects or []), *missing]
-                await js.update_stream(info.config.evolve(subjects=subjects))
-                log.info("stream subjects added", stream=name, subjects=missing)
-        return owners.get(self.jobs_subject, name)
+                log.info("stream created", stream=name, subjects=missing)
+            return
+        subjects = list(info.config.subjects or [])
+        subjects += [s for s in missing if s not in subjects]
+        await js.update_stream(info.config.evolve(subjects=subjects))
+        log.info("stream subjects added", stream=name, subjects=missing)
 
-    async def _consume_batch(self, sub: JetStreamContext.PullSubscription) -> None:
+    async def _subjects_stored(self, js: JetStreamContext) -> bool:
+        """False if some stream no longer stores one of our subjects (overwritten by a
+        racing agent, or the server lost its store without us reconnecting)."""
+        try:
+            _, missing = await self._owners(js)
+        except nats.errors.Error as exc:
+            # A slow or away server says nothing about the subjects; look again later.
+            log.info("cannot check the stream's subjects", error=str(exc) or type(exc).__name__)
+            return True
+        if missing:
+            log.warning("our subjects are missing from the stream; adding them", subjects=missing)
+        return not missing
+
+    async def _consume_batch(
+        self, js: JetStreamContext, sub: JetStreamContext.PullSubscription
+    ) -> None:
         try:
             msgs = await sub.fetch(batch=FETCH_BATCH, timeout=FETCH_TIMEOUT)
         except nats.errors.TimeoutError:
             return  # no requests waiting
         for msg in msgs:
-            await self._handle(msg)
+            await self._handle(js, msg)
 
-    async def _handle(self, msg: Msg) -> None:
+    async def _handle(self, js: JetStreamContext, msg: Msg) -> None:
         """Submit one request; ack once it is recorded, reject or nak otherwise."""
         self._received += 1
         try:
             request = parse_request(msg.data)
             job, created = await self._jobs.submit(request, source="nats")
         except (RequestError, JobConflictError) as exc:
-            await self._reject(msg, exc)
+            await self._reject(js, msg, exc)
             return
         except Exception as exc:  # JobsClosedError, JobStoreError, or a bug: try later
             attempts = _delivered(msg)
@@ -349,7 +447,7 @@ class SchedulerMessages:
                     f"the request could not be recorded after {attempts} attempts: {exc}",
                     code="undeliverable",
                 )
-                await self._reject(msg, failed)
+                await self._reject(js, msg, failed)
                 return
             log.warning(
                 "request not taken now, redelivery requested",
@@ -368,8 +466,7 @@ class SchedulerMessages:
         self._faults("nats:before-ack")
         await self._settle(msg, "ack")
 
-    async def _reject(self, msg: Msg, exc: JobError) -> None:
-        self._rejected += 1
+    async def _reject(self, js: JetStreamContext, msg: Msg, exc: JobError) -> None:
         field = exc.field if isinstance(exc, RequestError) else None
         request_id = _request_id(msg.data)
         stream_seq = _stream_seq(msg)
@@ -381,15 +478,26 @@ class SchedulerMessages:
             request_id=request_id,
             stream_seq=stream_seq,
         )
-        self._enqueue(
-            {
-                "type": "request-rejected",
-                "host": self._host_id,
-                "error": {"code": exc.code, "message": str(exc), "field": field},
-                "request_id": request_id,
-                "stream_seq": stream_seq,
-            }
-        )
+        event = {
+            "type": "request-rejected",
+            "host": self._host_id,
+            "error": {"code": exc.code, "message": str(exc), "field": field},
+            "request_id": request_id,
+            "stream_seq": stream_seq,
+        }
+        # The refusal is the request's only answer: acknowledged once it is stored.
+        msg_id = None if stream_seq is None else f"{self._token}:request-{stream_seq}:rejected"
+        try:
+            await self._publish(js, event, msg_id)
+        except Exception as error:
+            log.warning(
+                "refusal not published; redelivery requested",
+                stream_seq=stream_seq,
+                error=str(error) or type(error).__name__,
+            )
+            await self._settle(msg, "nak")
+            return
+        self._rejected += 1
         await self._settle(msg, "ack")
 
     async def _settle(self, msg: Msg, how: str) -> None:
@@ -407,14 +515,19 @@ class SchedulerMessages:
     def _on_job(self, job: Job) -> None:
         # A JobSink listener: called on the loop thread, must neither block nor raise.
         try:
-            self._enqueue({"type": "job", "host": self._host_id, "job": job.to_json()})
+            # A finished job's end is in the outbox already: the publisher reads it from
+            # there, after the events queued before it.
+            self._enqueue(None if job.state.finished else self._job_event(job))
         except Exception:
             log.exception("cannot queue job event", job=job.id)
 
-    def _enqueue(self, event: dict[str, Any]) -> None:
+    def _job_event(self, job: Job) -> dict[str, Any]:
+        return {"type": "job", "host": self._host_id, "job": job.to_json()}
+
+    def _enqueue(self, event: dict[str, Any] | None) -> None:
         if self._events.full():
             with contextlib.suppress(asyncio.QueueEmpty):
-                self._events.get_nowait()
+                self._events.get_nowait()  # a dropped None is made up by OUTBOX_RECHECK
             self._events_dropped += 1
             if not self._overflow_logged:
                 self._overflow_logged = True
@@ -422,19 +535,83 @@ class SchedulerMessages:
         self._events.put_nowait(event)
 
     async def _publish_events(self, js: JetStreamContext) -> None:
+        """The session's publisher: the outbox first, then events as they come, the
+        outbox again whenever a job ended and every OUTBOX_RECHECK seconds; after a
+        failure, again with back-off (not at every event) until it is empty."""
+        outbox_due = True
+        retry_at = 0.0  # monotonic time before which a failed outbox is not tried again
+        delay = OUTBOX_RETRY_FIRST
         while True:
-            event = await self._events.get()
+            if outbox_due and time.monotonic() >= retry_at:
+                if await self._publish_outbox(js):
+                    outbox_due, delay = False, OUTBOX_RETRY_FIRST
+                else:
+                    retry_at = time.monotonic() + delay
+                    delay = min(delay * 2, OUTBOX_RETRY_MAX)
+            wait = max(0.0, retry_at - time.monotonic()) if outbox_due else OUTBOX_RECHECK
             try:
-                payload = json.dumps(event).encode()
-                await js.publish(self.events_subject, payload, timeout=PUBLISH_TIMEOUT)
-            except Exception as exc:  # a publisher that died would silence every event
-                log.warning(
-                    "event not published",
-                    type=event.get("type"),
-                    error=str(exc) or type(exc).__name__,
-                )
+                event = await asyncio.wait_for(self._events.get(), wait)
+            except TimeoutError:
+                outbox_due = True
+                continue
+            if event is None:
+                outbox_due = True
+            else:
+                await self._publish_best_effort(js, event)
             if self._events.empty():
                 self._overflow_logged = False
+
+    async def _publish_outbox(self, js: JetStreamContext) -> bool:
+        """Publish every unpublished job end the store holds; False if one failed."""
+        while True:
+            try:
+                ends = await self._jobs.unpublished_ends(OUTBOX_BATCH)
+            except Exception as exc:  # the store failing: try again later
+                log.warning("cannot read the job ends to publish", error=str(exc))
+                return False
+            for job in ends:
+                try:
+                    ack = await self._publish(js, self._job_event(job), self._msg_id(job))
+                    await self._jobs.end_published(job.id)
+                except Exception as exc:  # kept in the outbox, published again later
+                    log.warning(
+                        "job end not published yet; will retry",
+                        job=job.id,
+                        state=job.state.value,
+                        error=str(exc) or type(exc).__name__,
+                    )
+                    return False
+                log.info("job end published", job=job.id, state=job.state.value, dup=ack.duplicate)
+            if len(ends) < OUTBOX_BATCH:
+                return True
+
+    async def _publish_best_effort(self, js: JetStreamContext, event: dict[str, Any]) -> None:
+        job = event.get("job")
+        msg_id = None
+        if isinstance(job, dict):
+            msg_id = f"{self._token}:{job.get('id')}:{job.get('state')}"
+        try:
+            await self._publish(js, event, msg_id)
+        except Exception as exc:  # a publisher that died would silence every event
+            log.warning(
+                "event not published",
+                type=event.get("type"),
+                error=str(exc) or type(exc).__name__,
+            )
+
+    async def _publish(
+        self, js: JetStreamContext, event: dict[str, Any], msg_id: str | None
+    ) -> PubAck:
+        """Publish ``event`` on the events subject; returns once JetStream stored it."""
+        payload = json.dumps(event).encode()
+        headers = None if msg_id is None else {MSG_ID: msg_id}
+        return await js.publish(
+            self.events_subject, payload, timeout=PUBLISH_TIMEOUT, headers=headers
+        )
+
+    def _msg_id(self, job: Job) -> str:
+        """The event's ``Nats-Msg-Id``: one per job and state, so copies are dropped."""
+        return f"{self._token}:{job.id}:{job.state.value}"
 
 
 async def _close(nc: Client) -> None:

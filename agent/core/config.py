@@ -268,6 +268,11 @@ class RepositorySection(BaseModel):
     path: Annotated[str, AfterValidator(_empty_or_absolute)] = Field(
         default="", description="Backup repository directory; empty means <state_dir>/repository."
     )
+    io_timeout: Seconds = Field(
+        default=120.0,
+        description="Seconds one filesystem call on the repository or the scratch directory "
+        "may take (a hung network mount) before the job fails.",
+    )
 
 
 class CheckpointsSection(BaseModel):

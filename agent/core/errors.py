@@ -27,6 +27,9 @@ need to know which library failed, and the original stays in ``__cause__``.
     │   └── NbdTimeoutError        no reply in time (dead: the request's fate is unknown)
     ├── RepositoryError            the backup repository could not be read or written
     │   ├── RepositorySpaceError   not enough room for the worst case
+    │   ├── RepositoryMarkerError  the path is not the repository this agent uses (not mounted?)
+    │   ├── RepositoryReadOnlyError  the repository's filesystem is read-only
+    │   ├── FilesystemHungError    a filesystem call (repository, scratch) did not answer in time
     │   └── BackupNotFoundError    no such backup in the repository
     ├── BackupError                a backup job failed; ``code`` is machine-readable
     ├── JobError                   a job could not be submitted, found or changed; ``code``
@@ -188,7 +191,42 @@ class RepositoryError(AgentError):
 
 
 class RepositorySpaceError(RepositoryError):
-    """Not enough free space for the worst case of a backup; nothing was started."""
+    """Not enough free space for the worst case of a backup; nothing was started.
+    ``needed``, ``free`` and ``held`` (by running jobs) are bytes, when measured."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        needed: int | None = None,
+        free: int | None = None,
+        held: int | None = None,
+    ):
+        super().__init__(message, path=path)
+        self.needed = needed
+        self.free = free
+        self.held = held
+
+
+class RepositoryMarkerError(RepositoryError):
+    """The repository path does not hold the repository this agent uses: no marker (not
+    mounted?), another repository's marker, or not a repository at all. Nothing was
+    written; the message says what to mount or run."""
+
+
+class RepositoryReadOnlyError(RepositoryError):
+    """The repository's filesystem is mounted read-only; nothing was written."""
+
+
+class FilesystemHungError(RepositoryError):
+    """A call on the filesystem of ``path`` did not answer within ``[repository]
+    io_timeout`` (a hung network mount), or one is still running past it; ``seconds``
+    says how long it has been waiting. Its thread may still finish the call later."""
+
+    def __init__(self, message: str, *, path: str | None = None, seconds: float = 0.0):
+        super().__init__(message, path=path)
+        self.seconds = seconds
 
 
 class BackupNotFoundError(RepositoryError):

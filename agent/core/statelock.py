@@ -16,6 +16,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from agent.core.durable import make_dir_durably
 from agent.core.errors import AgentError
 
 
@@ -24,7 +25,9 @@ class StateDirectoryBusyError(AgentError):
 
 
 def _acquire(path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # The first thing made in a new state directory: its entry must survive a crash,
+    # or the ledger and the intents made in it next would vanish with it.
+    make_dir_durably(path.parent, mode=0o777)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -174,7 +174,20 @@ async def _clean_up(remove: Callable[[Path], None], path: Path, timeout: float) 
 def _read_manifest(directory: Path) -> Manifest:
     path = directory / MANIFEST_FILE
     with _os_errors("cannot read", path):
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+    return _parse_manifest(data, directory)
+
+
+def _parse_manifest(data: bytes, directory: Path) -> Manifest:
+    """The manifest of the backup in ``directory``, from its file's bytes."""
+    path = directory / MANIFEST_FILE
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # garbage: say so, as of any other non-JSON
+        raise RepositoryError(
+            f"manifest {path}: not JSON: not UTF-8 text (byte {exc.start} of {len(data)})",
+            path=str(path),
+        ) from exc
     manifest = Manifest.from_json(text, path=str(path))
     if manifest.backup_id != directory.name:
         raise RepositoryError(
@@ -186,6 +199,12 @@ def _read_manifest(directory: Path) -> Manifest:
 
 def _read_backup(directory: Path, domain: str) -> Manifest:
     if not (directory / MANIFEST_FILE).is_file():
+        if directory.is_dir():  # published once: its manifest went missing since
+            raise BackupNotFoundError(
+                f"backup {directory.name} of {domain} is damaged: {directory / MANIFEST_FILE} "
+                f"is missing (`backup-agent backups {domain}` lists what is damaged)",
+                path=str(directory / MANIFEST_FILE),
+            )
         raise BackupNotFoundError(
             f"no backup {directory.name} of {domain} in {directory.parent}", path=str(directory)
         )
@@ -204,20 +223,6 @@ def _backup_ids(backups_dir: Path) -> list[str]:
 
 def _has_backups(backups_dir: Path) -> bool:
     return bool(_backup_ids(backups_dir))
-
-
-def _read_backups(backups_dir: Path) -> list[Manifest]:
-    manifests = [_read_manifest(backups_dir / n) for n in _backup_ids(backups_dir)]
-    return sorted(manifests, key=lambda m: (m.created_at, m.backup_id))
-
-
-def _read_latest(backups_dir: Path) -> Manifest | None:
-    names = _backup_ids(backups_dir)
-    if not names:
-        return None
-    second = max(n.split("-", 1)[0] for n in names)
-    newest = [_read_manifest(backups_dir / n) for n in names if n.startswith(second + "-")]
-    return max(newest, key=lambda m: (m.created_at, m.backup_id))
 
 
 def _domain_names(root: Path) -> list[str]:

@@ -6,6 +6,10 @@ which still point at it by the same path, restore exactly as before. The steps, 
 crash at any point is safe (the next ``apply_retention`` or ``cleanup_staging`` finishes
 the job from the intent):
 
+0. a domain with a damaged backup (:mod:`.listing`: a manifest that does not read, a
+   chain that reads one or misses an image) is refused, also an interrupted retention's
+   redo: nothing is merged or dropped next to damage an operator may still repair
+   (logged; the repository's listing names it). Unfinished, every backup still restores.
 1. verify the backups involved (:func:`plan`): corrupt data is never baked into a new base.
 2. write ``retention.json`` (the ids to drop) atomically. Before it nothing has changed.
 3. per kept backup that depends on a dropped one, per such disk: convert into
@@ -26,12 +30,15 @@ them, where a test makes the agent crash.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, TypeVar
 
+from agent.core.blocking import Filesystem
 from agent.core.errors import RepositoryError
 from agent.core.faults import Faults
 from agent.repository.layers import QemuImg
@@ -41,7 +48,6 @@ from agent.repository.layout import (
     _fresh_dir,
     _fsync,
     _os_errors,
-    _read_backups,
     _remove_durably,
     _remove_tree,
     _rename_away,
@@ -49,6 +55,7 @@ from agent.repository.layout import (
     _round_trip,
     _write_durably,
 )
+from agent.repository.listing import read_listing
 from agent.repository.manifest import (
     BACKING_RE,
     BACKUP_ID_RE,
@@ -57,6 +64,8 @@ from agent.repository.manifest import (
     Manifest,
 )
 from agent.repository.verify import LayerInfoReader
+
+_T = TypeVar("_T")
 
 INTENT_FORMAT: Final = "libvirt-backup-agent/retention"
 INTENT_VERSION: Final = 1
@@ -83,8 +92,15 @@ class Retention:
         qemu: QemuImg,
         layer_info: LayerInfoReader,
         faults: Faults,
+        reserve: Callable[[int], AbstractAsyncContextManager[None]] | None = None,
+        fs: Filesystem | None = None,
     ):
         self._backups_dir = backups_dir
+        # Space for the merge copies, held against the other jobs' (agent.core.space).
+        self._reserve = reserve if reserve is not None else _nothing_reserved
+        # The repository's bounded calls (agent.core.blocking): a hung mount fails the
+        # step after io_timeout (redone from the intent later) instead of hanging.
+        self._fs = fs
         self._intent = intent
         self._qemu = qemu
         self._layer_info = layer_info
@@ -93,28 +109,40 @@ class Retention:
     async def run(self, drop: Sequence[str]) -> None:
         """Steps 3-6; idempotent, so a redo after a crash at any point finishes the job."""
         backups_dir = self._backups_dir
-        manifests = await asyncio.to_thread(_read_backups, backups_dir)
+        listing = await self._io("read manifests", read_listing, backups_dir)
+        if listing.damaged:  # (the repository checks first, and says so; see its docstring)
+            first = listing.damaged[0]
+            raise RepositoryError(
+                f"retention refused: backup {first.backup_id} is damaged ({first.error}); "
+                "repair or remove it first",
+                path=str(first.path),
+            )
+        manifests = listing.manifests
         by_id = {m.backup_id: m for m in manifests}
         dropped = set(drop)
-        for manifest in manifests:
-            if manifest.backup_id not in dropped and _depends_on(manifest, dropped):
+        merges = [m for m in manifests if m.backup_id not in dropped and _depends_on(m, dropped)]
+        # Each merged image is a whole copy of its disk, at most its virtual size; the
+        # dropped backups' space comes back only at the end.
+        need = sum(d.virtual_size for m in merges for d in m.disks if _backing_id(d) in dropped)
+        async with self._reserve(need):
+            for manifest in merges:
                 await self._merge_backup(manifest, by_id, drop)
         # Newest first: a dropped backup still listed after a crash keeps its whole chain
         # (only older backups), so every listed backup restores at every moment.
         for backup_id in reversed(drop):
             tomb = backups_dir / f"{DROPPED_PREFIX}{backup_id}"
-            await asyncio.to_thread(_rename_away, backups_dir / backup_id, tomb)
+            await self._io("drop a backup", _rename_away, backups_dir / backup_id, tomb)
             self._faults(f"retention:dropped:{backup_id}")
-            await asyncio.to_thread(_remove_tree, tomb)
+            await self._io("delete a dropped backup", _remove_tree, tomb)
             self._faults(f"retention:deleted:{backup_id}")
-        await asyncio.to_thread(_remove_durably, self._intent)
+        await self._io("remove the retention intent", _remove_durably, self._intent)
 
     async def _merge_backup(
         self, manifest: Manifest, by_id: dict[str, Manifest], drop: Sequence[str]
     ) -> None:
         directory = self._backups_dir / manifest.backup_id
         merge_dir = self._backups_dir / f"{MERGE_PREFIX}{manifest.backup_id}"
-        await asyncio.to_thread(_fresh_dir, merge_dir)
+        await self._io("make the merge directory", _fresh_dir, merge_dir)
         disks = []
         for disk in manifest.disks:
             if _backing_id(disk) not in drop:
@@ -131,7 +159,7 @@ class Retention:
             disks=tuple(disks),
             merged_from=_merged_from(manifest, by_id, drop),
         )
-        await asyncio.to_thread(_replace_manifest, merge_dir, directory, merged)
+        await self._io("replace a manifest", _replace_manifest, merge_dir, directory, merged)
         self._faults(f"retention:manifest-replaced:{manifest.backup_id}")
 
     async def _merge_image(
@@ -145,8 +173,18 @@ class Retention:
         await self._qemu.run(compare, live, long=True)
         await asyncio.to_thread(_fsync, merged)
         self._faults(f"retention:merged:{backup_id}:{disk.target}")
-        await asyncio.to_thread(_replace_file, merged, live)
+        await self._io("replace a merged image", _replace_file, merged, live)
         self._faults(f"retention:replaced:{backup_id}:{disk.target}")
+
+    async def _io(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
+        if self._fs is None:
+            return await asyncio.to_thread(fn, *args)
+        return await self._fs.call(what, fn, *args)
+
+
+@contextlib.asynccontextmanager
+async def _nothing_reserved(nbytes: int) -> AsyncIterator[None]:
+    yield
 
 
 def _backing_id(disk: DiskManifest) -> str | None:

@@ -11,6 +11,7 @@ chain broke, or it was added): its image then has no backing file.
 
 ``manifest``   what a backup holds (:class:`Manifest`) and its strictly read JSON file
 ``layout``     the directories and files, durable file operations, staging and publishing
+``listing``    a domain's backups read with what is damaged named (:class:`.listing.Damage`)
 ``layers``     qemu-img, bounded, and what it says about one image layer
 ``verify``     images checked against their manifests (:class:`Problem`)
 ``restore``    one disk at one backup written out as a standalone image
@@ -33,16 +34,21 @@ RepositoryError.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from agent.core.blocking import Filesystem
 from agent.core.errors import BackupNotFoundError, PublishUndecidedError, RepositoryError
 from agent.core.faults import Faults, no_faults
+from agent.core.logs import get_logger
 from agent.core.shielding import to_completion
+from agent.core.space import SpaceBook, measure
 from agent.repository import layout
 from agent.repository.layers import QemuImg, _LayerInfo
 from agent.repository.layout import (
@@ -59,25 +65,28 @@ from agent.repository.layout import (
     _make_staging,
     _os_errors,
     _read_backup,
-    _read_backups,
-    _read_latest,
     _remove_leftovers,
     _remove_tree,
     _round_trip,
 )
+from agent.repository.listing import LinkCache, Listing, Tip, read_listing, read_newest, read_tip
 from agent.repository.manifest import (
     BACKUP_ID_RE,
     MANIFEST_FILE,
     Manifest,
 )
+from agent.repository.marker import RepositoryMarker
 from agent.repository.restore import restore_image
 from agent.repository.retention import Retention, _read_intent, _write_intent, plan
 from agent.repository.verify import (
     Problem,
     Verifier,
+    with_damage,
 )
 
 # Imported from here by the layers above (their defining modules are named above).
+
+log = get_logger("repository")
 
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 
@@ -92,6 +101,11 @@ class Repository:
     ``timeout`` bounds quick qemu-img calls (create, info, map); ``copy_timeout`` bounds
     those that copy a whole disk (restore, retention merge). ``faults`` is the crash-point
     hook (:mod:`agent.core.faults`) called between retention steps.
+
+    With ``state_dir`` (the agent's), the repository's marker is checked against the id
+    recorded there before every write and restore (:mod:`.marker`): a path that is not
+    this agent's repository (not mounted, another one mounted) is refused, and nothing
+    written. Without it (tools, tests of the layout) nothing is checked.
     """
 
     def __init__(
@@ -101,8 +115,19 @@ class Repository:
         timeout: float = 60.0,
         copy_timeout: float = 24 * 3600.0,
         faults: Faults = no_faults,
+        state_dir: Path | None = None,
+        io_timeout: float = 120.0,
+        space: SpaceBook | None = None,
     ):
         self.root = root
+        # Filesystem calls a failed job's undo and the space check wait on: bounded, on
+        # the root's own threads (agent.core.blocking). ``space``: the agent's one book
+        # of space held by running jobs (agent.core.space), shared with the backups.
+        self.fs = Filesystem(root, timeout=io_timeout)
+        self.space = space if space is not None else SpaceBook()
+        self._marker = (
+            None if state_dir is None else RepositoryMarker(root, state_dir, timeout=io_timeout)
+        )
         self._qemu = QemuImg(timeout=timeout, copy_timeout=copy_timeout)
         self._faults = faults
         self._locks: dict[str, asyncio.Lock] = {}
@@ -110,6 +135,8 @@ class Repository:
         # back right after creating them (see publish). Images are created on the data
         # plane's thread: only single dict operations here, no iteration.
         self._created: dict[Path, dict[str, _LayerInfo]] = {}
+        # Per domain, the links of the manifests its chains were last read through (tip).
+        self._link_caches: dict[str, LinkCache] = {}
 
     # -- reading ------------------------------------------------------------------------
 
@@ -118,40 +145,62 @@ class Repository:
         backups here by that name, else the domain whose newest backup has ``domain``
         as its UUID (a domain libvirt no longer has is known here by name only); None
         if the repository has no backup of it."""
-        if await asyncio.to_thread(_has_backups, self._backups_dir(domain)):
+        await self.check_marker()  # not "no backups" (or another's) if ours is not there
+        if await self.fs.call("list backups", _has_backups, self._backups_dir(domain)):
             return domain
         if not _UUID_RE.fullmatch(domain):
             return None
         # The domain whose newest backup is the newest of those naming this UUID (after a
         # rename, the old name's backups name it too); an unreadable one is not it.
         found: tuple[float, str] | None = None
-        for name in await asyncio.to_thread(_domain_names, self.root):
+        for name in await self.fs.call("list domains", _domain_names, self.root):
             try:
                 latest = await self.latest(name)
-            except RepositoryError:
+            except RepositoryError:  # (its backups directory cannot even be listed)
                 continue
             if latest is not None and latest.domain_uuid.lower() == domain.lower():
                 found = max(found or (latest.completed_at, name), (latest.completed_at, name))
         return found[1] if found is not None else None
 
     async def backups(self, domain: str) -> list[Manifest]:
-        """The published backups of ``domain``, oldest first (none if it has no directory)."""
-        return await asyncio.to_thread(_read_backups, self._backups_dir(domain))
+        """The published backups of ``domain`` whose manifests read, oldest first (none if
+        it has no directory); :meth:`listing` says what is damaged."""
+        return list((await self.listing(domain)).manifests)
+
+    async def listing(self, domain: str) -> Listing:
+        """Every backup of ``domain``: those whose manifests read, and what is damaged
+        (manifests that do not read, disks whose chain is broken); see :mod:`.listing`.
+        A damaged file never hides the others."""
+        return await self.fs.call("read manifests", read_listing, self._backups_dir(domain))
 
     async def backup(self, domain: str, backup_id: str) -> Manifest:
         backups_dir = self._backups_dir(domain)
         if not BACKUP_ID_RE.fullmatch(backup_id):
             raise BackupNotFoundError(f"{backup_id!r} is not a backup id", path=str(backups_dir))
-        return await asyncio.to_thread(_read_backup, backups_dir / backup_id, domain)
+        return await self.fs.call("read a manifest", _read_backup, backups_dir / backup_id, domain)
 
     async def latest(self, domain: str) -> Manifest | None:
-        """The newest published backup of ``domain`` (as the last of :meth:`backups`).
+        """The newest published backup of ``domain`` whose manifest reads (as the last
+        of :meth:`backups`).
 
         Reads only the manifests of the newest second's backups (an id starts with its
-        UTC second): every backup starts a chain's plan, and the manifest of a 2 GiB
-        full takes 8 ms to read, of a 100 GiB one 50 times that.
+        UTC second) unless none of them reads: every backup starts a chain's plan, and
+        the manifest of a 2 GiB full takes 8 ms to read, of a 100 GiB one 50 times that.
         """
-        return await asyncio.to_thread(_read_latest, self._backups_dir(domain))
+        newest, _ = await self.fs.call("read manifests", read_newest, self._backups_dir(domain))
+        return newest
+
+    async def tip(self, domain: str) -> Tip:
+        """What a backup's plan needs of the repository: :meth:`latest`, its disks whose
+        chain is broken, and any damaged backup at least as new (:func:`.read_tip`).
+
+        Under the domain's lock, so that a retention's renames are never seen half-way
+        as a broken chain. The older manifests of the chain are read once per agent (by
+        their file identity, :class:`.LinkCache`).
+        """
+        cache = self._link_caches.setdefault(domain, LinkCache())
+        async with self._lock(domain):
+            return await self.fs.call("read manifests", read_tip, self._backups_dir(domain), cache)
 
     async def free_bytes(self) -> int:
         """Bytes an unprivileged writer can still use on the repository's filesystem."""
@@ -161,7 +210,22 @@ class Repository:
                 st = os.statvfs(self.root)
             return st.f_bavail * st.f_frsize
 
-        return await asyncio.to_thread(statvfs)
+        return await self.fs.call("statvfs", statvfs)
+
+    # -- which repository this is (agent.repository.marker) ----------------------------
+
+    async def ensure_ready(self) -> None:
+        """Before anything writes: the path is this agent's repository (initialised or
+        adopted if the agent records none yet) on a writable filesystem; else
+        RepositoryMarkerError or RepositoryReadOnlyError, and nothing was written."""
+        if self._marker is not None:
+            await self._marker.ensure_ready()
+
+    async def check_marker(self) -> None:
+        """Before reading: if the agent records a repository id, the path holds that
+        repository (RepositoryMarkerError otherwise). Writes nothing."""
+        if self._marker is not None:
+            await self._marker.check()
 
     # -- writing a backup ---------------------------------------------------------------
 
@@ -170,9 +234,12 @@ class Repository:
 
     async def stage(self, domain: str, backup_id: str) -> Path:
         """Create and return the staging directory of a new backup ``backup_id``."""
+        await self.ensure_ready()
         if not BACKUP_ID_RE.fullmatch(backup_id):
             raise RepositoryError(f"{backup_id!r} is not a backup id")
-        return await asyncio.to_thread(_make_staging, self._backups_dir(domain), backup_id)
+        return await self.fs.call(
+            "make the staging directory", _make_staging, self._backups_dir(domain), backup_id
+        )
 
     async def create_image(
         self, staging: Path, target: str, virtual_size: int, *, backing: Manifest | None
@@ -189,7 +256,7 @@ class Repository:
             raise RepositoryError(f"virtual size {virtual_size} is not a positive multiple of 512")
         image = f"{target}.qcow2"
         backing_path = None if backing is None else _backing_path(backing, target)
-        await asyncio.to_thread(_check_new_image, staging, image, backing_path)
+        await self.fs.call("check a new image", _check_new_image, staging, image, backing_path)
         args = ["create", "-q", "-f", "qcow2"]
         if backing_path is not None:
             # No -u: the backing resolves from staging, so qemu-img checks it opens as qcow2.
@@ -201,6 +268,7 @@ class Repository:
 
     async def publish(self, domain: str, staging: Path, manifest: Manifest) -> Path:
         """Make the staged backup visible, complete and durable; return its directory."""
+        await self.check_marker()
         _check_staging(staging)
         if staging != self._backups_dir(domain) / f"{STAGING_PREFIX}{manifest.backup_id}":
             raise RepositoryError(
@@ -237,7 +305,9 @@ class Repository:
                 text = group.create_task(
                     asyncio.to_thread(_round_trip, manifest, staging / MANIFEST_FILE)
                 )
-                group.create_task(asyncio.to_thread(_check_publishable, staging, manifest))
+                group.create_task(
+                    self.fs.call("check the staged backup", _check_publishable, staging, manifest)
+                )
                 # The header (format, virtual size, backing file) of an image create_image
                 # made was read back right after creating it: only qemu-img create writes
                 # those fields (qemu-nbd writes guest data), and reading them again here
@@ -265,19 +335,24 @@ class Repository:
         """Delete a staged backup (after a failure); nothing if it is already gone."""
         _check_staging(staging)
         self._created.pop(staging, None)
-        await asyncio.to_thread(_remove_tree, staging)
+        await self.fs.call("remove staged backup", _remove_tree, staging)
 
     async def cleanup_staging(self) -> list[Path]:
         """At agent start: finish interrupted retentions and remove every hidden leftover.
 
         Removes ``.staging-*`` (backups being written when the agent died), ``.merge-*`` and
         ``.dropped-*``; returns what it removed. Must not run while a backup is being staged.
+        Refused (RepositoryMarkerError) where another repository, or none, is mounted:
+        its leftovers are not this agent's.
         """
+        await self.check_marker()
         removed: list[Path] = []
-        for domain in await asyncio.to_thread(_domain_names, self.root):
+        for domain in await self.fs.call("list domains", _domain_names, self.root):
             async with self._lock(domain):
                 await self._finish_retention(domain)
-                removed += await asyncio.to_thread(_remove_leftovers, self._backups_dir(domain))
+                removed += await self.fs.call(
+                    "remove leftovers", _remove_leftovers, self._backups_dir(domain)
+                )
         return removed
 
     # -- restore ------------------------------------------------------------------------
@@ -297,6 +372,7 @@ class Repository:
         Written to ``<dest>.part`` and renamed when complete and fsync'd; an existing
         ``dest`` is refused. ``progress`` gets the fraction done as qemu-img reports it.
         """
+        await self.check_marker()
         if fmt not in ("qcow2", "raw"):
             raise RepositoryError(f"cannot restore to format {fmt!r} (qcow2 or raw)")
         manifest = await self.backup(domain, backup_id)
@@ -310,13 +386,21 @@ class Repository:
     # -- verify -------------------------------------------------------------------------
 
     async def verify(self, domain: str, backup_id: str | None = None) -> list[Problem]:
-        """Check one backup (or all of ``domain``'s) against its manifest; [] if all is well."""
-        if backup_id is not None:
-            manifests = [await self.backup(domain, backup_id)]
+        """Check one backup (or all of ``domain``'s) against its manifest; [] if all is well.
+
+        A damaged backup (:meth:`listing`) is a problem too: a manifest that does not
+        read (target ``-``), a disk whose chain reads a damaged backup.
+        """
+        listing = await self.listing(domain)
+        if backup_id is None:
+            manifests, damaged = list(listing.manifests), listing.damaged
         else:
-            manifests = await self.backups(domain)
+            damaged = listing.damage_of(backup_id)
+            whole = [d for d in damaged if d.target is None]
+            manifests = [] if whole else [await self.backup(domain, backup_id)]
         verifier = Verifier(self._qemu, self._layer_info)
-        return await verifier.backups(self._backups_dir(domain), manifests)
+        problems = await verifier.backups(self._backups_dir(domain), manifests)
+        return with_damage(problems, damaged, [m.backup_id for m in listing.manifests])
 
     # -- retention ----------------------------------------------------------------------
 
@@ -329,10 +413,15 @@ class Repository:
         """
         if keep_last < 1:
             raise ValueError(f"keep_last must be at least 1, not {keep_last}")
+        await self.check_marker()
         async with self._lock(domain):
             await self._finish_retention(domain)
-            manifests = await self.backups(domain)
+            listing = await self.listing(domain)
+            manifests = list(listing.manifests)
             if len(manifests) <= keep_last:
+                return []
+            if listing.damaged:
+                _refuse_retention(domain, listing, "drops nothing")
                 return []
             drop, involved = plan(manifests, keep_last)
             verifier = Verifier(self._qemu, self._layer_info)
@@ -343,16 +432,23 @@ class Repository:
                     path=str(problems[0].image),
                 )
             intent = self._domain_dir(domain) / INTENT_FILE
-            await asyncio.to_thread(_write_intent, intent, drop)
+            await self.fs.call("write the retention intent", _write_intent, intent, drop)
             self._faults("retention:intent-written")
             await self._retention(domain).run(drop)
             return drop
 
     async def _finish_retention(self, domain: str) -> None:
         intent = self._domain_dir(domain) / INTENT_FILE
-        drop = await asyncio.to_thread(_read_intent, intent)
-        if drop is not None:
-            await self._retention(domain).run(drop)
+        drop = await self.fs.call("read the retention intent", _read_intent, intent)
+        if drop is None:
+            return
+        # Left unfinished, every listed backup still restores (see .retention); finished
+        # across a damaged backup, the merge could bake the damage in or drop its base.
+        listing = await self.listing(domain)
+        if listing.damaged:
+            _refuse_retention(domain, listing, "stays unfinished (every backup restores)")
+            return
+        await self._retention(domain).run(drop)
 
     def _retention(self, domain: str) -> Retention:
         return Retention(
@@ -361,7 +457,23 @@ class Repository:
             qemu=self._qemu,
             layer_info=self._layer_info,
             faults=self._faults,
+            reserve=functools.partial(self._reserved, f"retention of {domain}"),
+            fs=self.fs,
         )
+
+    @contextlib.asynccontextmanager
+    async def _reserved(self, job: str, nbytes: int) -> AsyncIterator[None]:
+        """``nbytes`` held in the agent's space book inside the block (retention's merge
+        copies), or RepositorySpaceError before it if running jobs leave too little."""
+        if nbytes <= 0:
+            yield
+            return
+        need = await measure(self.fs, "repository", nbytes)
+        reservation = self.space.reserve(job, [need])
+        try:
+            yield
+        finally:
+            self.space.release(reservation)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -378,3 +490,16 @@ class Repository:
 
     async def _layer_info(self, path: Path) -> _LayerInfo:
         return await self._qemu.layer_info(path)
+
+
+def _refuse_retention(domain: str, listing: Listing, outcome: str) -> None:
+    # Refused rather than worked around: dropping or merging next to a damaged backup can
+    # delete the only copy of what an operator could still repair (its images, say).
+    log.warning(
+        "retention refused: the domain has a damaged backup; repair or remove it "
+        "(`backup-agent backups DOMAIN` names it) and retention resumes",
+        domain=domain,
+        outcome=outcome,
+        damaged=sorted({d.backup_id for d in listing.damaged}),
+        first=listing.damaged[0].error,
+    )

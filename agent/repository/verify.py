@@ -9,8 +9,10 @@ standalone image, and are an error in an overlay (the bytes written there are mi
 Extents qemu-img gives no host offset for (compressed clusters) are read by ``qemu-img
 convert`` of just that extent to a temporary raw file.
 
-What is found is a list of :class:`Problem`; :func:`damaged_disks` says which disks'
-restores read a damaged backup (:func:`restore_chain`), so that their next backup is full.
+What is found is a list of :class:`Problem`, with what a listing found damaged
+(:func:`with_damage`: manifests that do not read, chains that read them); and
+:func:`damaged_disks` says which disks' restores read a damaged backup
+(:func:`restore_chain`), so that their next backup is full.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Final
 from agent.core.errors import RepositoryError
 from agent.repository.layers import QemuImg, _bare, _Extent, _LayerInfo, _resolve
 from agent.repository.layout import _clean_up, _os_errors, _remove_tree
+from agent.repository.listing import Damage, time_order
 from agent.repository.manifest import Digest, DiskManifest, Manifest, RangeChecksum, new_digest
 
 _CHUNK: Final = 1 << 20  # bytes read (or zeros hashed) per step when checking a range
@@ -76,6 +79,25 @@ def damaged_disks(manifests: Sequence[Manifest], problems: Sequence[Problem]) ->
         if p.target not in damaged and p.backup_id in chains[p.target]:
             damaged[p.target] = f"{p.backup_id} {p.image.name}: {p.message}"
     return damaged
+
+
+def with_damage(
+    problems: Sequence[Problem], damaged: Sequence[Damage], order: Sequence[str]
+) -> list[Problem]:
+    """``problems`` with the damage a listing found (:mod:`.listing`) that they do not
+    already name (the verifier finds a missing image itself), in the backups' ``order``
+    (ids oldest first; one not in it, whose manifest does not read, by its id's second).
+
+    A backup whose manifest does not read is a problem of disk ``-`` (the whole backup).
+    """
+    named = {(p.backup_id, p.target) for p in problems}
+    extra = [
+        Problem(d.backup_id, d.target or "-", d.path, None, None, d.error)
+        for d in damaged
+        if (d.backup_id, d.target or "-") not in named
+    ]
+    in_time = time_order(order)
+    return sorted([*problems, *extra], key=lambda p: in_time(p.backup_id))
 
 
 class Verifier:
