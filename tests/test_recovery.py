@@ -157,3 +157,30 @@ async def test_failures_keep_the_domain_with_its_reason(error: Exception) -> Non
     async with _running(recovery):
         await asyncio.wait_for(recovery.first_pass.wait(), 5)
         assert recovery.recovering == {"a": str(error)}
+
+
+async def test_no_pass_counts_before_the_intents_were_read() -> None:
+    """Connected before the start-up scan: a pass then would see no domain and report
+    recovery done while the killed agent's jobs are still there."""
+    undo = _Undo(["a"])
+    calls: list[str] = []
+
+    async def recover_domain(uuid: str) -> str | None:
+        calls.append(uuid)
+        return None
+
+    recovery = Recovery(
+        undo,  # type: ignore[arg-type]
+        recover_domain,
+        timeout=5,
+        connected=lambda: True,
+    )
+    async with _running(recovery):
+        await asyncio.sleep(0.2)
+        recovery.wake()
+        await asyncio.sleep(0.1)
+        assert not recovery.first_pass.is_set() and calls == []
+        await recovery.scan()
+        recovery.wake()
+        await asyncio.wait_for(recovery.first_pass.wait(), 5)
+    assert calls == ["a"]

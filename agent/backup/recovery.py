@@ -45,6 +45,7 @@ class Recovery:
         self._on_recovered = on_recovered
         self.recovering: dict[str, str] = {}  # UUID -> why it is not done yet
         self.first_pass = asyncio.Event()  # every domain tried once since start
+        self._scanned = False  # the intents were read once: a pass before proves nothing
         self._wake = asyncio.Event()
         undo.on_pending = self._left
 
@@ -55,11 +56,12 @@ class Recovery:
         """Read which domains have left-over jobs (at start and on every reconnection)."""
         try:
             found = await self._undo.leftover_domains()
-        except OSError as exc:
+        except (AgentError, OSError) as exc:  # (a hung run directory: FilesystemHungError)
             log.error("cannot read the job intents", error=str(exc))
             return list(self.recovering)
         for uuid in found:
             self.recovering.setdefault(uuid, "not tried yet")
+        self._scanned = True
         return found
 
     def wake(self) -> None:
@@ -75,9 +77,10 @@ class Recovery:
                 await self.scan()
             # The first pass runs even with no intent left: a staging directory made just
             # before its intent was written has none.
-            if self._connected() and (self.recovering or not self.first_pass.is_set()):
+            ready = self._connected() and self._scanned
+            if ready and (self.recovering or not self.first_pass.is_set()):
                 delay = FIRST_RETRY if await self._pass() else min(delay * 2, MAX_RETRY)
-            if self._connected():
+            if ready:
                 self.first_pass.set()
             wait = delay if self.recovering else None
             await self._sleep(wait)
