@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Final
 
 from agent.core.errors import LedgerCorruptError, LedgerError
-from agent.core.sqlite import write_transaction
+from agent.core.sqlite import Schema, write_transaction
 
 # MIGRATIONS[i] takes a file from schema version i to i + 1. Python's executescript()
 # commits on its own, so each migration is a list of single statements run inside the
@@ -64,7 +64,14 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
     ),
 )
-SCHEMA_VERSION: Final = len(MIGRATIONS)
+SCHEMA: Final = Schema(
+    MIGRATIONS,
+    lambda message, path: LedgerCorruptError(message, path=str(path)),
+    newer="ledger {path}: ledger schema version {found} is newer than this agent "
+    "({version}); refusing to touch it",
+    foreign="{path} is an SQLite database but not a ledger (tables, no schema version)",
+)
+SCHEMA_VERSION: Final = SCHEMA.version
 
 
 def open_sync(path: Path, busy_timeout: float) -> tuple[sqlite3.Connection, int]:
@@ -80,7 +87,7 @@ def open_sync(path: Path, busy_timeout: float) -> tuple[sqlite3.Connection, int]
 
 def _prepare(db: sqlite3.Connection, path: Path) -> int:
     found: int = db.execute("PRAGMA user_version").fetchone()[0]
-    _refuse_newer(found, path)
+    SCHEMA.refuse_newer(found, path)
     problems = [row[0] for row in db.execute("PRAGMA quick_check")]
     if problems != ["ok"]:
         raise LedgerCorruptError(
@@ -95,32 +102,8 @@ def _prepare(db: sqlite3.Connection, path: Path) -> int:
     db.execute("PRAGMA synchronous = FULL")
     db.execute("PRAGMA foreign_keys = ON")  # per connection, and only outside a transaction
     if found < SCHEMA_VERSION:
-        write_transaction(db, lambda: _migrate(db, path))
+        write_transaction(db, lambda: SCHEMA.migrate(db, path))
     return found
-
-
-def _refuse_newer(version: int, path: Path) -> None:
-    if version > SCHEMA_VERSION:
-        raise LedgerCorruptError(
-            f"ledger {path}: ledger schema version {version} is newer than this agent"
-            f" ({SCHEMA_VERSION}); refusing to touch it",
-            path=str(path),
-        )
-
-
-def _migrate(db: sqlite3.Connection, path: Path) -> None:
-    # Read again under the write lock: another process may have migrated meanwhile.
-    current: int = db.execute("PRAGMA user_version").fetchone()[0]
-    _refuse_newer(current, path)
-    if current == 0 and db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-        raise LedgerCorruptError(
-            f"{path} is an SQLite database but not a ledger (tables, no schema version)",
-            path=str(path),
-        )
-    for version in range(current, SCHEMA_VERSION):
-        for statement in MIGRATIONS[version]:
-            db.execute(statement)
-    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def map_error(exc: sqlite3.Error | OSError, what: str, path: str) -> LedgerError:

@@ -32,7 +32,14 @@ from typing import Any, Final, TypeVar
 
 from agent.control.job_requests import Job, JobDisk, JobRequest, JobState
 from agent.core.errors import JobConflictError, JobStoreError
-from agent.core.sqlite import Cause, Failure, StoreThread, read_transaction, write_transaction
+from agent.core.sqlite import (
+    Cause,
+    Failure,
+    Schema,
+    StoreThread,
+    read_transaction,
+    write_transaction,
+)
 
 T = TypeVar("T")
 
@@ -78,7 +85,14 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
     ),
 )
-SCHEMA_VERSION: Final = len(MIGRATIONS)
+SCHEMA: Final = Schema(
+    MIGRATIONS,
+    lambda message, path: JobStoreError(message, path=str(path)),
+    newer="job store {path}: schema version {found} is newer than this agent's ({version}); "
+    "refusing to touch it",
+    foreign="{path} is an SQLite database but not a job store",
+)
+SCHEMA_VERSION: Final = SCHEMA.version
 
 _COLUMNS: Final = (
     "id, request, state, source, created_at, started_at, finished_at, progress_done,"
@@ -91,36 +105,15 @@ def _open_sync(path: Path, busy_timeout: float) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     try:
         version: int = db.execute("PRAGMA user_version").fetchone()[0]
-        _refuse_newer(version, path)
+        SCHEMA.refuse_newer(version, path)
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = FULL")
         if version < SCHEMA_VERSION:
-            write_transaction(db, lambda: _migrate(db, path))
+            write_transaction(db, lambda: SCHEMA.migrate(db, path))
     except BaseException:
         db.close()
         raise
     return db
-
-
-def _refuse_newer(version: int, path: Path) -> None:
-    if version > SCHEMA_VERSION:
-        raise JobStoreError(
-            f"job store {path}: schema version {version} is newer than this agent's "
-            f"({SCHEMA_VERSION}); refusing to touch it",
-            path=str(path),
-        )
-
-
-def _migrate(db: sqlite3.Connection, path: Path) -> None:
-    # Read again under the write lock: another process may have migrated meanwhile.
-    current: int = db.execute("PRAGMA user_version").fetchone()[0]
-    _refuse_newer(current, path)
-    if current == 0 and db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-        raise JobStoreError(f"{path} is an SQLite database but not a job store", path=str(path))
-    for version in range(current, SCHEMA_VERSION):
-        for statement in MIGRATIONS[version]:
-            db.execute(statement)
-    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _row(job: Job) -> tuple[Any, ...]:

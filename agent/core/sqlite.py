@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -35,6 +37,38 @@ def write_transaction(db: sqlite3.Connection, body: Callable[[], T]) -> T:
             db.execute("ROLLBACK")
         raise
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class Schema:
+    """A store's schema: ``migrations[v]`` takes a file from version ``v`` to ``v + 1``
+    (``PRAGMA user_version``). ``refuse`` makes the store's own error from a message."""
+
+    migrations: Sequence[Sequence[str]]
+    refuse: Callable[[str, Path], Exception]
+    newer: str  # "<what> {path}: <which> version {found} is newer than this agent..."
+    foreign: str  # "{path} is an SQLite database but not <what>"
+
+    @property
+    def version(self) -> int:
+        return len(self.migrations)
+
+    def refuse_newer(self, found: int, path: Path) -> None:
+        if found > self.version:
+            message = self.newer.format(path=path, found=found, version=self.version)
+            raise self.refuse(message, path)
+
+    def migrate(self, db: sqlite3.Connection, path: Path) -> None:
+        """Bring the file up to date; run inside a write transaction."""
+        # Read again under the write lock: another process may have migrated meanwhile.
+        current: int = db.execute("PRAGMA user_version").fetchone()[0]
+        self.refuse_newer(current, path)
+        if current == 0 and db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise self.refuse(self.foreign.format(path=path), path)
+        for version in range(current, self.version):
+            for statement in self.migrations[version]:
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version = {self.version}")
 
 
 def read_transaction(db: sqlite3.Connection, body: Callable[[], T]) -> T:
