@@ -124,12 +124,32 @@ async def assert_restores(
         restored = await asyncio.to_thread(dest.read_bytes)
         await asyncio.to_thread(dest.unlink)
         if restored != content:
-            first = (
-                next(i for i, (a, b) in enumerate(zip(restored, content, strict=True)) if a != b)
-                if len(restored) == len(content)
-                else -1
+            pytest.fail(
+                f"{backup_id} {target}: the restored image {_difference(restored, content)}"
             )
-            pytest.fail(f"{backup_id} {target}: restored image differs at byte {first}")
+
+
+async def assert_cli_restores(
+    config: Path, domain: str, backup_id: str, expected: dict[str, bytes], tmp_path: Path
+) -> None:
+    """``backup-agent restore`` (its own process, as an operator runs it) of every disk
+    equals what the guest held."""
+    out = tmp_path / f"restored-{backup_id}"
+    args = ("restore", domain, "--backup", backup_id, "--to", str(out), "--format", "raw")
+    done = await asyncio.to_thread(agent_cli, config, *args)
+    assert done.returncode == 0, done.stderr
+    for target, content in expected.items():
+        restored = await asyncio.to_thread((out / f"{target}.raw").read_bytes)
+        await asyncio.to_thread((out / f"{target}.raw").unlink)
+        if restored != content:
+            pytest.fail(f"{backup_id} {target}: the restored disk {_difference(restored, content)}")
+
+
+def _difference(got: bytes, want: bytes) -> str:
+    if len(got) != len(want):
+        return f"has {len(got)} bytes, not {len(want)}"
+    first = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
+    return f"differs at byte {first}"
 
 
 async def started_guest(

@@ -37,7 +37,7 @@ import pytest
 
 from agent.core.config import AgentConfig, load_config
 from agent.core.faults import CRASH_ENV
-from tests.guest_model import Guest, KiB, MiB, agent_cli
+from tests.guest_model import Guest, KiB, MiB, assert_cli_restores
 from tests.harness import TWO_DISKS
 from tests.testbed.agent_process import AgentProcess, agent_process
 from tests.testbed.daemon import live_processes_mentioning
@@ -189,7 +189,7 @@ async def _recovered(
     published = _published_backup(case, backups, killed.history.first, killed.checkpoint)
     if job["state"] == "succeeded":
         assert job["backup_id"] == published, job
-    await _assert_restores(agent, td.name, published, killed.history.at_kill, tmp)
+    await assert_cli_restores(agent.config, td.name, published, killed.history.at_kill, tmp)
     return published
 
 
@@ -211,7 +211,7 @@ async def _next_backup_restores(
     else:
         assert newest["id"] == after["backup_id"] and newest["parent"] == parent, newest
     await asyncio.to_thread(_assert_clean, agent, cfg, td, {newest["checkpoint"]})
-    await _assert_restores(agent, td.name, after["backup_id"], final, tmp)
+    await assert_cli_restores(agent.config, td.name, after["backup_id"], final, tmp)
 
 
 # -- the crash -------------------------------------------------------------------------
@@ -367,25 +367,3 @@ async def _ledger(agent: AgentProcess, domain: str) -> dict[str, dict[str, Any]]
     status, body = await asyncio.to_thread(agent.call, "GET", f"/v1/domains/{domain}/checkpoints")
     assert status == 200, body
     return {r["name"]: r for r in body["checkpoints"]}
-
-
-async def _assert_restores(
-    agent: AgentProcess, domain: str, backup_id: str, expected: dict[str, bytes], tmp_path: Path
-) -> None:
-    """``backup-agent restore`` of every disk equals what the guest held."""
-    out = tmp_path / f"restored-{backup_id}"
-    args = ("restore", domain, "--backup", backup_id, "--to", str(out), "--format", "raw")
-    done = await asyncio.to_thread(agent_cli, agent.config, *args)
-    assert done.returncode == 0, done.stderr
-    for target, content in expected.items():
-        restored = await asyncio.to_thread((out / f"{target}.raw").read_bytes)
-        if restored != content:
-            pytest.fail(f"{backup_id} {target}: the restored disk {_difference(restored, content)}")
-        await asyncio.to_thread((out / f"{target}.raw").unlink)
-
-
-def _difference(got: bytes, want: bytes) -> str:
-    if len(got) != len(want):
-        return f"has {len(got)} bytes, not {len(want)}"
-    first = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
-    return f"differs at byte {first}"

@@ -30,7 +30,7 @@ from nats.aio.client import Client
 from agent.control.messages import SchedulerMessages
 from agent.core.config import AgentConfig, NatsSection, load_config
 from agent.core.faults import CRASH_ENV
-from tests.guest_model import Guest, KiB, MiB, agent_cli
+from tests.guest_model import Guest, KiB, MiB, assert_cli_restores
 from tests.test_messages import MemoryJobs, eventually
 from tests.testbed.agent_process import AgentProcess, agent_process
 from tests.testbed.domains import DiskSpec, DomainFactory
@@ -117,7 +117,7 @@ async def _kill_restart_and_hear(
     assert done["state"] == "succeeded", f"{done}\n{agent.tail()}"
     end, _ = await _job_end(server.url, "sched-2")
     assert end["job"]["state"] == "succeeded" and end["job"]["backup_id"] == done["backup_id"]
-    await _assert_restores(agent, td.name, done["backup_id"], expected, tmp_path)
+    await assert_cli_restores(agent.config, td.name, done["backup_id"], expected, tmp_path)
     assert td.dom().jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE, "a libvirt job is left"
     sockets = list(cfg.socket_path.glob("*.sock*"))
     left = [
@@ -196,19 +196,6 @@ async def eventually_empty(cfg: AgentConfig) -> None:
     while await asyncio.to_thread(_outbox, cfg):
         assert time.monotonic() < deadline, "the published end stayed in the outbox"
         await asyncio.sleep(0.1)
-
-
-async def _assert_restores(
-    agent: AgentProcess, domain: str, backup_id: str, expected: dict[str, bytes], tmp_path: Path
-) -> None:
-    """``backup-agent restore`` of every disk equals what the guest held."""
-    out = tmp_path / f"restored-{backup_id}"
-    args = ("restore", domain, "--backup", backup_id, "--to", str(out), "--format", "raw")
-    done = await asyncio.to_thread(agent_cli, agent.config, *args)
-    assert done.returncode == 0, done.stderr
-    for target, content in expected.items():
-        restored = await asyncio.to_thread((out / f"{target}.raw").read_bytes)
-        assert restored == content, f"{backup_id} {target}: the restored disk differs"
 
 
 def _remove_own_socket_dir(cfg: AgentConfig) -> None:
