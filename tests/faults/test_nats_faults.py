@@ -11,6 +11,7 @@ under test) against a fresh server, round after round.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -132,7 +133,7 @@ async def _kill_restart_and_hear(
         raise StaleDataPlaneFilesError(f"left in {cfg.socket_path}: {stale}")
 
 
-async def _wait_consuming(url: str) -> None:
+async def _wait_consuming(url: str, host: str = HOST) -> None:
     """Until the agent's durable consumer exists (``/readyz`` does not wait for NATS)."""
     nc = await nats.connect(url, connect_timeout=5)
     try:
@@ -140,7 +141,7 @@ async def _wait_consuming(url: str) -> None:
         deadline = time.monotonic() + WAIT
         while True:
             try:
-                await js.consumer_info(STREAM, f"agent-{HOST}")
+                await js.consumer_info(STREAM, f"agent-{host}")
                 return
             except nats.js.errors.NotFoundError:
                 assert time.monotonic() < deadline, "the agent did not start consuming"
@@ -149,10 +150,10 @@ async def _wait_consuming(url: str) -> None:
         await asyncio.wait_for(nc.close(), 10)
 
 
-async def _request(url: str, body: dict[str, Any]) -> None:
+async def _request(url: str, body: dict[str, Any], subject: str = JOBS) -> None:
     nc = await nats.connect(url, connect_timeout=5)
     try:
-        await nc.jetstream().publish(JOBS, json.dumps(body).encode(), timeout=10)
+        await nc.jetstream().publish(subject, json.dumps(body).encode(), timeout=10)
     finally:
         await asyncio.wait_for(nc.close(), 10)
 
@@ -261,3 +262,47 @@ async def test_agents_creating_the_stream_at_once_all_consume_their_subjects(
     server, nc = scheduler
     for round_no in range(ROUNDS):
         await _race_once(server.url, nc, round_no)
+
+
+@pytest.mark.libvirt
+async def test_two_agent_processes_started_at_once_both_back_up_over_nats(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    """Two real agents with different host ids, started at the same moment against a
+    fresh server (both create or extend the stream): each takes a backup request on its
+    own subject, and each backup restores exactly."""
+    server = NatsServer(tmp_path / "nats")
+    await asyncio.to_thread(server.start)
+    hosts = ("racer-a", "racer-b")
+    try:
+        with contextlib.ExitStack() as stack:
+            agents = {}
+            for host in hosts:
+                (tmp_path / host).mkdir()
+                settings = {"nats": {"url": server.url}, "agent": {"host_id": host}}
+                agents[host] = stack.enter_context(agent_process(tmp_path / host, settings))
+            guests = {}
+            for host in hosts:
+                td = await asyncio.to_thread(domain_factory, disks=[DiskSpec("vda")])
+                guests[host] = Guest(td)
+                await guests[host].write("vda", 0, 2 * MiB, 0x70 + hosts.index(host))
+            await asyncio.gather(*(asyncio.to_thread(agents[h].start) for h in hosts))
+            for host in hosts:
+                await _wait_consuming(server.url, host)
+            expected = {h: guests[h].snapshot() for h in hosts}
+            for host in hosts:
+                request = {"id": f"{host}-1", "kind": "backup", "domain": guests[host].td.name}
+                await _request(server.url, request, f"backup-agent.{host}.jobs")
+            for host in hosts:
+                agent, td = agents[host], guests[host].td
+                done = await asyncio.to_thread(agent.wait_job, f"{host}-1", FINISHED, 90)
+                assert done["state"] == "succeeded", f"{host}: {done}\n{agent.tail()}"
+                await assert_cli_restores(
+                    agent.config, td.name, done["backup_id"], expected[host], tmp_path / host
+                )
+                assert td.dom().jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE, "a libvirt job is left"
+            for host in hosts:
+                await asyncio.to_thread(agents[host].stop)
+                await asyncio.to_thread(_remove_own_socket_dir, load_config(agents[host].config))
+    finally:
+        await asyncio.to_thread(server.stop)
