@@ -31,8 +31,9 @@ from agent.chain.checkpoints import Chains
 from agent.chain.ledger import Ledger
 from agent.control.api import ApiParts, serving
 from agent.control.dispatch import Dispatcher, HandlerContext, Routes
+from agent.control.job_requests import Job, JobDisk
 from agent.control.job_store import JobStore
-from agent.control.jobs import Jobs
+from agent.control.jobs import JobOutcome, Jobs
 from agent.control.messages import SchedulerMessages
 from agent.control.metrics import Metrics, StateCollector, chain_length, watch_loop_lag
 from agent.control.schedules import Schedules
@@ -177,7 +178,7 @@ class Agent:
         # The start-up reconciles first: a job would otherwise hold a domain's lock while
         # that domain's events wait behind a reconcile that needs it.
         await self.dispatcher.drain()
-        restarted = await self.jobs.start()
+        restarted = await self.jobs.start(self._published_backup)
         if restarted:
             log.warning("jobs were running when the agent died", jobs=[j.id for j in restarted])
         cfg = self.config
@@ -198,6 +199,17 @@ class Agent:
             nats=bool(cfg.nats.url),
             schedules=[s.name for s in cfg.schedules],
         )
+
+    async def _published_backup(self, job: Job) -> JobOutcome | None:
+        """A backup job the killed agent ran that had published its backup: it stands."""
+        if job.request.kind != "backup":
+            return None
+        manifest = await self.backups.published_job(job.id)
+        if manifest is None:
+            return None
+        disks = tuple(JobDisk(d.target, d.mode, d.reason, d.bytes_copied) for d in manifest.disks)
+        result = {"checkpoint": manifest.checkpoint, "finished_by": "start-up recovery"}
+        return JobOutcome(backup_id=manifest.backup_id, disks=disks, result=result)
 
     async def _stop_jobs(self) -> None:
         notify("STOPPING=1")
@@ -255,6 +267,7 @@ class Agent:
         self.recovery = Recovery(
             self.backups.undo,
             self.backups.recover_domain,
+            self.backups.sweep_staging,
             timeout=cfg.agent.recovery_timeout,
             connected=lambda: self.connection.state is ConnState.CONNECTED,
             on_recovered=self._recovered_domain,

@@ -47,7 +47,7 @@ async def backup(ctx: HandlerContext, job: Job, progress: Progress) -> JobOutcom
     info = _require(ctx, job.domain)
     mode = BackupMode(job.request.mode or "auto")
     result = await ctx.backups.run(
-        info.uuid, mode, progress=progress, keep_last=job.request.keep_last
+        info.uuid, mode, progress=progress, keep_last=job.request.keep_last, job_id=job.id
     )
     outcome: dict[str, object] = {
         "checkpoint": result.checkpoint,

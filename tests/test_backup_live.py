@@ -793,3 +793,30 @@ async def wait_until_async(predicate: Callable[[], bool], timeout: float) -> Non
     while not await asyncio.to_thread(predicate):
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.1)
+
+
+async def test_a_recovery_sweep_during_a_backup_leaves_its_staging_alone(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    """Recovery's sweep of staging leftovers runs while the agent takes jobs (at start,
+    on every reconnection, on its back-off): it must not remove a running backup's staged
+    images, while it still removes one that no job owns."""
+    cfg = config(tmp_path, backup={"bandwidth_limit": 8 * MiB})
+    async with running_agent(cfg) as run:
+        guest = await started_guest(run, domain_factory, TWO_DISKS)
+        backups, repo = run.agent.backups, run.agent.backups.repository
+        await guest.write("vda", 0, 8 * MiB, 0x7A)
+        expected = guest.snapshot()
+        backups_dir = cfg.repository_path / guest.td.name / "backups"
+        running = asyncio.create_task(backups.run(guest.td.uuid))
+        await wait_until_async(
+            lambda: any(p.name.startswith(".staging-") for p in backups_dir.glob(".*")), 30
+        )
+        # A leftover of a killed job in another domain's directory: the sweep's work.
+        stale = cfg.repository_path / "gone" / "backups" / ".staging-20260101T000000Z-abcdef"
+        stale.mkdir(parents=True)
+        removed = await backups.sweep_staging()
+        assert removed == [stale] and not stale.exists()
+        assert not running.done(), "the backup ended before the sweep; the test proves nothing"
+        result = await running
+        await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)

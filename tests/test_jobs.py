@@ -33,6 +33,7 @@ from agent.core.errors import (
     JobsClosedError,
     JobStoreError,
     NotConnectedError,
+    RepositoryError,
     RepositorySpaceError,
 )
 
@@ -638,6 +639,53 @@ async def test_job_submitted_past_its_deadline_never_runs(make_jobs: MakeJobs) -
 
 
 # -- restart ---------------------------------------------------------------------------
+
+
+async def test_restart_reports_a_running_job_whose_work_was_done_as_succeeded(
+    tmp_path: Path, make_jobs: MakeJobs
+) -> None:
+    """A backup published just before the agent died stands: the job says so (with its
+    backup), not agent-restarted; one it cannot tell about fails as before (the plain
+    case: test_restart_fails_running_jobs_and_runs_queued_ones)."""
+    path = tmp_path / "crash.sqlite"
+    old_store = await JobStore.open(path)
+    old, old_runners, _ = await make_jobs(on=old_store)
+    for job_id, domain in (("done", "vm1"), ("unknown", "vm2")):
+        await submit(old, request(domain, job_id))
+        await old_runners.started(job_id)
+    await old_store.close()
+    await asyncio.wait_for(old.stop(0), WAIT)
+
+    async def finished(job: Job) -> JobOutcome | None:
+        if job.id == "unknown":
+            raise RepositoryError("repository away")
+        if job.id == "done":
+            disk = JobDisk("vda", "incremental", None, 4096)
+            return JobOutcome(backup_id="b-1", disks=(disk,), result={"finished_by": "x"})
+        return None
+
+    store = await JobStore.open(path)
+    try:
+        jobs, _, rec = await make_jobs(on=store, start=False)
+        restarted = await asyncio.wait_for(jobs.start(finished), WAIT)
+        states = {job.id: (job.state, job.error_code, job.backup_id) for job in restarted}
+        assert states == {
+            "done": (JobState.SUCCEEDED, None, "b-1"),
+            "unknown": (JobState.FAILED, "agent-restarted", None),
+        }
+        done = await stored(store, "done")
+        assert (done.state, done.backup_id, done.result) == (
+            JobState.SUCCEEDED,
+            "b-1",
+            {"finished_by": "x"},
+        )
+        assert [d.target for d in done.disks] == ["vda"]
+        assert rec.states("done") == [JobState.SUCCEEDED]
+        ends = {job.id: job.state for job in await jobs.unpublished_ends(10)}
+        assert ends == {"done": JobState.SUCCEEDED, "unknown": JobState.FAILED}
+        await asyncio.wait_for(jobs.stop(0), WAIT)
+    finally:
+        await store.close()
 
 
 async def test_restart_fails_running_jobs_and_runs_queued_ones(

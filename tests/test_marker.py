@@ -72,6 +72,26 @@ async def test_a_missing_path_is_initialised_and_its_id_recorded(tmp_path: Path)
     assert _marker_id(root) == repository_id  # checking rewrites nothing
 
 
+async def test_an_agent_that_made_backups_before_starts_no_repository_on_a_bare_path(
+    tmp_path: Path,
+) -> None:
+    """Upgraded from before markers (no id recorded) with the repository not mounted yet:
+    the missing or empty mount point is not made a new repository (``create`` is False
+    when the ledger holds backed-up checkpoints); an explicit init still is."""
+    state = tmp_path / "state"
+    for root in (tmp_path / "missing", tmp_path / "empty"):
+        if root.name == "empty":
+            root.mkdir()
+        before = _tree(tmp_path)
+        with pytest.raises(RepositoryMarkerError, match="is the repository mounted"):
+            await RepositoryMarker(root, state).ensure_ready(create=False)
+        assert _tree(tmp_path) == before, "nothing written"
+    outcome = await RepositoryMarker(tmp_path / "empty", state).init()
+    assert outcome.action is Action.INITIALISED
+    again = await RepositoryMarker(tmp_path / "empty", state).ensure_ready(create=False)
+    assert again.action is Action.CHECKED
+
+
 async def test_an_empty_path_is_initialised_lost_and_found_or_not(tmp_path: Path) -> None:
     root = tmp_path / "repo"
     (root / "lost+found").mkdir(parents=True)  # a freshly made ext4

@@ -68,6 +68,7 @@ async def test_one_failing_domain_holds_up_no_other_and_is_retried_on_wake() -> 
     recovery = Recovery(
         undo,  # type: ignore[arg-type]
         recover_domain,
+        undo.clean_staging,
         timeout=5,
         connected=lambda: True,
         on_recovered=on_recovered,
@@ -98,6 +99,7 @@ async def test_a_domain_over_its_deadline_is_left_for_later_and_the_rest_go_on()
     recovery = Recovery(
         undo,  # type: ignore[arg-type]
         recover_domain,
+        undo.clean_staging,
         timeout=0.2,
         connected=lambda: True,
     )
@@ -122,6 +124,7 @@ async def test_nothing_is_tried_while_libvirt_is_away_and_a_left_undo_is_tracked
     recovery = Recovery(
         undo,  # type: ignore[arg-type]
         recover_domain,
+        undo.clean_staging,
         timeout=5,
         connected=lambda: connected,
     )
@@ -150,6 +153,7 @@ async def test_failures_keep_the_domain_with_its_reason(error: Exception) -> Non
     recovery = Recovery(
         undo,  # type: ignore[arg-type]
         recover_domain,
+        undo.clean_staging,
         timeout=5,
         connected=lambda: True,
     )
@@ -159,9 +163,9 @@ async def test_failures_keep_the_domain_with_its_reason(error: Exception) -> Non
         assert recovery.recovering == {"a": str(error)}
 
 
-async def test_no_pass_counts_before_the_intents_were_read() -> None:
-    """Connected before the start-up scan: a pass then would see no domain and report
-    recovery done while the killed agent's jobs are still there."""
+async def test_the_loop_reads_the_intents_itself_before_its_first_pass() -> None:
+    """Connected before the start-up scan (or that scan failed): a pass then must not see
+    "no domain" and report recovery done while the killed agent's jobs are still there."""
     undo = _Undo(["a"])
     calls: list[str] = []
 
@@ -172,15 +176,40 @@ async def test_no_pass_counts_before_the_intents_were_read() -> None:
     recovery = Recovery(
         undo,  # type: ignore[arg-type]
         recover_domain,
+        undo.clean_staging,
         timeout=5,
         connected=lambda: True,
     )
     async with _running(recovery):
-        await asyncio.sleep(0.2)
-        recovery.wake()
-        await asyncio.sleep(0.1)
-        assert not recovery.first_pass.is_set() and calls == []
-        await recovery.scan()
-        recovery.wake()
         await asyncio.wait_for(recovery.first_pass.wait(), 5)
-    assert calls == ["a"]
+        assert calls == ["a"]
+
+
+async def test_a_failed_sweep_is_retried_without_any_domain_recovering() -> None:
+    undo = _Undo([])
+    sweeps = 0
+
+    async def sweep() -> None:
+        nonlocal sweeps
+        sweeps += 1
+        if sweeps == 1:
+            raise OSError("repository away")
+
+    async def recover_domain(uuid: str) -> str | None:
+        return None
+
+    recovery = Recovery(
+        undo,  # type: ignore[arg-type]
+        recover_domain,
+        sweep,
+        timeout=5,
+        connected=lambda: True,
+    )
+    async with _running(recovery):
+        await asyncio.wait_for(recovery.first_pass.wait(), 5)
+        assert sweeps == 1
+        recovery.wake()
+        await _until(lambda: sweeps == 2)
+        recovery.wake()
+        await asyncio.sleep(0.2)
+        assert sweeps == 2, "swept once it worked: not again on every wake-up"

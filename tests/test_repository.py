@@ -770,6 +770,7 @@ def _bad_field(path: Path) -> None:
 DAMAGES: dict[str, tuple[Callable[[Path], object], str, str]] = {
     "garbage": (lambda p: p.write_bytes(bytes(range(256)) * 16), "manifest-not-json", "UTF-8"),
     "text": (lambda p: p.write_text("not a manifest\n"), "manifest-not-json", "not JSON"),
+    "nested": (lambda p: p.write_text("[" * 100_000), "manifest-not-json", "nested too deeply"),
     "truncated": (_cut_in_half, "manifest-truncated", "truncated"),
     "empty": (lambda p: p.write_bytes(b""), "manifest-truncated", "truncated"),
     "deleted": (lambda p: p.unlink(), "manifest-missing", "is missing"),

@@ -44,6 +44,7 @@ class Job:
     socket: Path
     scratch: Mapping[str, Path]
     published: bool = False
+    job_id: str | None = None  # the agent's job (API, NATS, schedule) that runs it, if any
 
     def to_json(self) -> str:
         return json.dumps(
@@ -56,6 +57,7 @@ class Job:
                 "socket": str(self.socket),
                 "scratch": {t: str(p) for t, p in self.scratch.items()},
                 "published": self.published,
+                "job_id": self.job_id,
             }
         )
 
@@ -71,6 +73,7 @@ class Job:
             socket=Path(data["socket"]),
             scratch={t: Path(p) for t, p in data["scratch"].items()},
             published=bool(data.get("published", False)),
+            job_id=data.get("job_id"),
         )
 
 
@@ -105,6 +108,10 @@ class Intents:
             sockets += [served, served.with_name(served.name + ".pid")]
         await self._sockets.call("remove the backup sockets", remove_files, sockets)
 
+    async def read(self, path: Path) -> str | None:
+        """An intent's text; None if it is gone (dropped meanwhile)."""
+        return await self._run.call("read a job intent", _read_if_there, path)
+
     async def leftovers(self) -> list[Path]:
         """Intents of jobs not yet undone (an undo keeps its intent until libvirt's job
         is known to be over); empty once recovery is complete."""
@@ -116,6 +123,13 @@ class Intents:
 
     def _path(self, job: Job) -> Path:
         return self._config.run_path / "jobs" / f"{job.uuid}.json"
+
+
+def _read_if_there(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
 
 
 def remove_files(paths: list[Path]) -> None:

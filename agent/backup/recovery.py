@@ -33,6 +33,7 @@ class Recovery:
         self,
         undo: Undo,
         recover_domain: Callable[[str], Awaitable[str | None]],
+        sweep: Callable[[], Awaitable[object]],
         *,
         timeout: float,
         connected: Callable[[], bool],
@@ -40,6 +41,8 @@ class Recovery:
     ) -> None:
         self._undo = undo
         self._recover_domain = recover_domain
+        self._sweep = sweep
+        self._swept = False  # staging and retention leftovers no intent names: done once
         self._timeout = timeout
         self._connected = connected
         self._on_recovered = on_recovered
@@ -72,18 +75,18 @@ class Recovery:
         """Until cancelled: work off the left-over jobs, with back-off while some fail."""
         delay = FIRST_RETRY
         while True:
-            if self._undo.pending.is_set():
+            if self._undo.pending.is_set() or not self._scanned:
                 self._undo.pending.clear()
                 await self.scan()
-            # The first pass runs even with no intent left: a staging directory made just
+            # The sweep runs even with no intent left: a staging directory made just
             # before its intent was written has none.
             ready = self._connected() and self._scanned
-            if ready and (self.recovering or not self.first_pass.is_set()):
+            if ready and (self.recovering or not self._swept):
                 delay = FIRST_RETRY if await self._pass() else min(delay * 2, MAX_RETRY)
             if ready:
                 self.first_pass.set()
-            wait = delay if self.recovering else None
-            await self._sleep(wait)
+            left = self.recovering or not self._swept or not self._scanned
+            await self._sleep(delay if left else None)
 
     async def _sleep(self, seconds: float | None) -> None:
         waits = [asyncio.create_task(self._wake.wait()), asyncio.create_task(self._pending())]
@@ -104,7 +107,8 @@ class Recovery:
         # Staging and retention left half-done (finished or removed) first: a domain is
         # not recovered while its repository directory still holds them.
         try:
-            await self._undo.clean_staging()
+            await self._sweep()
+            self._swept = True
         except (AgentError, OSError) as exc:
             log.warning("cannot clean up the repository's staging yet", error=str(exc))
             clean = False

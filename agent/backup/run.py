@@ -63,6 +63,7 @@ from agent.core.durable import make_dir_durably
 from agent.core.errors import (
     AgentError,
     BackupError,
+    FilesystemHungError,
     NotConnectedError,
     PublishUndecidedError,
     VirtTimeoutError,
@@ -124,6 +125,7 @@ class Backups:
         self._faults = faults
         self._locks: dict[str, asyncio.Lock] = {}
         self._running: set[str] = set()
+        self._staging: dict[str, str] = {}  # UUID -> name, from before its staging is made
         self._publishing: set[str] = set()  # domains whose running backup began to publish
         self._completions: dict[str, asyncio.Future[Mapping[str, Any]]] = {}
         self._reservations: dict[str, Reservation] = {}  # per domain: its job's space held
@@ -157,9 +159,11 @@ class Backups:
         *,
         progress: Progress | None = None,
         keep_last: int | None = None,
+        job_id: str | None = None,
     ) -> BackupResult:
         """Back up the running domain ``uuid``; ``keep_last`` overrides [retention]'s
-        number for the domain."""
+        number for the domain; ``job_id`` (the agent's job running it) goes into the
+        intent, so that a next start can tell that job's backup was published."""
         if uuid in self._running:
             raise BackupError("a backup of this domain is already running", code="busy")
         self._running.add(uuid)
@@ -169,7 +173,7 @@ class Backups:
             # arrive, the lock is released only once its undo is over.
             async with self.domain_lock(uuid), asyncio.timeout(timeout):
                 await self._leftover_first(uuid)
-                return await self._run(uuid, mode, progress, keep_last)
+                return await self._run(uuid, mode, progress, keep_last, job_id)
         except TimeoutError as exc:
             raise BackupError(
                 f"the backup did not finish within {timeout:g} s; it was undone (or, had it "
@@ -178,6 +182,7 @@ class Backups:
             ) from exc
         finally:
             self._running.discard(uuid)
+            self._staging.pop(uuid, None)
             self._publishing.discard(uuid)
             self.repository.space.release(self._reservations.pop(uuid, None))
 
@@ -188,6 +193,7 @@ class Backups:
         try:
             handled = await self._undo.leftover(uuid)
         except UndoPendingError as exc:
+            self._undo.left(uuid, str(exc))  # recovery tries it again, and says so
             raise BackupError(
                 f"a backup left behind blocks this one: {exc}", code="undo-pending"
             ) from exc
@@ -195,14 +201,22 @@ class Backups:
             log.warning("finished a backup left behind first", backup_id=handled)
 
     async def recover_domain(self, uuid: str) -> str | None:
-        """Finish or undo the domain's left-over job, if any (:mod:`agent.backup.recovery`);
-        nothing if a backup of it runs (that backup does it first)."""
+        """Finish or undo the domain's left-over job, if any (:mod:`agent.backup.recovery`).
+        Not while a backup of it runs: that backup does it first, and until it has the
+        domain stays recovering (UndoPendingError)."""
+        busy = UndoPendingError("a backup of the domain is running; it finishes this first")
         if uuid in self._running:
-            return None
+            raise busy
         async with self.domain_lock(uuid):
             if uuid in self._running:
-                return None
+                raise busy
             return await self._undo.leftover(uuid)
+
+    async def sweep_staging(self) -> list[Path]:
+        """Staging and retention leftovers that no intent names any more (a crash between
+        the two), removed or finished, for every domain with no backup running."""
+        busy = self._staging.values
+        return await self._undo.clean_staging(skip=lambda domain: domain in busy())
 
     @property
     def undo(self) -> Undo:
@@ -218,11 +232,16 @@ class Backups:
         await self._disks.close()
 
     async def _run(
-        self, uuid: str, mode: BackupMode, progress: Progress | None, keep_last: int | None
+        self,
+        uuid: str,
+        mode: BackupMode,
+        progress: Progress | None,
+        keep_last: int | None,
+        job_id: str | None,
     ) -> BackupResult:
         started = time.monotonic()
         phases = Phases()
-        info, plan, latest, job = await self._prepare(uuid, mode)
+        info, plan, latest, job = await self._prepare(uuid, mode, job_id)
         phases.mark("plan")
         manifest = await self._execute_or_undo(info, plan, job, latest, progress, phases)
         # Published: what it wrote is in the free space now; retention's merge is measured
@@ -244,18 +263,22 @@ class Backups:
     # -- 1 and 2: plan, intent ---------------------------------------------------------
 
     async def _prepare(
-        self, uuid: str, mode: BackupMode
+        self, uuid: str, mode: BackupMode, job_id: str | None = None
     ) -> tuple[DomainInfo, BackupPlan, Manifest | None, Job]:
         """Plan the job, stage it, write its intent: nothing in libvirt changed yet."""
-        await self.repository.ensure_ready()  # not mounted, another one: nothing written
+        # Not mounted, another one: nothing written. An agent upgraded from before markers
+        # whose repository is not mounted yet must not start a new one on the bare path.
+        first_ever = not await self._chains.ledger.has_backups()
+        await self.repository.ensure_ready(create=first_ever)
         info = await self._domains.refresh(uuid)
         if info is None or not info.state.active:
             raise BackupError("the domain is not running", code="domain-not-running")
         plan, latest = await self._plan(info, mode)
         await self._check_space(plan)
         backup_id = self.repository.new_backup_id()
+        self._staging[uuid] = info.name  # before it exists: the sweep leaves it alone
         staging = await self.repository.stage(info.name, backup_id)
-        job = self._new_job(info, plan, backup_id, staging)
+        job = dataclasses.replace(self._new_job(info, plan, backup_id, staging), job_id=job_id)
         await self._intents.write(job)
         self._faults("backup:planned")
         return info, plan, latest, job
@@ -345,6 +368,10 @@ class Backups:
             # domain's lock must not be released while the undo changes its checkpoints.
             began_publishing = job.uuid in self._publishing
             await to_completion(self._undo.after_failure(job, began_publishing=began_publishing))
+            if isinstance(exc, FilesystemHungError):
+                raise BackupError(
+                    f"backup of {info.name} failed: {exc}", code="filesystem-hung", domain=info.name
+                ) from exc
             if isinstance(exc, NotConnectedError):
                 raise BackupError(
                     f"backup of {info.name} failed: libvirt went away during the backup "
@@ -436,17 +463,23 @@ class Backups:
         phases: Phases,
     ) -> _Copied:
         self._faults("backup:beginning")
-        try:
-            await self._connection.call(
+        begin = asyncio.ensure_future(
+            self._connection.call(
                 "begin backup",
                 libvirt_job.begin,
                 info.uuid,
                 libvirt_job.backup_xml(plan, job),
                 libvirt_job.checkpoint_xml(plan, job),
             )
-        except VirtTimeoutError as exc:
-            # libvirt may still begin the job: the undo waits for the call to return.
-            if exc.pending is not None:
+        )
+        try:
+            await asyncio.shield(begin)
+        except BaseException as exc:
+            # Cancelled, or timed out here: libvirt may still begin the job. The undo
+            # waits for the call itself to return before it takes the job for over.
+            if not begin.done():
+                self._undo.begin_unsettled(info.uuid, begin)
+            elif isinstance(exc, VirtTimeoutError) and exc.pending is not None:
                 self._undo.begin_unsettled(info.uuid, exc.pending)
             raise
         phases.mark("begin")
@@ -484,10 +517,11 @@ class Backups:
             await self._finish(info, job, keep_last)
         except (AgentError, OSError) as exc:
             log.error(
-                "backup published, but marking it in the ledger failed; retried at next start",
+                "backup published, but marking it in the ledger failed; finished by recovery",
                 backup_id=job.backup_id,
                 error=str(exc),
             )
+            self._undo.left(job.uuid, f"finishing the published backup {job.backup_id}: {exc}")
 
     async def _finish(self, info: DomainInfo, job: Job, keep_last: int | None) -> None:
         await self._chains.backup_succeeded(info.name, job.checkpoint)
@@ -500,6 +534,11 @@ class Backups:
         await self._intents.drop(job)
 
     # -- recovery (agent.backup.undo, agent.backup.recovery) ---------------------------
+
+    async def published_job(self, job_id: str) -> Manifest | None:
+        """The backup a killed agent's job ``job_id`` had published, if it had: its
+        intent says so (or the repository does), or recovery finished it forward."""
+        return await self._undo.published_job(job_id)
 
     async def leftovers(self) -> list[Path]:
         """Intents of jobs not yet undone (an undo keeps its intent until libvirt's job

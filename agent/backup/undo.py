@@ -34,12 +34,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from agent.backup import libvirt_job
 from agent.backup.job import Intents, Job
 from agent.chain.checkpoints import Chains
-from agent.core.errors import AgentError, BackupError, BackupNotFoundError, VirtError
+from agent.core.errors import (
+    AgentError,
+    BackupError,
+    BackupNotFoundError,
+    VirtError,
+    VirtTimeoutError,
+)
 from agent.core.logs import get_logger
+from agent.repository.manifest import Manifest
 from agent.repository.store import Repository
 from agent.virt.connection import VirtConnection
 
@@ -73,14 +81,22 @@ class Undo:
         self._begin_wait = begin_wait
         # Per domain UUID: a backupBegin that timed out on our side and may still start
         # libvirt's job; its job is not taken for over until the call has returned.
-        self._begins: dict[str, asyncio.Future[object]] = {}
+        self._begins: dict[str, asyncio.Future[Any]] = {}
+        # Jobs (by the agent's job id) whose published backup was finished forward here.
+        self._forward: dict[str, tuple[str, str]] = {}
         self.pending = asyncio.Event()  # set when an undo is left to be tried again
         # Told at once which domain's undo was left, and why (recovery tracks it).
         self.on_pending: Callable[[str, str], None] = lambda uuid, why: None
 
-    def begin_unsettled(self, uuid: str, call: asyncio.Future[object]) -> None:
-        """A job's ``backupBegin`` timed out here but still runs in libvirt."""
+    def begin_unsettled(self, uuid: str, call: asyncio.Future[Any]) -> None:
+        """A job's ``backupBegin`` timed out here, or its caller was cancelled, while the
+        call still runs in libvirt."""
         self._begins[uuid] = call
+
+    def left(self, uuid: str, why: str) -> None:
+        """Something of the domain's job is left for recovery to finish or undo."""
+        self.on_pending(uuid, why)
+        self.pending.set()
 
     async def after_failure(self, job: Job, *, began_publishing: bool) -> None:
         """Undo, without letting a failure of the undo hide why the backup failed.
@@ -106,8 +122,7 @@ class Undo:
                 domain=job.domain,
                 error=str(exc),
             )
-            self.on_pending(job.uuid, str(exc))
-            self.pending.set()
+            self.left(job.uuid, str(exc))
 
     async def leftover(self, uuid: str) -> str | None:
         """Finish or undo the job a previous agent (or a failed undo) left for this domain.
@@ -121,7 +136,7 @@ class Undo:
             if not found:
                 return None
             path = found[0]
-            text = await asyncio.to_thread(_read_if_there, path)
+            text = await self._intents.read(path)
             if text is None:
                 return None
             job = Job.from_json(text)
@@ -146,9 +161,10 @@ class Undo:
         """UUIDs of the domains whose intents are still there."""
         return [path.stem for path in await self._intents.leftovers()]
 
-    async def clean_staging(self) -> list[Path]:
-        """Staged backups no intent names any more (a crash between the two)."""
-        stale = await self._repository.cleanup_staging()
+    async def clean_staging(self, skip: Callable[[str], bool] = lambda domain: False) -> list[Path]:
+        """Staged backups no intent names any more (a crash between the two), and
+        retentions left half-done, except for the domains ``skip`` names (a backup runs)."""
+        stale = await self._repository.cleanup_staging(skip=skip)
         for path in stale:
             log.info("removed staged backup left by a crash", path=str(path))
         return stale
@@ -179,8 +195,16 @@ class Undo:
                     "aborted once it has",
                     domain=job.domain,
                 ) from None
+            except VirtTimeoutError as exc:  # a cancelled caller's call timed out since
+                if exc.pending is not None and not exc.pending.done():
+                    self._begins[job.uuid] = exc.pending
+                    raise UndoPendingError(
+                        "libvirt has not answered the backup's begin call yet; its job is "
+                        "aborted once it has",
+                        domain=job.domain,
+                    ) from exc
             except Exception as exc:  # it failed: then libvirt started no job
-                log.info("the backup's timed-out begin failed in the end", error=str(exc))
+                log.info("the backup's unsettled begin failed in the end", error=str(exc))
             self._begins.pop(job.uuid, None)
         try:
             await self._connection.call(
@@ -197,12 +221,33 @@ class Undo:
         stands; finish marking it."""
         await self._chains.backup_succeeded(job.domain, job.checkpoint)
         await self._intents.drop(job)
+        if job.job_id is not None:
+            self._forward[job.job_id] = (job.domain, job.backup_id)
         log.info("published backup finished", backup_id=job.backup_id, domain=job.domain)
+
+    async def published_job(self, job_id: str) -> Manifest | None:
+        """The backup the agent's job ``job_id`` published before the agent died, if it
+        did (see :meth:`Backups.published_job`)."""
+        found = self._forward.get(job_id)
+        if found is None:
+            for path in await self._intents.leftovers():
+                text = await self._intents.read(path)
+                job = Job.from_json(text) if text is not None else None
+                if job is not None and job.job_id == job_id and await self._published(job):
+                    found = (job.domain, job.backup_id)
+                    break
+        found = found or self._forward.get(job_id)  # finished forward meanwhile
+        if found is None:
+            return None
+        return await self._repository.backup(*found)
 
     async def _published(self, job: Job) -> bool:
         """Whether the job's backup is in the repository. An intent that says published
         must find it there (else an error); one that does not may be from an agent
         killed between the rename and rewriting the intent."""
+        # Not found in a repository that is not mounted (or another one) says nothing:
+        # RepositoryMarkerError then, and the job is decided once it is back.
+        await self._repository.check_marker()
         try:
             await self._repository.backup(job.domain, job.backup_id)
         except BackupNotFoundError:
@@ -210,10 +255,3 @@ class Undo:
                 raise
             return False
         return True
-
-
-def _read_if_there(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        return None

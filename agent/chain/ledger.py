@@ -165,6 +165,13 @@ class Ledger:
         rows = await self._call("domains", lambda db: db.execute(sql).fetchall())
         return [domain for (domain,) in rows]
 
+    async def has_backups(self) -> bool:
+        """Whether any checkpoint of any domain ever had a successful backup."""
+        states = (CheckpointState.ACTIVE, CheckpointState.PRUNING, CheckpointState.PRUNED)
+        sql = f"SELECT 1 FROM checkpoints WHERE state IN ({', '.join('?' * len(states))}) LIMIT 1"
+        row = await self._call("any backup", lambda db: db.execute(sql, states).fetchone())
+        return row is not None
+
     # --- disk chains ---
 
     async def disk_chains(self, domain: str) -> dict[str, DiskChain]:

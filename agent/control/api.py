@@ -384,12 +384,13 @@ async def _writable(repository: Repository) -> str:
             path.unlink()
 
     try:
+        # First whether it is the repository this agent uses (a stat and two small reads;
+        # "is it mounted?" if the marker is not there): never write into a bare mount
+        # point or another repository. Then a real write.
+        await repository.check_marker()
         await Filesystem(directory, timeout=_READY_TIMEOUT).probe(
             "readyz", probe, timeout=_READY_TIMEOUT
         )
-        # It answers: now whether it is the repository this agent uses (a stat and two
-        # small reads; refused with "is it mounted?" if the marker is not there).
-        await repository.check_marker()
     except RepositoryError as exc:  # FilesystemHungError, RepositoryMarkerError
         return str(exc)
     except OSError as exc:

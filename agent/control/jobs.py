@@ -90,6 +90,19 @@ class JobRunner(Protocol):
     def __call__(self, job: Job, progress: Progress, /) -> Awaitable[JobOutcome]: ...
 
 
+Finished = Callable[[Job], Awaitable["JobOutcome | None"]]
+
+
+async def _finished(finished: Finished | None, job: Job) -> JobOutcome | None:
+    if finished is None:
+        return None
+    try:
+        return await finished(job)
+    except AgentError as exc:
+        log.warning("cannot tell whether a killed job's work was done", job=job.id, error=str(exc))
+        return None
+
+
 def error_code(exc: BaseException) -> str:
     """The machine-readable code a failed job reports for ``exc``."""
     if isinstance(exc, BackupError | JobError):
@@ -240,13 +253,29 @@ class Jobs:
 
     # -- life cycle --------------------------------------------------------------------
 
-    async def start(self) -> list[Job]:
+    async def start(self, finished: Finished | None = None) -> list[Job]:
         """Take over from the store: running jobs failed (``agent-restarted``), queued ones
-        queued again; then start taking jobs. Returns the jobs marked failed."""
+        queued again; then start taking jobs. Returns the jobs that were running.
+
+        ``finished`` tells a running job whose work was done all the same (a backup
+        published just before the agent died stands): that one succeeded.
+        """
         now = self._clock()
         restarted = []
         for job in await self.store.unfinished():
-            if job.state is JobState.RUNNING:
+            outcome = await _finished(finished, job) if job.state is JobState.RUNNING else None
+            if outcome is not None:
+                restarted.append(
+                    job.with_state(
+                        JobState.SUCCEEDED,
+                        now,
+                        backup_id=outcome.backup_id,
+                        disks=outcome.disks,
+                        result=outcome.result,
+                        progress_done=job.progress_total,
+                    )
+                )
+            elif job.state is JobState.RUNNING:
                 restarted.append(
                     job.with_state(
                         JobState.FAILED,
@@ -261,7 +290,9 @@ class Jobs:
         if restarted:
             await self.store.update_many(restarted)
             for job in restarted:
-                log.warning("job failed: the agent restarted while it ran", job=job.id)
+                log.warning(
+                    "the agent restarted while a job ran", job=job.id, state=job.state.value
+                )
                 self._notify(job)
         keep = self._limits.keep_finished_days * 86400
         with contextlib.suppress(AgentError):

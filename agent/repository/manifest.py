@@ -372,7 +372,10 @@ def _validated(text: str) -> _ManifestV2:
             failure = exc
     errors = failure.errors()
     if errors[0]["type"] == "json_invalid":
-        json.loads(text)  # raises ValueError: the standard library's words, as ever
+        try:
+            json.loads(text)  # raises ValueError: the standard library's words, as ever
+        except RecursionError:  # garbage of nested brackets: not a manifest either
+            raise ValueError("nested too deeply to be a manifest") from failure
         raise ValueError(errors[0]["ctx"]["error"]) from failure  # what only pydantic refuses
     raise _FieldError(_describe(_first(errors))) from failure
 

@@ -123,7 +123,7 @@ class Marker:
 
         try:
             data = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise damaged(f"not JSON: {exc}") from exc
         if not isinstance(data, dict) or data.get("kind") != _MARKER_KIND:
             raise damaged(f"not a {_MARKER_KIND} marker")
@@ -139,6 +139,8 @@ class Marker:
         repository_id = data.get("id")
         if not isinstance(repository_id, str) or not _is_uuid(repository_id):
             raise damaged(f"id {repository_id!r} is not a UUID")
+        # Compared with the recorded id, which is read in lower case too.
+        repository_id = repository_id.lower()
         return cls(id=repository_id, format=version, created_at=str(data.get("created_at", "")))
 
 
@@ -160,11 +162,12 @@ class RepositoryMarker:
         self.id_file = state_dir / ID_FILE
         self._timeout = timeout
 
-    async def ensure_ready(self) -> Outcome:
+    async def ensure_ready(self, *, create: bool = True) -> Outcome:
         """Before writing: the path holds the repository this agent uses, and can be
-        written; initialised or adopted if the agent records none yet. Raises
-        RepositoryMarkerError or RepositoryReadOnlyError (nothing written) otherwise."""
-        outcome = await self._bounded(_ensure, self.root, self.id_file, True)
+        written; initialised or adopted if the agent records none yet (a missing or
+        empty path is initialised only with ``create``). Raises RepositoryMarkerError or
+        RepositoryReadOnlyError (nothing written) otherwise."""
+        outcome = await self._bounded(_ensure, self.root, self.id_file, True, create)
         _log(outcome)
         return outcome
 
@@ -206,7 +209,7 @@ def _log(outcome: Outcome) -> None:
 # --- the rules (blocking: run in a worker thread) ----------------------------------------
 
 
-def _ensure(root: Path, id_file: Path, write: bool) -> Outcome:
+def _ensure(root: Path, id_file: Path, write: bool, create: bool = True) -> Outcome:
     recorded = _read_recorded(id_file)
     marker = _read_marker(root)
     if recorded is not None:
@@ -219,6 +222,14 @@ def _ensure(root: Path, id_file: Path, write: bool) -> Outcome:
     if marker is not None:
         _record(id_file, marker.id)
         return Outcome(Action.ADOPTED, root, marker.id)
+    if not create and not _content(root):
+        raise RepositoryMarkerError(
+            f"repository {root} is missing or empty and this agent records no repository id "
+            f"({id_file}), but it has made backups before (its ledger says so): is the "
+            "repository mounted? Nothing was written. A new, empty repository is started "
+            "with `backup-agent repository init`",
+            path=str(root),
+        )
     return _make(root, id_file, previous=None)
 
 

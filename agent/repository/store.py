@@ -214,12 +214,13 @@ class Repository:
 
     # -- which repository this is (agent.repository.marker) ----------------------------
 
-    async def ensure_ready(self) -> None:
+    async def ensure_ready(self, *, create: bool = True) -> None:
         """Before anything writes: the path is this agent's repository (initialised or
-        adopted if the agent records none yet) on a writable filesystem; else
-        RepositoryMarkerError or RepositoryReadOnlyError, and nothing was written."""
+        adopted if the agent records none yet; a missing or empty path only with
+        ``create``) on a writable filesystem; else RepositoryMarkerError or
+        RepositoryReadOnlyError, and nothing was written."""
         if self._marker is not None:
-            await self._marker.ensure_ready()
+            await self._marker.ensure_ready(create=create)
 
     async def check_marker(self) -> None:
         """Before reading: if the agent records a repository id, the path holds that
@@ -237,9 +238,10 @@ class Repository:
         await self.ensure_ready()
         if not BACKUP_ID_RE.fullmatch(backup_id):
             raise RepositoryError(f"{backup_id!r} is not a backup id")
-        return await self.fs.call(
-            "make the staging directory", _make_staging, self._backups_dir(domain), backup_id
-        )
+        async with self._lock(domain):  # not while a sweep goes through the domain
+            return await self.fs.call(
+                "make the staging directory", _make_staging, self._backups_dir(domain), backup_id
+            )
 
     async def create_image(
         self, staging: Path, target: str, virtual_size: int, *, backing: Manifest | None
@@ -337,11 +339,15 @@ class Repository:
         self._created.pop(staging, None)
         await self.fs.call("remove staged backup", _remove_tree, staging)
 
-    async def cleanup_staging(self) -> list[Path]:
-        """At agent start: finish interrupted retentions and remove every hidden leftover.
+    async def cleanup_staging(
+        self, *, skip: Callable[[str], bool] = lambda domain: False
+    ) -> list[Path]:
+        """Finish interrupted retentions and remove every hidden leftover, except in the
+        domains ``skip`` names (checked under the domain's lock, which :meth:`stage` takes
+        too: a backup that is about to stage, or staging, must be named by then).
 
         Removes ``.staging-*`` (backups being written when the agent died), ``.merge-*`` and
-        ``.dropped-*``; returns what it removed. Must not run while a backup is being staged.
+        ``.dropped-*``; returns what it removed.
         Refused (RepositoryMarkerError) where another repository, or none, is mounted:
         its leftovers are not this agent's.
         """
@@ -349,6 +355,8 @@ class Repository:
         removed: list[Path] = []
         for domain in await self.fs.call("list domains", _domain_names, self.root):
             async with self._lock(domain):
+                if skip(domain):
+                    continue
                 await self._finish_retention(domain)
                 removed += await self.fs.call(
                     "remove leftovers", _remove_leftovers, self._backups_dir(domain)

@@ -6,9 +6,9 @@ started with ``BACKUP_AGENT_CRASH_AT=<point>``, which SIGKILLs itself there. The
 is started again, and once it says it is ready (and recovering nothing) the test checks
 what a broken recovery gets wrong:
 
-- the killed job is over (``failed``, ``agent-restarted``), and a backup published
-  before the kill stands (in the repository, its checkpoint marked backed up, restoring
-  what the guest held when it began);
+- the killed job is over: ``failed``, ``agent-restarted`` before its backup was
+  published; after it, ``succeeded`` with that backup, which stands (in the repository,
+  its checkpoint marked backed up, restoring what the guest held when it began);
 - libvirt has no job on the domain (a left-over backup job makes every later
   ``backupBegin`` fail "cannot acquire state change lock");
 - libvirt's checkpoints are exactly the ledger's active ones, and those are the ones
@@ -187,8 +187,7 @@ async def _recovered(
         assert records[killed.checkpoint]["state"] == "discarded", records
         return killed.history.first
     published = _published_backup(case, backups, killed.history.first, killed.checkpoint)
-    if job["state"] == "succeeded":
-        assert job["backup_id"] == published, job
+    assert job["backup_id"] == published, job
     await assert_cli_restores(agent.config, td.name, published, killed.history.at_kill, tmp)
     return published
 
@@ -248,8 +247,10 @@ def _wait_recovered(agent: AgentProcess, timeout: float = 60) -> None:
 
 def _crashed_job(agent: AgentProcess, case: Case) -> dict[str, Any]:
     job = agent.wait_job("crashed", {"succeeded", "failed", "cancelled"}, 60)
-    if case.published and job["state"] == "succeeded":
-        return job  # a published backup stands; a job that says so says the truth too
+    if case.published:  # its backup stands: the job says so, with it
+        assert job["state"] == "succeeded", job
+        assert job["result"]["finished_by"] == "start-up recovery", job
+        return job
     assert job["state"] == "failed", job
     assert job["error"]["code"] == AGENT_RESTARTED, job
     return job

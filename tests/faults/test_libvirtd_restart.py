@@ -198,3 +198,59 @@ async def test_begin_that_times_out_here_while_libvirt_starts_the_job(
         if pid is not None:
             os.kill(pid, signal.SIGCONT)
         await asyncio.to_thread(daemon.ensure_libvirtd)
+
+
+async def test_backup_cancelled_while_libvirt_has_not_answered_its_begin(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    """The job is cancelled (an operator's cancel, a deadline) while ``backupBegin`` waits
+    on a stopped libvirtd; libvirtd resumes and starts the job after all. The undo waits
+    for the begin call and aborts that job: none is left, and the next backup works."""
+    stopped = threading.Event()
+
+    def stop_libvirtd_at_begin(point: str, /) -> None:
+        if point == "backup:beginning" and not stopped.is_set():
+            stopped.set()
+            pid = daemon.libvirtd_pid()
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)
+            threading.Timer(3.0, os.kill, (pid, signal.SIGCONT)).start()
+
+    cfg = config(tmp_path, libvirt={"call_timeout": 30.0, **FAST_RECONNECT})
+    try:
+        async with running_agent(cfg, faults=stop_libvirtd_at_begin) as run:
+            agent = run.agent
+            guest = await started_guest(run, domain_factory, TWO_DISKS)
+            await guest.write("vda", 0, 2 * MiB, 0x63)
+            stopped.set()
+            await agent.backups.run(guest.td.uuid)
+            await guest.write("sda", 0, 2 * MiB, 0x64)
+            expected = guest.snapshot()
+            stopped.clear()
+            since = run.recorder.mark()
+
+            backup = asyncio.create_task(agent.backups.run(guest.td.uuid))
+            await _until(stopped.is_set, 30, "the begin")
+            await asyncio.sleep(1.0)  # the begin call is in flight, libvirtd stopped
+            backup.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await backup
+            # The undo waited for the begin that libvirt carried out once resumed.
+            await run.recorder.wait_for(
+                lambda e: isinstance(e, JobCompleted) and e.domain.uuid == guest.td.uuid,
+                timeout=60,
+                since=since,
+            )
+            await _until(lambda: not agent.recovery.recovering, 60, "the undo")
+            assert _job_type(guest.td.uuid) == libvirt.VIR_DOMAIN_JOB_NONE
+            assert _files_under(cfg.run_path / "jobs", cfg.scratch_path) == []
+
+            result = await agent.backups.run(guest.td.uuid)
+            assert {d.mode for d in result.disks} == {"incremental"}
+            repo = agent.backups.repository
+            await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
+    finally:
+        pid = daemon.libvirtd_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+        await asyncio.to_thread(daemon.ensure_libvirtd)
