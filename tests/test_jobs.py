@@ -287,6 +287,32 @@ async def test_unsubscribed_and_failing_listeners_do_not_see_or_break_jobs(
     assert other.states("a") == [JobState.QUEUED, JobState.RUNNING]
 
 
+async def test_a_passing_store_fault_at_a_jobs_end_is_tried_again(
+    store: JobStore, make_jobs: MakeJobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of a job is recorded (and so enters the outbox) even if the first writes
+    fail: a job left "running" would be announced only at the next start."""
+    jobs, runners, rec = await make_jobs()
+    await submit(jobs, request("vm1", "j1"))
+    await runners.started("j1")
+    real_update = store.update
+    failures = 2
+
+    async def flaky_update(job: Job) -> None:
+        nonlocal failures
+        if job.state.finished and failures:
+            failures -= 1
+            raise JobStoreError("database is locked")
+        await real_update(job)
+
+    monkeypatch.setattr(store, "update", flaky_update)
+    runners.finish("j1", OUTCOME)
+    assert (await rec.ended("j1")).state is JobState.SUCCEEDED
+    assert failures == 0
+    assert (await stored(store, "j1")).state is JobState.SUCCEEDED
+    assert [job.id for job in await jobs.unpublished_ends(10)] == ["j1"]
+
+
 async def test_same_id_twice_is_one_job(store: JobStore, make_jobs: MakeJobs) -> None:
     jobs, runners, rec = await make_jobs()
     runners.progress["j1"] = (4, 8)

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from agent.core.retry import JITTER, Backoff, retry_forever
+from agent.core.retry import JITTER, Backoff, retry_briefly, retry_forever
 
 
 class _Enough(BaseException):
@@ -187,3 +187,44 @@ async def test_the_largest_draw_adds_exactly_the_jitter_fraction() -> None:
 
     await _run(rec, fails, Backoff(1.0, 4.0, draw=lambda: 1.0))
     assert rec.delays == [1.25, 2.5, 5.0, 5.0, 5.0]
+
+
+async def test_retry_briefly_tries_a_few_times_then_raises_the_last_error() -> None:
+    rec = _Recorder(sleeps=100)
+    calls: list[int] = []
+
+    async def flaky() -> str:
+        calls.append(len(calls))
+        if len(calls) < 3:
+            raise OSError(f"busy {len(calls)}")
+        return "done"
+
+    got = await retry_briefly(
+        flaky,
+        attempts=4,
+        backoff=NOMINAL,
+        retry_on=(OSError,),
+        on_retry=rec.on_retry,
+        sleep=rec.sleep,
+    )
+    assert (got, len(calls), rec.delays) == ("done", 3, [0.5, 1.0])
+    assert [str(e) for _, e in rec.reported] == ["busy 1", "busy 2"]
+
+    async def broken() -> str:
+        raise OSError("still busy")
+
+    rec = _Recorder(sleeps=100)
+    with pytest.raises(OSError, match="still busy"):
+        await retry_briefly(
+            broken, attempts=3, backoff=NOMINAL, retry_on=(OSError,), sleep=rec.sleep
+        )
+    assert rec.delays == [0.5, 1.0], "three attempts: two waits, then the error"
+
+    async def wrong() -> str:
+        raise ValueError("not retried")
+
+    with pytest.raises(ValueError):
+        await retry_briefly(
+            wrong, attempts=3, backoff=NOMINAL, retry_on=(OSError,), sleep=rec.sleep
+        )
+    assert rec.delays == [0.5, 1.0]

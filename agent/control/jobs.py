@@ -56,11 +56,14 @@ from agent.core.errors import (
     RepositorySpaceError,
 )
 from agent.core.logs import get_logger
+from agent.core.retry import Backoff, retry_briefly
 from agent.core.shielding import to_completion
 
 log = get_logger("jobs")
 
 AGENT_RESTARTED = "agent-restarted"
+_END_WRITES = 4  # tries at recording a job's end: 0.5 s, 1 s, 2 s between them
+_END_BACKOFF = Backoff(initial=0.5, maximum=2.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,7 +463,20 @@ class Jobs:
             state, self._clock(), error_code=code, error_message=message, **changes
         )
         try:
-            await self.store.update(done)
+            # A passing fault (a busy or briefly full state filesystem) must not leave the
+            # job "running" and its end unpublished until the next start: a few tries.
+            await retry_briefly(
+                lambda: self.store.update(done),
+                attempts=_END_WRITES,
+                backoff=_END_BACKOFF,
+                retry_on=(AgentError,),
+                on_retry=lambda delay, error: log.warning(
+                    "recording the end of a job failed; trying again",
+                    job=job.id,
+                    retry_in=round(delay, 2),
+                    error=str(error),
+                ),
+            )
         except Exception as exc:
             # The job stays "running" in the store: at the next start it is reported as
             # agent-restarted, which is the truth as far as anyone can tell. Its end is

@@ -1,5 +1,8 @@
 """Retrying for ever with jittered exponential back-off: the agent's one retry loop.
 
+:func:`retry_briefly` is its short sibling: a few attempts of one call that a passing
+fault may fail (a store write), then the last error.
+
 The libvirt connection (:mod:`agent.virt.connection`) and the scheduler's message
 session (:mod:`agent.control.messages`) both live in :func:`retry_forever`: something
 that comes up, stays up for a while, and is lost (or never comes up), tried again for as
@@ -26,10 +29,18 @@ import asyncio
 import dataclasses
 import random
 from collections.abc import Awaitable, Callable
-from typing import Final, NoReturn
+from typing import Final, NoReturn, TypeVar
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, retry_if_result
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    retry_if_result,
+    stop_after_attempt,
+)
 from tenacity.wait import wait_base, wait_exponential
+
+T = TypeVar("T")
 
 #: The largest random extra of a delay, as a fraction of the delay.
 JITTER: Final = 0.25
@@ -96,6 +107,31 @@ async def retry_forever(
             # from this number when the loop goes on.
             trial.retry_state.attempt_number = 1
     raise AssertionError("tenacity ended a retry that never stops")  # pragma: no cover
+
+
+async def retry_briefly(
+    call: Callable[[], Awaitable[T]],
+    *,
+    attempts: int,
+    backoff: Backoff,
+    retry_on: tuple[type[Exception], ...],
+    on_retry: Callable[[float, Exception | None], None] = lambda delay, error: None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> T:
+    """``call()``, tried up to ``attempts`` times while it raises one of ``retry_on``,
+    waiting as ``backoff`` says in between; the last error is raised as it is."""
+    retrying = AsyncRetrying(
+        sleep=sleep,
+        wait=backoff.wait(),
+        stop=stop_after_attempt(attempts),
+        retry=retry_if_exception_type(retry_on),
+        before_sleep=lambda state: on_retry(*_delay_and_error(state)),
+        reraise=True,
+    )
+    async for trial in retrying:
+        with trial:
+            return await call()
+    raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
 
 
 def _delay_and_error(state: RetryCallState) -> tuple[float, Exception | None]:
