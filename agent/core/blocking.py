@@ -47,6 +47,9 @@ class _Call:
     what: str
     fn: Callable[[], Any]
     future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
+    # Its caller's clock starts here, not when a thread takes it up (later, on a loaded
+    # machine): a call its caller gave up on must count as overdue at once.
+    submitted: float = field(default_factory=time.monotonic)
 
 
 class _Pool:
@@ -84,13 +87,13 @@ class _Pool:
         with self._lock:
             started = [(now - t, what) for t, what in self.running.values()]
         oldest = max(started, default=None)
-        return oldest if oldest is not None and oldest[0] > timeout else None
+        return oldest if oldest is not None and oldest[0] >= timeout else None
 
     def _work(self) -> None:
         while (call := self._next()) is not None:
             key = next(self._ids)
             with self._lock:
-                self.running[key] = (time.monotonic(), call.what)
+                self.running[key] = (call.submitted, call.what)
             try:
                 result = call.fn()
             except BaseException as exc:

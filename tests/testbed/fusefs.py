@@ -170,11 +170,31 @@ class FuseServer:
         self.log = log
 
     def hang(self) -> None:
-        """Every call on the mount waits from now on (until :meth:`resume`)."""
+        """Every call on the mount waits from now on (until :meth:`resume`).
+
+        Returns once every thread of the server is stopped: SIGSTOP takes effect in each
+        thread only as it next returns from the kernel, and a loaded machine can let a
+        few more calls through in between.
+        """
         os.kill(self.proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while not _all_stopped(self.proc.pid):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the FUSE server {self.proc.pid} did not stop")
+            time.sleep(0.001)
 
     def resume(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)
+
+
+def _all_stopped(pid: int) -> bool:
+    """Every thread of ``pid`` in the stopped state (``T``)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            stat = (task / "stat").read_text()
+            if stat[stat.rindex(")") + 2] not in "Tt":
+                return False
+    return True
 
 
 def _mounted(mountpoint: Path) -> bool:
