@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -29,6 +29,25 @@ class _Undo:
     async def clean_staging(self) -> list[object]:
         self.cleaned += 1
         return []
+
+
+def _recovery(
+    undo: _Undo,
+    recover_domain: Callable[[str], Awaitable[str | None]],
+    *,
+    sweep: Callable[[], Awaitable[object]] | None = None,
+    timeout: float = 5,
+    connected: Callable[[], bool] = lambda: True,
+    on_recovered: Callable[[str], Awaitable[None]] | None = None,
+) -> Recovery:
+    return Recovery(
+        undo,  # type: ignore[arg-type]
+        recover_domain,
+        sweep if sweep is not None else undo.clean_staging,
+        timeout=timeout,
+        connected=connected,
+        on_recovered=on_recovered,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -65,14 +84,7 @@ async def test_one_failing_domain_holds_up_no_other_and_is_retried_on_wake() -> 
     async def on_recovered(uuid: str) -> None:
         recovered.append(uuid)
 
-    recovery = Recovery(
-        undo,  # type: ignore[arg-type]
-        recover_domain,
-        undo.clean_staging,
-        timeout=5,
-        connected=lambda: True,
-        on_recovered=on_recovered,
-    )
+    recovery = _recovery(undo, recover_domain, on_recovered=on_recovered)
     assert await recovery.scan() == ["a", "b", "c"]
     assert set(recovery.recovering) == {"a", "b", "c"}
     async with _running(recovery):
@@ -96,13 +108,7 @@ async def test_a_domain_over_its_deadline_is_left_for_later_and_the_rest_go_on()
             await asyncio.sleep(3600)
         return None
 
-    recovery = Recovery(
-        undo,  # type: ignore[arg-type]
-        recover_domain,
-        undo.clean_staging,
-        timeout=0.2,
-        connected=lambda: True,
-    )
+    recovery = _recovery(undo, recover_domain, timeout=0.2)
     await recovery.scan()
     async with _running(recovery):
         await asyncio.wait_for(recovery.first_pass.wait(), 5)
@@ -121,13 +127,7 @@ async def test_nothing_is_tried_while_libvirt_is_away_and_a_left_undo_is_tracked
         calls.append(uuid)
         return None
 
-    recovery = Recovery(
-        undo,  # type: ignore[arg-type]
-        recover_domain,
-        undo.clean_staging,
-        timeout=5,
-        connected=lambda: connected,
-    )
+    recovery = _recovery(undo, recover_domain, connected=lambda: connected)
     await recovery.scan()
     # A job's undo left pending while the agent runs: known before any pass.
     undo.on_pending("z", "abort backup job: not connected")
@@ -150,13 +150,7 @@ async def test_failures_keep_the_domain_with_its_reason(error: Exception) -> Non
     async def recover_domain(uuid: str) -> str | None:
         raise error
 
-    recovery = Recovery(
-        undo,  # type: ignore[arg-type]
-        recover_domain,
-        undo.clean_staging,
-        timeout=5,
-        connected=lambda: True,
-    )
+    recovery = _recovery(undo, recover_domain)
     await recovery.scan()
     async with _running(recovery):
         await asyncio.wait_for(recovery.first_pass.wait(), 5)
@@ -173,13 +167,7 @@ async def test_the_loop_reads_the_intents_itself_before_its_first_pass() -> None
         calls.append(uuid)
         return None
 
-    recovery = Recovery(
-        undo,  # type: ignore[arg-type]
-        recover_domain,
-        undo.clean_staging,
-        timeout=5,
-        connected=lambda: True,
-    )
+    recovery = _recovery(undo, recover_domain)
     async with _running(recovery):
         await asyncio.wait_for(recovery.first_pass.wait(), 5)
         assert calls == ["a"]
@@ -198,13 +186,7 @@ async def test_a_failed_sweep_is_retried_without_any_domain_recovering() -> None
     async def recover_domain(uuid: str) -> str | None:
         return None
 
-    recovery = Recovery(
-        undo,  # type: ignore[arg-type]
-        recover_domain,
-        sweep,
-        timeout=5,
-        connected=lambda: True,
-    )
+    recovery = _recovery(undo, recover_domain, sweep=sweep)
     async with _running(recovery):
         await asyncio.wait_for(recovery.first_pass.wait(), 5)
         assert sweeps == 1

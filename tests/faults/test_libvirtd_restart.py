@@ -10,10 +10,12 @@ remove the scratch files; the next backup succeeds without restarting anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import libvirt
@@ -23,8 +25,16 @@ from agent.core.errors import BackupError
 from agent.core.faults import CRASH_ENV
 from agent.virt.connection import ConnState
 from agent.virt.events import JobCompleted
-from tests.guest_model import MiB, agent_cli, assert_restores, config, config_file, started_guest
-from tests.harness import TWO_DISKS, running_agent
+from tests.guest_model import (
+    Guest,
+    MiB,
+    agent_cli,
+    assert_restores,
+    config,
+    config_file,
+    started_guest,
+)
+from tests.harness import TWO_DISKS, RunningAgent, running_agent
 from tests.testbed import daemon
 from tests.testbed.domains import DomainFactory
 
@@ -144,60 +154,83 @@ async def test_agent_and_libvirtd_both_killed_mid_copy(
         assert _job_type(guest.td.uuid) == libvirt.VIR_DOMAIN_JOB_NONE
 
 
+class _StopAtBegin:
+    """A fault hook: SIGSTOP libvirtd as the armed backup begins, SIGCONT it ``resume``
+    seconds later (on a timer thread; the hook may run on the data plane's thread)."""
+
+    def __init__(self, resume: float) -> None:
+        self.resume = resume
+        self.stopped = threading.Event()
+        self.stopped.set()  # disarmed
+
+    def __call__(self, point: str, /) -> None:
+        if point == "backup:beginning" and not self.stopped.is_set():
+            self.stopped.set()
+            pid = daemon.libvirtd_pid()
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)
+            threading.Timer(self.resume, os.kill, (pid, signal.SIGCONT)).start()
+
+
+@contextlib.asynccontextmanager
+async def _begin_stalls(
+    domain_factory: DomainFactory, tmp_path: Path, *, call_timeout: float, resume: float
+) -> AsyncIterator[tuple[RunningAgent, Guest, _StopAtBegin, dict[str, bytes]]]:
+    """An agent whose next backup begins while libvirtd is stopped, on a guest with one
+    backup made and writes since (``expected``); libvirtd is resumed at the end, always."""
+    hook = _StopAtBegin(resume)
+    cfg = config(tmp_path, libvirt={"call_timeout": call_timeout, **FAST_RECONNECT})
+    try:
+        async with running_agent(cfg, faults=hook) as run:
+            guest = await started_guest(run, domain_factory, TWO_DISKS)
+            await guest.write("vda", 0, 2 * MiB, 0x61)
+            await run.agent.backups.run(guest.td.uuid)
+            await guest.write("sda", 0, 2 * MiB, 0x62)
+            expected = guest.snapshot()
+            hook.stopped.clear()  # armed
+            yield run, guest, hook, expected
+    finally:
+        pid = daemon.libvirtd_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+        await asyncio.to_thread(daemon.ensure_libvirtd)
+
+
+async def _started_job_ended_then_next_restores(
+    run: RunningAgent, guest: Guest, since: int, expected: dict[str, bytes], tmp_path: Path
+) -> None:
+    """libvirt started the job once it ran again (its JOB_COMPLETED is seen), the undo
+    ended it and left nothing; the next backup is incremental and restores exactly."""
+    agent, cfg = run.agent, run.agent.config
+    await run.recorder.wait_for(
+        lambda e: isinstance(e, JobCompleted) and e.domain.uuid == guest.td.uuid,
+        timeout=60,
+        since=since,
+    )
+    await _until(lambda: not agent.recovery.recovering, 60, "the undo")
+    assert _job_type(guest.td.uuid) == libvirt.VIR_DOMAIN_JOB_NONE
+    assert _files_under(cfg.run_path / "jobs", cfg.scratch_path) == []
+    result = await agent.backups.run(guest.td.uuid)
+    assert {d.mode for d in result.disks} == {"incremental"}
+    repo = agent.backups.repository
+    await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
+    assert _job_type(guest.td.uuid) == libvirt.VIR_DOMAIN_JOB_NONE
+
+
 async def test_begin_that_times_out_here_while_libvirt_starts_the_job(
     domain_factory: DomainFactory, tmp_path: Path
 ) -> None:
     """libvirtd stopped (SIGSTOP) just as the backup begins: ``backupBegin`` times out on
     the agent's side (``call_timeout``), then libvirtd resumes and starts the job after
     all. The undo must wait for that call and abort the job it started."""
-    call_timeout = 2.0
-    stopped = threading.Event()
-
-    def stop_libvirtd_at_begin(point: str, /) -> None:
-        if point == "backup:beginning" and not stopped.is_set():
-            stopped.set()
-            pid = daemon.libvirtd_pid()
-            assert pid is not None
-            os.kill(pid, signal.SIGSTOP)
-            threading.Timer(call_timeout + 1.5, os.kill, (pid, signal.SIGCONT)).start()
-
-    cfg = config(tmp_path, libvirt={"call_timeout": call_timeout, **FAST_RECONNECT})
-    try:
-        async with running_agent(cfg, faults=stop_libvirtd_at_begin) as run:
-            agent = run.agent
-            guest = await started_guest(run, domain_factory, TWO_DISKS)
-            await guest.write("vda", 0, 2 * MiB, 0x61)
-            stopped.set()
-            await agent.backups.run(guest.td.uuid)
-            await guest.write("sda", 0, 2 * MiB, 0x62)
-            expected = guest.snapshot()
-            stopped.clear()
-            since = run.recorder.mark()
-
-            with pytest.raises(BackupError) as failed:
-                await agent.backups.run(guest.td.uuid)
-            assert stopped.is_set()
-            assert "begin backup: no answer from libvirt" in str(failed.value), failed.value
-            # libvirt did start the job once it ran again, and the agent ended it.
-            await run.recorder.wait_for(
-                lambda e: isinstance(e, JobCompleted) and e.domain.uuid == guest.td.uuid,
-                timeout=60,
-                since=since,
-            )
-            await _until(lambda: not agent.recovery.recovering, 60, "the undo")
-            assert _job_type(guest.td.uuid) == libvirt.VIR_DOMAIN_JOB_NONE
-            assert _files_under(cfg.run_path / "jobs", cfg.scratch_path) == []
-
-            result = await agent.backups.run(guest.td.uuid)
-            assert {d.mode for d in result.disks} == {"incremental"}
-            repo = agent.backups.repository
-            await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
-            assert _job_type(guest.td.uuid) == libvirt.VIR_DOMAIN_JOB_NONE
-    finally:
-        pid = daemon.libvirtd_pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGCONT)
-        await asyncio.to_thread(daemon.ensure_libvirtd)
+    stalls = _begin_stalls(domain_factory, tmp_path, call_timeout=2.0, resume=3.5)
+    async with stalls as (run, guest, hook, expected):
+        since = run.recorder.mark()
+        with pytest.raises(BackupError) as failed:
+            await run.agent.backups.run(guest.td.uuid)
+        assert hook.stopped.is_set()
+        assert "begin backup: no answer from libvirt" in str(failed.value), failed.value
+        await _started_job_ended_then_next_restores(run, guest, since, expected, tmp_path)
 
 
 async def test_backup_cancelled_while_libvirt_has_not_answered_its_begin(
@@ -206,51 +239,13 @@ async def test_backup_cancelled_while_libvirt_has_not_answered_its_begin(
     """The job is cancelled (an operator's cancel, a deadline) while ``backupBegin`` waits
     on a stopped libvirtd; libvirtd resumes and starts the job after all. The undo waits
     for the begin call and aborts that job: none is left, and the next backup works."""
-    stopped = threading.Event()
-
-    def stop_libvirtd_at_begin(point: str, /) -> None:
-        if point == "backup:beginning" and not stopped.is_set():
-            stopped.set()
-            pid = daemon.libvirtd_pid()
-            assert pid is not None
-            os.kill(pid, signal.SIGSTOP)
-            threading.Timer(3.0, os.kill, (pid, signal.SIGCONT)).start()
-
-    cfg = config(tmp_path, libvirt={"call_timeout": 30.0, **FAST_RECONNECT})
-    try:
-        async with running_agent(cfg, faults=stop_libvirtd_at_begin) as run:
-            agent = run.agent
-            guest = await started_guest(run, domain_factory, TWO_DISKS)
-            await guest.write("vda", 0, 2 * MiB, 0x63)
-            stopped.set()
-            await agent.backups.run(guest.td.uuid)
-            await guest.write("sda", 0, 2 * MiB, 0x64)
-            expected = guest.snapshot()
-            stopped.clear()
-            since = run.recorder.mark()
-
-            backup = asyncio.create_task(agent.backups.run(guest.td.uuid))
-            await _until(stopped.is_set, 30, "the begin")
-            await asyncio.sleep(1.0)  # the begin call is in flight, libvirtd stopped
-            backup.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await backup
-            # The undo waited for the begin that libvirt carried out once resumed.
-            await run.recorder.wait_for(
-                lambda e: isinstance(e, JobCompleted) and e.domain.uuid == guest.td.uuid,
-                timeout=60,
-                since=since,
-            )
-            await _until(lambda: not agent.recovery.recovering, 60, "the undo")
-            assert _job_type(guest.td.uuid) == libvirt.VIR_DOMAIN_JOB_NONE
-            assert _files_under(cfg.run_path / "jobs", cfg.scratch_path) == []
-
-            result = await agent.backups.run(guest.td.uuid)
-            assert {d.mode for d in result.disks} == {"incremental"}
-            repo = agent.backups.repository
-            await assert_restores(repo, guest.td.name, result.backup_id, expected, tmp_path)
-    finally:
-        pid = daemon.libvirtd_pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGCONT)
-        await asyncio.to_thread(daemon.ensure_libvirtd)
+    stalls = _begin_stalls(domain_factory, tmp_path, call_timeout=30.0, resume=3.0)
+    async with stalls as (run, guest, hook, expected):
+        since = run.recorder.mark()
+        backup = asyncio.create_task(run.agent.backups.run(guest.td.uuid))
+        await _until(hook.stopped.is_set, 30, "the begin")
+        await asyncio.sleep(1.0)  # the begin call is in flight, libvirtd stopped
+        backup.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await backup
+        await _started_job_ended_then_next_restores(run, guest, since, expected, tmp_path)
