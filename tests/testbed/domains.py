@@ -1,11 +1,16 @@
 """Throw-away libvirt/QEMU domains for the real-libvirt tests.
 
 ``make_domain`` builds a minimal q35 guest (64 MiB, 1 vCPU, no OS, no graphics) whose
-disks are fresh images in a per-domain work directory. ``TestDomain`` then lets a test
-write known patterns into a disk *through QEMU* (HMP ``qemu-io``), hot-plug SCSI disks,
-crash QEMU, and recreate the domain. ``TestDomain.cleanup`` removes everything the bed
-made, tolerating a domain that is already gone, and touches only domains it created
-(found by its own UUID, name checked, name prefixed ``lbat-``).
+disks are fresh images in a per-domain work directory. A disk (:class:`DiskSpec`) is an
+image file (qcow2 or raw), a raw file behind a loop device (``kind="block"``), or a raw
+file served by a ``qemu-nbd`` of the bed over a Unix socket (``kind="nbd"``); it may be
+read-only, or a CD-ROM with a raw medium. ``TestDomain`` then lets a test write known
+patterns into a disk *through QEMU* (HMP ``qemu-io``), hot-plug SCSI disks, crash QEMU,
+and recreate the domain. ``TestDomain.cleanup`` removes everything the bed made (the
+domain, its loop devices, its qemu-nbd servers, its files), tolerating a domain that is
+already gone, and touches only what it created: the domain found by its own UUID (name
+checked, name prefixed ``lbat-``), each loop device by its recorded path (backing file
+checked), each qemu-nbd by the pid of the child process it started.
 
 Everything here is synchronous; async tests call it through ``asyncio.to_thread``.
 """
@@ -47,18 +52,63 @@ _POLL = 0.05
 _QEMU_IO_ERROR = re.compile(r"failed|error|invalid|cannot|non-numeric|not found", re.I)
 _HEXDUMP_LINE = re.compile(r"^([0-9a-f]{8,}):  (.*)$")
 
-DiskBus = Literal["virtio", "scsi"]
+# A Unix socket's path must fit sockaddr_un.sun_path (108 bytes with the NUL).
+_SUN_PATH_MAX = 107
+
+DiskBus = Literal["virtio", "scsi", "sata"]
 DiskFormat = Literal["qcow2", "raw"]
+DiskKind = Literal["file", "block", "nbd"]
+DiskDevice = Literal["disk", "cdrom"]
 
 
 @dataclass(frozen=True)
 class DiskSpec:
-    """One disk of a test domain: its guest target, bus, virtual size and image format."""
+    """One disk of a test domain: guest target, bus, virtual size, format and backing.
+
+    ``kind`` says what QEMU opens: ``"file"`` an image file (``format`` qcow2, the
+    default, or raw); ``"block"`` a loop device over a raw file; ``"nbd"`` an NBD export
+    of a raw file, served by a qemu-nbd of the bed on a Unix socket. ``device="cdrom"``
+    makes a CD-ROM (bus sata or scsi) whose medium is a raw file of ``size`` bytes; a
+    CD-ROM is always read-only. ``readonly`` gives the disk ``<readonly/>``.
+
+    ``format`` left as None becomes qcow2 for a file disk and raw for everything else
+    (block and nbd disks are raw only); after construction it is always set.
+    """
 
     target: str = "vda"
     bus: DiskBus = "virtio"
     size: int = 64 * MiB
-    format: DiskFormat = "qcow2"
+    format: DiskFormat | None = None
+    kind: DiskKind = "file"
+    device: DiskDevice = "disk"
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("file", "block", "nbd"):
+            raise ValueError(f"disk {self.target}: unknown kind {self.kind!r}")
+        if self.device not in ("disk", "cdrom"):
+            raise ValueError(f"disk {self.target}: unknown device {self.device!r}")
+        if self.kind != "file" and self.format not in (None, "raw"):
+            raise ValueError(f"disk {self.target}: a {self.kind} disk is raw, not {self.format}")
+        if self.device == "cdrom" and self.bus not in ("sata", "scsi"):
+            raise ValueError(f"cdrom {self.target}: bus must be sata or scsi, not {self.bus}")
+        if self.format is None:
+            default: DiskFormat = (
+                "qcow2" if self.kind == "file" and self.device == "disk" else "raw"
+            )
+            object.__setattr__(self, "format", default)
+        if self.device == "cdrom":
+            object.__setattr__(self, "readonly", True)
+
+    @property
+    def image_format(self) -> DiskFormat:
+        """The format of the disk's data (``format``, typed as always set)."""
+        return self.format or "qcow2"
+
+    @property
+    def file_name(self) -> str:
+        """Name of the file in the work dir that holds the disk's data."""
+        return f"{self.target}.{self.image_format}"
 
 
 def kvm_available() -> bool:
@@ -113,17 +163,169 @@ def image_has_pattern(
     return True
 
 
-def _disk_xml(spec: DiskSpec, path: Path) -> ET.Element:
-    disk = ET.Element("disk", type="file", device="disk")
-    # Discards reach the image (QEMU ignores them by default): tests discard on purpose.
-    ET.SubElement(disk, "driver", name="qemu", type=spec.format, discard="unmap")
-    ET.SubElement(disk, "source", file=str(path))
+# -- loop devices (kind="block") ---------------------------------------------------------
+
+
+def _losetup(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["losetup", *args], capture_output=True, text=True, check=False)
+
+
+def attach_loop(path: Path) -> str:
+    """Attach ``path`` to a free loop device (``losetup --find --show``); its /dev path."""
+    proc = _losetup("--find", "--show", str(path))
+    dev = proc.stdout.strip()
+    if proc.returncode != 0 or not dev.startswith("/dev/loop"):
+        raise RuntimeError(f"losetup --find --show {path} failed: {proc.stderr.strip()}")
+    return dev
+
+
+def loop_devices_of(path: Path) -> list[str]:
+    """Loop devices whose backing file is ``path`` (``losetup -j``), e.g. ['/dev/loop3']."""
+    proc = _losetup("--associated", str(path), "--noheadings", "--output", "NAME", "--list")
+    if proc.returncode != 0:
+        raise RuntimeError(f"losetup -j {path} failed: {proc.stderr.strip()}")
+    return proc.stdout.split()
+
+
+def loop_backing_file(dev: str) -> str | None:
+    """The backing file of loop device ``dev`` as the kernel names it; None if it is free."""
+    proc = _losetup("--noheadings", "--output", "BACK-FILE", "--list", dev)
+    back = proc.stdout.strip()
+    return back if proc.returncode == 0 and back else None
+
+
+def _maps(dev: str, backing: Path) -> bool:
+    """True if loop device ``dev`` is attached to the file ``backing``."""
+    if backing.exists():
+        return dev in loop_devices_of(backing)  # by device and inode
+    back = loop_backing_file(dev)  # file gone: by the name the kernel kept
+    return back is not None and back.removesuffix(" (deleted)") == os.path.realpath(backing)
+
+
+def detach_loop(dev: str, backing: Path, timeout: float = 5) -> None:
+    """Detach loop device ``dev`` if it (still) maps ``backing``; else leave it alone.
+
+    The backing file is checked first, so a device that was freed and then taken by
+    someone else is never detached. RuntimeError if the device still maps ``backing``
+    after ``timeout`` (the kernel defers the detach while someone, e.g. a QEMU that
+    would not die, holds the device open).
+    """
+    if not _maps(dev, backing):
+        return
+    proc = _losetup("--detach", dev)
+    if proc.returncode != 0:
+        raise RuntimeError(f"losetup -d {dev} ({backing}) failed: {proc.stderr.strip()}")
+    if not wait_until(lambda: not _maps(dev, backing), timeout):
+        raise RuntimeError(f"{dev} still maps {backing} {timeout:g}s after losetup -d (busy?)")
+
+
+# -- qemu-nbd servers (kind="nbd") -----------------------------------------------------------
+
+
+@dataclass(eq=False)
+class NbdServer:
+    """A ``qemu-nbd`` child process serving one raw file as export ``export`` on ``socket``."""
+
+    path: Path
+    socket: Path
+    export: str
+    process: subprocess.Popen[bytes] = field(repr=False)
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        """The qemu-nbd's pid (our child: it cannot be recycled before we reap it)."""
+        return self.process.pid
+
+    def alive(self) -> bool:
+        """True while the qemu-nbd runs."""
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 10) -> None:
+        """SIGTERM the qemu-nbd (SIGKILL after ``timeout``) and reap it; idempotent."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+
+
+def start_nbd_server(path: Path, socket: Path, export: str, timeout: float = 10) -> NbdServer:
+    """Start ``qemu-nbd`` serving raw ``path`` on Unix ``socket``; return once it listens.
+
+    The server is persistent (it outlives client disconnects, so a domain may be
+    destroyed and recreated) and takes up to four clients. Its output goes to
+    ``<socket>.log``. RuntimeError, with that log, if it does not come up in time.
+    """
+    if len(os.fsencode(socket)) > _SUN_PATH_MAX:
+        raise ValueError(f"NBD socket path too long for a Unix socket: {socket}")
+    log = socket.with_name(socket.name + ".log")
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                "qemu-nbd",
+                "--persistent",
+                "--shared=4",
+                "--format=raw",
+                "--discard=unmap",
+                f"--socket={socket}",
+                f"--export-name={export}",
+                str(path),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            # Its own session: a Ctrl-C of the test run must not kill it before cleanup.
+            start_new_session=True,
+        )
+    server = NbdServer(path=path, socket=socket, export=export, process=process, log=log)
+    wait_until(lambda: socket.is_socket() or not server.alive(), timeout)
+    if not server.alive() or not socket.is_socket():
+        server.stop()
+        raise RuntimeError(
+            f"qemu-nbd for {path} not listening on {socket} within {timeout:g}s "
+            f"(exit {process.returncode}): {log.read_text(errors='replace').strip()}"
+        )
+    return server
+
+
+# -- domain XML ---------------------------------------------------------------------------
+
+
+def _disk_xml(spec: DiskSpec, source: Path | NbdServer) -> ET.Element:
+    """The ``<disk>`` of ``spec``; ``source`` is the image file, the loop device (block)
+    or the NBD server (nbd)."""
+    disk = ET.Element("disk", type="network" if spec.kind == "nbd" else spec.kind)
+    disk.set("device", spec.device)
+    driver = ET.SubElement(disk, "driver", name="qemu", type=spec.image_format)
+    if not spec.readonly:
+        # Discards reach the image (QEMU ignores them by default): tests discard on purpose.
+        driver.set("discard", "unmap")
+    if isinstance(source, NbdServer):
+        if spec.kind != "nbd":
+            raise ValueError(f"disk {spec.target}: an NBD source for a {spec.kind} disk")
+        src = ET.SubElement(disk, "source", protocol="nbd", name=source.export)
+        ET.SubElement(src, "host", transport="unix", socket=str(source.socket))
+    elif spec.kind == "nbd":
+        raise ValueError(f"disk {spec.target}: an nbd disk needs an NbdServer source")
+    elif spec.kind == "block":
+        ET.SubElement(disk, "source", dev=str(source))
+    else:
+        ET.SubElement(disk, "source", file=str(source))
     ET.SubElement(disk, "target", dev=spec.target, bus=spec.bus)
+    if spec.readonly:
+        ET.SubElement(disk, "readonly")
     return disk
 
 
-def domain_xml(name: str, uuid: str | None, disks: list[tuple[DiskSpec, Path]]) -> str:
-    """XML of a minimal q35 guest with a virtio-scsi controller and the given disks."""
+def domain_xml(name: str, uuid: str | None, disks: list[tuple[DiskSpec, Path | NbdServer]]) -> str:
+    """XML of a minimal q35 guest with a virtio-scsi controller and the given disks.
+
+    Each disk comes with its source: the image file (file), the loop device (block) or
+    the NBD server (nbd). q35 has a SATA controller of its own for sata CD-ROMs.
+    """
     root = ET.Element("domain", type=domain_type())
     ET.SubElement(root, "name").text = name
     if uuid is not None:
@@ -136,15 +338,15 @@ def domain_xml(name: str, uuid: str | None, disks: list[tuple[DiskSpec, Path]]) 
     devices = ET.SubElement(root, "devices")
     ET.SubElement(devices, "emulator").text = EMULATOR
     ET.SubElement(devices, "controller", type="scsi", index="0", model="virtio-scsi")
-    for spec, path in disks:
-        devices.append(_disk_xml(spec, path))
+    for spec, source in disks:
+        devices.append(_disk_xml(spec, source))
     # No <graphics> at all: <graphics type='none'/> is rejected by libvirt.
     ET.SubElement(devices, "memballoon", model="none")
     return ET.tostring(root, encoding="unicode")
 
 
 def _is_no_domain(exc: libvirt.libvirtError) -> bool:
-    return exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+    return bool(exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -162,6 +364,11 @@ class TestDomain:
 
     ``conn`` may die when a test restarts libvirtd; every method then transparently opens
     a fresh connection (owned and closed by :meth:`cleanup`).
+
+    ``disk_paths`` maps every target to the file holding its data: the image, the loop
+    device's backing file (block) or the file qemu-nbd serves (nbd). ``block_devices``
+    maps block targets to their loop device (``/dev/loopN``), ``nbd_servers`` nbd targets
+    to their :class:`NbdServer`; both stay until :meth:`cleanup` releases them.
     """
 
     __test__: ClassVar[bool] = False  # not a pytest test class despite its name
@@ -173,6 +380,8 @@ class TestDomain:
     persistent: bool
     conn: libvirt.virConnect
     workdir: Path
+    block_devices: dict[str, str] = field(default_factory=dict)
+    nbd_servers: dict[str, NbdServer] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _owned_conns: list[libvirt.virConnect] = field(default_factory=list, repr=False)
 
@@ -305,12 +514,20 @@ class TestDomain:
         appears. Raises RuntimeError on a monitor error, on an error line from qemu-io
         (unless it contains one of ``allow``), or if ``done`` does not appear in time.
         """
+        return self._qemu_io_sequence(target, [command], done, allow=allow)
+
+    def _qemu_io_sequence(
+        self, target: str, commands: list[str], done: str, *, allow: tuple[str, ...] = ()
+    ) -> str:
+        """:meth:`qemu_io` for several commands in a row, all checked, ``done`` after the last."""
         device = self._qemu_io_device(target)
+        command = "; ".join(commands)  # for messages
         with self._lock:  # one command at a time, so outputs cannot interleave in the log
             start = self.log_path.stat().st_size if self.log_path.exists() else 0
-            reply = self.hmp(f'qemu-io -d {device} "{command}"').strip()
-            if reply:
-                raise RuntimeError(f"qemu-io {command!r} on {self.name}/{target}: {reply}")
+            for one in commands:
+                reply = self.hmp(f'qemu-io -d {device} "{one}"').strip()
+                if reply:
+                    raise RuntimeError(f"qemu-io {one!r} on {self.name}/{target}: {reply}")
             output = ""
             deadline = time.monotonic() + 10
             while True:
@@ -338,6 +555,17 @@ class TestDomain:
             f"write -P 0x{byte:02x} {offset} {length}",
             f"wrote {length}/{length} bytes at offset {offset}",
         )
+
+    def flush(self, target: str) -> None:
+        """Flush the disk's write cache through QEMU, as a guest's fsync would.
+
+        QEMU caches a block disk's writes in the host page cache of its loop device, so
+        they reach the backing file only on a flush or when QEMU closes the device; after
+        this the backing file can be checked while the domain runs. (File and nbd disks
+        need no flush for that.) ``flush`` prints nothing on success, so a one-sector read
+        follows as the marker that qemu-io is done and reported no error.
+        """
+        self._qemu_io_sequence(target, ["flush", "read 0 512"], "read 512/512 bytes at offset 0")
 
     def guest_has_pattern(self, target: str, offset: int, length: int, byte: int) -> bool:
         """True if the guest sees ``byte`` in all ``length`` bytes at ``offset``."""
@@ -493,8 +721,32 @@ class TestDomain:
             ET.SubElement(root, "uuid").text = self.uuid
             self.xml = ET.tostring(root, encoding="unicode")
 
+    def stop_nbd(self, target: str) -> None:
+        """Stop (and reap) the qemu-nbd serving ``target``, e.g. to fail the disk under QEMU.
+
+        The record stays in ``nbd_servers`` (stopped), so a test can still check its pid;
+        the domain cannot be started again with that disk.
+        """
+        self.nbd_servers[target].stop()
+
+    def _release_disks(self, errors: list[str]) -> None:
+        """Stop our qemu-nbd servers and detach our loop devices, collecting failures."""
+        for target, server in self.nbd_servers.items():
+            try:
+                server.stop()
+            except Exception as exc:  # collected and re-raised by cleanup
+                errors.append(f"stop qemu-nbd {server.pid} of {target}: {exc}")
+        for target, dev in list(self.block_devices.items()):
+            backing = self.disk_paths.get(target, self.workdir / f"{target}.raw")
+            try:
+                detach_loop(dev, backing)
+                del self.block_devices[target]
+            except Exception as exc:  # collected and re-raised by cleanup
+                errors.append(f"detach {dev} of {target}: {exc}")
+
     def cleanup(self) -> None:
-        """Destroy and undefine the domain and delete its files; tolerant of partial state.
+        """Destroy and undefine the domain, release its loop devices and qemu-nbd servers
+        and delete its files; tolerant of partial state (e.g. a domain already gone).
 
         Every step is attempted even if an earlier one failed; failures are raised together
         at the end so teardown is loud but complete.
@@ -511,6 +763,8 @@ class TestDomain:
                     log.unlink()
         else:
             errors.append(f"refusing to touch {self.name!r}: no {NAME_PREFIX} prefix")
+        # After destroy, so QEMU has let go; whatever the domain's fate, these are ours.
+        self._release_disks(errors)
         shutil.rmtree(self.workdir, ignore_errors=True)
         for conn in self._owned_conns:
             with contextlib.suppress(libvirt.libvirtError):
@@ -536,22 +790,23 @@ def make_domain(
 ) -> TestDomain:
     """Create images and a (persistent or transient) test domain; start it if asked.
 
-    The domain is appended to ``registry`` *before* anything is created, so a fixture can
-    clean up even when creation fails half-way; without a registry a failed creation
-    cleans up after itself. A transient domain is always started (``start`` is ignored).
-    If ``conn`` no longer answers (libvirtd was restarted), a fresh connection is used.
+    Block disks get a loop device and nbd disks a qemu-nbd (socket
+    ``<workdir>/nbd-<target>.sock``, export named after the target), each recorded in the
+    ``TestDomain`` as soon as it exists. The domain is appended to ``registry`` *before*
+    anything is created, so a fixture can clean up even when creation fails half-way;
+    without a registry a failed creation cleans up after itself. A transient domain is
+    always started (``start`` is ignored). If ``conn`` no longer answers (libvirtd was
+    restarted), a fresh connection is used.
     """
     if len({d.target for d in disks}) != len(disks):
         raise ValueError(f"duplicate disk targets in {disks}")
     name = new_name()
     workdir = tmp_dir / name
-    paths = {d.target: workdir / f"{d.target}.{d.format}" for d in disks}
-    xml = domain_xml(name, str(uuidlib.uuid4()), [(d, paths[d.target]) for d in disks])
-    uuid = ET.fromstring(xml).findtext("uuid", "")
+    paths = {d.target: workdir / d.file_name for d in disks}
     td = TestDomain(
         name=name,
-        uuid=uuid,
-        xml=xml,
+        uuid=str(uuidlib.uuid4()),
+        xml="",  # set once the disks' sources exist
         disk_paths=dict(paths),
         persistent=persistent,
         conn=conn,
@@ -563,8 +818,19 @@ def make_domain(
         registry.append(td)
     try:
         workdir.mkdir(parents=True)
+        sources: list[tuple[DiskSpec, Path | NbdServer]] = []
         for d in disks:
-            create_image(paths[d.target], d.size, d.format)
+            path = create_image(paths[d.target], d.size, d.image_format)
+            source: Path | NbdServer = path
+            if d.kind == "block":
+                td.block_devices[d.target] = attach_loop(path)
+                source = Path(td.block_devices[d.target])
+            elif d.kind == "nbd":
+                socket = workdir / f"nbd-{d.target}.sock"
+                td.nbd_servers[d.target] = start_nbd_server(path, socket, d.target)
+                source = td.nbd_servers[d.target]
+            sources.append((d, source))
+        xml = td.xml = domain_xml(name, td.uuid, sources)
         if persistent:
             dom = conn.defineXML(xml)
             if start:
