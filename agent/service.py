@@ -25,20 +25,27 @@ import contextlib
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
+from agent.backup.plan import DiskCoverage
 from agent.backup.recovery import Recovery
 from agent.backup.run import Backups
 from agent.chain.checkpoints import Chains
 from agent.chain.ledger import Ledger
 from agent.control.api import ApiParts, serving
 from agent.control.dispatch import Dispatcher, HandlerContext, Routes
-from agent.control.job_requests import Job, JobDisk
+from agent.control.job_requests import Job
 from agent.control.job_store import JobStore
 from agent.control.jobs import JobOutcome, Jobs
 from agent.control.messages import SchedulerMessages
-from agent.control.metrics import Metrics, StateCollector, chain_length, watch_loop_lag
+from agent.control.metrics import (
+    Metrics,
+    StateCollector,
+    chain_length,
+    domain_coverage,
+    watch_loop_lag,
+)
 from agent.control.schedules import Schedules
 from agent.core.config import AgentConfig
-from agent.core.errors import AgentError
+from agent.core.errors import AgentError, InventoryError
 from agent.core.faults import Faults, from_environment
 from agent.core.logs import get_logger
 from agent.core.sdnotify import notify
@@ -48,8 +55,9 @@ from agent.repository.store import Repository
 from agent.virt.connection import ConnState, VirtConnection
 from agent.virt.domains import Domains
 from agent.virt.events import DomainRef, Event, JobCompleted, ReconcileRequested
+from agent.virt.inventory import parse_disks
 from handlers import default_routes
-from handlers.job_kinds import job_runners
+from handlers.job_kinds import job_disks, job_runners
 
 log = get_logger("service")
 
@@ -207,7 +215,11 @@ class Agent:
         manifest = await self.backups.published_job(job.id)
         if manifest is None:
             return None
-        disks = tuple(JobDisk(d.target, d.mode, d.reason, d.bytes_copied) for d in manifest.disks)
+        try:  # in the domain's order, as the job that ran would have said
+            order = [d.target for d in parse_disks(manifest.domain_xml)]
+        except InventoryError:
+            order = []
+        disks = job_disks(manifest.disks, manifest.excluded, order)
         result = {"checkpoint": manifest.checkpoint, "finished_by": "start-up recovery"}
         return JobOutcome(backup_id=manifest.backup_id, disks=disks, result=result)
 
@@ -231,6 +243,7 @@ class Agent:
             connection=self.connection,
             repository=self.backups.repository,
             metrics=self.metrics,
+            backup=self.config.backup,
             nats=self._nats_connected,
             recovering=self._recovering,
         )
@@ -295,8 +308,14 @@ class Agent:
                 messages=self._message_counts,
                 nats=self._nats_connected,
                 recovering=lambda: self._recovering().keys(),
+                coverage=self._coverage,
             )
         )
+
+    def _coverage(self) -> dict[str, tuple[DiskCoverage, ...]]:
+        """Each live domain's disks, by name: backed up how, or left out why."""
+        backup = self.config.backup
+        return {info.name: domain_coverage(info, backup) for info in self.domains.all().values()}
 
     async def _count_chain(self, domain: str) -> None:
         try:

@@ -52,6 +52,12 @@ async def on_device_added(event: Event, ctx: HandlerContext) -> None:
         backup_capable=disk.backup_capable if disk else None,
         synthetic=event.synthetic,
     )
+    if disk is not None and disk.excluded_reason is not None and disk.writable:
+        log.warning(
+            "a writable disk was attached that backups leave out",
+            disk=disk.target,
+            reason=disk.excluded_reason,
+        )
     info = ctx.domains.get(event.domain.uuid)
     if disk is not None and info is not None:
         async with ctx.backups.domain_lock(event.domain.uuid):

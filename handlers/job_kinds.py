@@ -5,23 +5,29 @@ progress callback, does the work through the agent's parts, and returns what it
 produced or raises an :class:`~agent.core.errors.AgentError` whose code the job reports.
 Cancellation (``DELETE /v1/jobs/{id}``, shutdown) arrives as ``CancelledError``; the
 backup undoes its work itself, a restore removes its partial image.
+
+A backup job's ``disks`` name every disk of the domain, in the domain's order: each disk
+copied (``full`` or ``incremental``, with the reason), and each disk left out as
+``{"mode": "excluded", "reason": ..., "bytes_copied": 0}`` (:func:`job_disks`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 from agent.backup.plan import BackupMode
 from agent.chain.damage import break_damaged_chains
 from agent.control.dispatch import HandlerContext
-from agent.control.job_requests import Job, JobDisk, JobKind
+from agent.control.job_requests import DISK_EXCLUDED, Job, JobDisk, JobKind
 from agent.control.jobs import JobFailedError, JobOutcome, JobRunner, Progress
 from agent.control.metrics import chain_length
 from agent.core.config import AgentConfig
 from agent.core.errors import AgentError, JobError
 from agent.core.logs import get_logger
+from agent.repository.manifest import DiskManifest, ExcludedDisk
 from agent.virt.inventory import DomainInfo
 
 log = get_logger("handlers.job_kinds")
@@ -59,9 +65,22 @@ async def backup(ctx: HandlerContext, job: Job, progress: Progress) -> JobOutcom
         log.warning("cannot read the repository's backups", error=str(exc))
     return JobOutcome(
         backup_id=result.backup_id,
-        disks=tuple(JobDisk(d.target, d.mode, d.reason, d.bytes_copied) for d in result.disks),
+        disks=job_disks(result.disks, result.excluded, [d.target for d in info.disks]),
         result=outcome,
     )
+
+
+def job_disks(
+    disks: Sequence[DiskManifest],
+    excluded: Sequence[ExcludedDisk],
+    order: Sequence[str] = (),
+) -> tuple[JobDisk, ...]:
+    """A backup's disks as its job shows them: those copied, and those left out (mode
+    ``excluded``, nothing copied); in ``order`` (the domain's targets), the rest after."""
+    found = [JobDisk(d.target, d.mode, d.reason, d.bytes_copied) for d in disks]
+    found += [JobDisk(x.target, DISK_EXCLUDED, x.reason, 0) for x in excluded]
+    place = {target: i for i, target in enumerate(order)}
+    return tuple(sorted(found, key=lambda d: place.get(d.target, len(place))))
 
 
 async def restore(

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.backup.plan import BackupMode
+from agent.backup.run import BackupResult
+from agent.cli import backups as backups_cli
+from agent.repository.manifest import DiskManifest, ExcludedDisk
 from agent.repository.store import Repository
 from tests.guest_model import agent_cli, config_file
 from tests.guest_model import config as agent_config
@@ -162,7 +166,7 @@ async def test_backups_lists_the_good_and_names_the_damaged(
     assert [e["id"] for e in entries] == ids
     # Every entry has the keys it always had, and "damaged"; an unreadable one too.
     keys = {"id", "domain", "domain_uuid", "created_at", "completed_at", "mode", "parent"}
-    keys |= {"checkpoint", "bytes", "disks", "damaged"}
+    keys |= {"checkpoint", "bytes", "disks", "excluded", "damaged"}
     assert all(set(e) == keys for e in entries)
     assert [e["damaged"] for e in entries[:2]] == [[], []]
     assert entries[1]["mode"] == "incremental" and entries[1]["bytes"] == 64 * KiB
@@ -195,3 +199,33 @@ def test_backups_of_a_domain_whose_every_backup_is_damaged_fails_after_listing(
     assert f"no backup of {DOMAIN} in " in listed.stderr and "every one is damaged" in listed.stderr
     restore = agent_cli(config, "restore", DOMAIN, "--backup", backup_id, "--to", str(tmp_path))
     assert restore.returncode == 1 and "is damaged" in restore.stderr, restore.stderr
+
+
+def test_backup_names_every_disk_the_excluded_ones_with_their_reasons(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``backup-agent backup`` (in this process) prints each disk copied and each left out."""
+    copied = DiskManifest("vda", "vda.qcow2", "incremental", None, MiB, 4 * KiB, "../b", ())
+    raw = DiskManifest(
+        "vdb", "vdb.qcow2", "full", "format-raw: no persistent bitmap", MiB, 8 * KiB, None, ()
+    )
+    result = BackupResult(
+        "20261128T101500Z-1a2b3c",
+        "db1",
+        "cp-2",
+        (copied, raw),
+        1.25,
+        (ExcludedDisk("sdc", "device-cdrom"), ExcludedDisk("vdd", "excluded-by-config")),
+    )
+
+    async def run(config: object, domain: str, mode: BackupMode) -> BackupResult:
+        assert (domain, mode) == ("db1", BackupMode.INCREMENTAL)
+        return result
+
+    monkeypatch.setattr(backups_cli, "_backup", run)
+    backups_cli.backup(agent_config(tmp_path), "db1", "incremental")
+    assert capsys.readouterr().out == (
+        "backup 20261128T101500Z-1a2b3c of db1: vda incremental, "
+        "vdb full (format-raw: no persistent bitmap), sdc excluded (device-cdrom), "
+        "vdd excluded (excluded-by-config); 12288 bytes in 1.25 s\n"
+    )

@@ -34,6 +34,7 @@ from agent.core.config import (
     load_config,
     render_toml,
 )
+from agent.core.config_errors import position
 from agent.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,6 +171,90 @@ def test_control_plane_settings_are_checked(tmp_path: Path, text: str, message: 
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text))
     assert message in str(caught.value)
+
+
+def test_backup_exclude_by_name_and_pattern_every_matching_entry_applies(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(
+            tmp_path,
+            '[backup.exclude]\n"db1" = ["vdc"]\n"db*" = ["sd[x-z]", "vde"]\n"*" = ["hd?"]\n',
+        )
+    )
+    backup = cfg.backup
+    assert backup.exclude == {"db1": ["vdc"], "db*": ["sd[x-z]", "vde"], "*": ["hd?"]}
+    excluded = {
+        t for t in ("vda", "vdc", "vde", "sdx", "sdz", "sdw", "hda") if backup.excluded("db1", t)
+    }
+    assert excluded == {"vdc", "vde", "sdx", "sdz", "hda"}  # all three entries
+    assert {t for t in ("vdc", "vde", "sdy", "hdb") if backup.excluded("db2", t)} == {
+        "vde",
+        "sdy",
+        "hdb",
+    }
+    assert not backup.excluded("web", "vdc") and backup.excluded("web", "hdc")
+    # Names and targets are matched case-sensitively, and whole.
+    assert not backup.excluded("DB1", "vde") and not backup.excluded("db1", "VDC")
+    assert not backup.excluded("db1", "vdc1") and not backup.excluded("xdb1", "vde")
+    # Nothing is left out by default.
+    assert AgentConfig().backup.exclude == {}
+    assert not AgentConfig().backup.excluded("db1", "vda")
+    assert not BackupSection(exclude={"db1": []}).excluded("db1", "vda")
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "key"),
+    [
+        (
+            '[backup.exclude]\n"" = ["vdc"]\n',
+            "[backup.exclude] key '': must not be empty, got ''",
+            "backup.exclude..[key]",
+        ),
+        (
+            '[backup.exclude]\n"db1" = [""]\n',
+            "[backup.exclude.db1] 0: must not be empty, got ''",
+            "backup.exclude.db1.0",
+        ),
+        (
+            '[backup.exclude]\n"db1" = "vdc"\n',
+            "[backup.exclude] db1: input should be a valid list, got 'vdc'",
+            "backup.exclude.db1",
+        ),
+        (
+            '[backup.exclude]\n"db1" = ["vdc", 3]\n',
+            "[backup.exclude.db1] 1: expected a string, got 3",
+            "backup.exclude.db1.1",
+        ),
+        (
+            "[backup]\nexclude = 5\n",
+            "[backup] exclude: input should be a valid dictionary, got 5",
+            "backup.exclude",
+        ),
+    ],
+)
+def test_backup_exclude_values_are_checked(
+    tmp_path: Path, text: str, message: str, key: str
+) -> None:
+    path = write(tmp_path, text)
+    error = config_error(path)
+    assert str(error) == f"{path}: {message}"
+    assert error.key == key
+
+
+def test_backup_exclude_round_trips_through_render(tmp_path: Path) -> None:
+    cfg = AgentConfig(backup=BackupSection(exclude={"db1": ["vdc"], "web-*": ["sd[x-z]"]}))
+    loaded = load_config(write(tmp_path, render_toml(cfg)))
+    assert loaded.backup.exclude == cfg.backup.exclude
+    assert loaded.backup.excluded("web-3", "sdy")
+
+
+def test_errors_are_ordered_by_where_their_keys_are_in_the_file() -> None:
+    data = {"http": {"port": "x", "listen": 1}, "backup": {"exclude": {"a": [1], "b": [""]}}}
+    assert position(data, ("http", "listen")) == (0, 1)
+    assert position(data, ("backup", "exclude", "b", 0)) == (1, 0, 1)
+    # A location the file does not hold (a default's check, pydantic's "[key]"): as far
+    # as it goes.
+    assert position(data, ("backup", "exclude", "a", "[key]")) == (1, 0, 0)
+    assert position(data, ("jobs", "restore_dir")) == ()
 
 
 def test_committed_schema_is_current() -> None:

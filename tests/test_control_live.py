@@ -258,6 +258,57 @@ async def test_metrics_count_full_incremental_forced_full_and_failed_backups(
     assert _value(end, "backup_agent_event_loop_lag_seconds_count") > 0
 
 
+async def test_every_disk_in_the_job_the_domains_and_the_metrics(
+    domain_factory: DomainFactory, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A domain with a qcow2 disk, a raw image, a CD-ROM and a disk configuration leaves
+    out: the backup job names all four, ``/v1/domains`` says how each is backed up (the
+    domain is not partial: nothing writable is left out by accident), ``/metrics`` too."""
+    disks = [  # (in libvirt's order: by bus, then target)
+        DiskSpec("vda", "virtio"),
+        DiskSpec("vdb", "virtio", format="raw"),
+        DiskSpec("vdc", "virtio"),
+        DiskSpec("sdc", "sata", device="cdrom"),
+    ]
+    cfg = config(tmp_path, http={"port": 0}, backup={"exclude": {"lbat-*": ["vdc"]}})
+    async with running_agent(cfg) as run:
+        api = Api(run, session)
+        guest = await started_guest(run, domain_factory, disks)
+        name = guest.td.name
+        await guest.write("vdb", 0, 1 * MiB, 0x3B)
+        first = await api.backup(name, "every-1")
+        assert first["state"] == "succeeded", first
+        assert [(d["target"], d["mode"], d["reason"]) for d in first["disks"]] == [
+            ("vda", "full", "first-backup"),
+            ("vdb", "full", "format-raw: no persistent bitmap"),
+            ("vdc", "excluded", "excluded-by-config"),
+            ("sdc", "excluded", "device-cdrom"),
+        ]
+        assert [d["bytes_copied"] for d in first["disks"][2:]] == [0, 0]
+        status, body = await api.call("GET", "/v1/domains")
+        assert status == 200
+        [domain] = [d for d in body["domains"] if d["name"] == name]
+        assert [
+            (d["target"], d["chain_valid"], d["backup"], d["backup_reason"])
+            for d in domain["disks"]
+        ] == [
+            ("vda", True, "incremental", None),
+            ("vdb", None, "full", "format-raw: no persistent bitmap"),
+            ("vdc", None, "excluded", "excluded-by-config"),
+            ("sdc", None, "excluded", "device-cdrom"),
+        ]
+        assert (domain["partial"], domain["partial_disks"]) == (False, [])
+        assert domain["not_backed_up"] == [
+            {"target": "vdc", "reason": "excluded-by-config"},
+            {"target": "sdc", "reason": "device-cdrom"},
+        ]
+        metrics = await api.metrics()
+    assert _value(metrics, "backup_agent_domain_partial", domain=name) == 0
+    assert f'backup_agent_domain_partial{{domain="{name}"}}' in metrics  # present, as 0
+    for reason in ("device-cdrom", "excluded-by-config"):
+        assert _value(metrics, "backup_agent_disks_excluded", domain=name, reason=reason) == 1
+
+
 def _backup_job_xml(td: TestDomain) -> str | None:
     """The domain's running backup job (its XML names the agent's export socket)."""
     try:
@@ -478,6 +529,7 @@ async def test_operator_commands_talk_to_the_running_agent(
         assert shown.returncode == 0
         row = next(line for line in shown.stdout.splitlines() if line.startswith(td.name))
         assert "running" in row and " ok " in row and "full" in row
+        assert " vda:incremental " in row  # DISKS: how each disk is backed up
         gone = await asyncio.to_thread(agent_cli, agent.config, "cancel", jobs[0]["id"])
         assert gone.returncode == 1 and "job-conflict" in gone.stderr
         missing = await asyncio.to_thread(agent_cli, agent.config, "cancel", "no-such-job")

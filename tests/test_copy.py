@@ -3,25 +3,31 @@ real qemu-nbd reports for a dirty bitmap), and its rate limit."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.backup.copy import (
+    PIECE,
     QCOW2_L2_RANGE,
     RateLimit,
     Run,
+    blocks_to_read,
     chunks,
+    copy_runs,
     runs_to_copy,
     table_openers_first,
 )
 from agent.nbd.client import NbdClient
 from agent.nbd.extents import extents
 from agent.nbd.wire import BASE_ALLOCATION, Extent
+from agent.repository.manifest import RangeChecksum, digest_of
 from tests.test_nbd import (
     DIRTY_BITMAP,
     DIRTY_RANGES,
@@ -231,3 +237,181 @@ def test_runs_do_exactly_what_each_byte_needs(
     # Merged: no two adjacent runs of the same kind.
     for a, b in itertools.pairwise(runs):
         assert not (a.zero == b.zero and a.offset + a.length == b.offset)
+
+
+# --- a disk with no bitmap: whole blocks ---------------------------------------------------
+
+
+def test_blocks_cover_the_disk_and_only_wholly_zero_blocks_are_zero() -> None:
+    block = 64 * K
+    allocation = [
+        Extent(0, 64 * K, ZERO),  # block 0: zero
+        Extent(64 * K, 32 * K, HOLE_ZERO),  # block 1: zero in two extents
+        Extent(96 * K, 32 * K, ZERO),
+        Extent(128 * K, 96 * K, HOLE_ZERO),  # block 2 zero, block 3 half zero...
+        Extent(224 * K, 32 * K, DATA),  # ... half data
+        Extent(256 * K, 64 * K, HOLE),  # a hole that does not read as zero: read it
+        Extent(320 * K, 40 * K, DATA),  # the last block, short
+    ]
+    assert blocks_to_read(allocation, 360 * K, block) == [
+        Run(0, block, True),
+        Run(64 * K, block, True),
+        Run(128 * K, block, True),
+        Run(192 * K, block, False),
+        Run(256 * K, block, False),
+        Run(320 * K, 40 * K, False),
+    ]
+    # Not merged: one run per block, whatever the status.
+    assert blocks_to_read([Extent(0, 360 * K, HOLE_ZERO)], 360 * K, block) == [
+        Run(o, min(block, 360 * K - o), True) for o in range(0, 360 * K, block)
+    ]
+    # A block status that says nothing (or stops short) means: read it.
+    assert blocks_to_read([], 2 * block, block) == [Run(0, block, False), Run(block, block, False)]
+    short = [Extent(0, block + 4 * K, ZERO)]
+    assert blocks_to_read(short, 2 * block, block) == [
+        Run(0, block, True),
+        Run(block, block, False),
+    ]
+    assert blocks_to_read([Extent(0, 4 * K, DATA)], 0, block) == []
+
+
+def test_blocks_take_the_extents_in_any_order() -> None:
+    allocation = [Extent(8, 8, ZERO), Extent(0, 8, HOLE_ZERO), Extent(16, 8, DATA)]
+    assert blocks_to_read(allocation, 24, 16) == [Run(0, 16, True), Run(16, 8, False)]
+
+
+@st.composite
+def _blocked(draw: st.DrawFn) -> tuple[list[Extent], int, int]:
+    size = draw(st.integers(2, 2048))
+    allocation = draw(st.permutations(_tiling(draw, size, [DATA, HOLE, HOLE_ZERO, ZERO])))
+    return allocation, size, draw(st.integers(1, 300))
+
+
+@given(_blocked())
+def test_each_block_is_zero_exactly_when_every_byte_of_it_reads_as_zero(
+    case: tuple[list[Extent], int, int],
+) -> None:
+    allocation, size, block = case
+    zero = [False] * size
+    for e in allocation:
+        for b in range(e.offset, e.offset + e.length):
+            zero[b] = bool(e.flags & ZERO)
+    runs = blocks_to_read(allocation, size, block)
+    assert [(r.offset, r.length) for r in runs] == [
+        (o, min(block, size - o)) for o in range(0, size, block)
+    ]
+    assert [r.zero for r in runs] == [all(zero[r.offset : r.offset + r.length]) for r in runs]
+
+
+# --- copy_runs with the previous point's digests (an in-memory disk on each side) -------------
+
+
+@dataclass
+class _Info:
+    max_block: int
+
+
+class _Memory:
+    """Enough of an NbdClient for copy_runs: a disk in memory, and what was written to it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = bytearray(data)
+        self.info = _Info(max_block=1 << 20)
+        self.writes: list[tuple[int, int, str]] = []
+
+    async def read_into(self, offset: int, view: memoryview) -> None:
+        view[:] = self.data[offset : offset + len(view)]
+
+    async def write(self, offset: int, data: memoryview) -> None:
+        self.data[offset : offset + len(data)] = data
+        self.writes.append((offset, len(data), "data"))
+
+    async def write_zeroes(self, offset: int, length: int, *, punch_hole: bool) -> None:
+        assert not punch_hole, "a hole in an overlay shows the older point through"
+        self.data[offset : offset + length] = bytes(length)
+        self.writes.append((offset, length, "zeroes"))
+
+
+_FILL = st.sampled_from([0, 1, 2])  # a piece's byte; 0: zeroes
+
+
+@st.composite
+def _two_points(draw: st.DrawFn) -> tuple[int, bytes, bytes]:
+    """A block size (whole pieces), and the disk at the previous point and now, piece by
+    piece one fill byte; the disk's end anywhere in its last block."""
+    block = PIECE * draw(st.integers(1, 4))
+    count = draw(st.integers(1, 4))
+    size = block * count - draw(
+        st.sampled_from([0, 512, PIECE, PIECE + 4096]).filter(lambda n: n < block)
+    )
+    old, new = bytearray(), bytearray()
+    for offset in range(0, size, PIECE):
+        length = min(PIECE, size - offset)
+        before = draw(_FILL)
+        after = before if draw(st.booleans()) else draw(_FILL)
+        old += bytes([before]) * length
+        new += bytes([after]) * length
+    return block, bytes(old), bytes(new)
+
+
+def _changed_runs(old: bytes, new: bytes, offset: int) -> list[tuple[int, int, str]]:
+    """The pieces of the block at ``offset`` that differ, adjacent ones of one kind
+    (data, or zeroes) as one write."""
+    runs: list[tuple[int, int, str]] = []
+    for start in range(0, len(new), PIECE):
+        piece, was = new[start : start + PIECE], old[start : start + PIECE]
+        if piece == was:
+            continue
+        kind = "data" if any(piece) else "zeroes"
+        if runs and runs[-1][0] + runs[-1][1] == offset + start and runs[-1][2] == kind:
+            runs[-1] = (runs[-1][0], runs[-1][1] + len(piece), kind)
+        else:
+            runs.append((offset + start, len(piece), kind))
+    return runs
+
+
+@settings(max_examples=60, deadline=None)
+@given(_two_points(), st.booleans())
+def test_only_the_pieces_that_changed_are_written_and_the_layers_read_as_now(
+    case: tuple[int, bytes, bytes], statused: bool
+) -> None:
+    block, old, new = case
+    size = len(new)
+    starts = range(0, size, block)
+    # The previous point's digests: its blocks that are not zero.
+    previous = {o: digest_of(old[o : o + block]) for o in starts if any(old[o : o + block])}
+    # The block status of now: zero where it reads so (if the export says; a block
+    # device says everything is data).
+    allocation = [
+        Extent(o, min(block, size - o), ZERO if statused and not any(new[o : o + block]) else DATA)
+        for o in starts
+    ]
+    runs = blocks_to_read(allocation, size, block)
+    source, layer = _Memory(new), _Memory(old)  # the layer reads through to the old point
+    in_part: list[RangeChecksum] = []
+
+    async def copy() -> list[RangeChecksum]:
+        return await copy_runs(
+            [source],
+            [layer],
+            runs,
+            request_size=block,
+            in_flight=3,
+            punch_holes=False,
+            previous=previous,
+            blocks=in_part,
+        )
+
+    checksums = asyncio.run(copy())
+    assert layer.data == new
+    expected = [w for o in starts for w in _changed_runs(old[o : o + block], new[o : o + block], o)]
+    assert sorted(layer.writes) == expected
+    assert [(c.offset, c.length, c.digest) for c in checksums] == [
+        (o, n, digest_of(new[o : o + n])) for o, n, _ in expected
+    ]
+    # Each block written in part: what all of it holds now.
+    whole = {(o, min(block, size - o)) for o in starts}
+    parts = sorted({o - o % block for o, n, _ in expected if (o - o % block, n) not in whole})
+    assert [(c.offset, c.length, c.digest) for c in in_part] == [
+        (o, min(block, size - o), digest_of(new[o : o + block])) for o in parts
+    ]

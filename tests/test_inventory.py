@@ -132,7 +132,7 @@ ASSORTED_CASES = {
     "sdb": ("lun", "block", "/dev/sdx", "raw", "device-lun"),
     "vdh": ("disk", "file", "/var/lib/libvirt/images/h.qcow2", "qcow2", "transient-disk"),
     "vdi": ("disk", "file", "/var/lib/libvirt/images/i.qcow2", "qcow2", "shareable"),
-    "vdj": ("disk", "file", "/var/lib/libvirt/images/j.img", "raw", "format-raw"),
+    "vdj": ("disk", "file", "/var/lib/libvirt/images/j.img", "raw", "transient-disk"),
     "vdk": ("disk", "file", None, "raw", "source-empty"),
     "vdl": ("disk", "network", None, "raw", "readonly"),
     "vdm": ("disk", "dir", "/srv/share", "fat", "source-dir"),
@@ -497,3 +497,105 @@ def test_internal_entities_are_not_expanded() -> None:
     except InventoryError:
         return
     assert disks[0].serial is None
+
+
+# --- what a backup does with each disk ----------------------------------------------------
+
+# target -> (full_only, excluded_reason, writable)
+ASSORTED_COVERAGE = {
+    "vda": (False, None, True),
+    "vdb": (True, None, True),  # raw file: read in full
+    "vdc": (False, None, True),
+    "vdd": (True, None, True),  # format-unknown file: read in full as well
+    "hda": (False, "device-cdrom", False),
+    "hdb": (False, "device-cdrom", False),
+    "fda": (False, "device-floppy", False),
+    "vde": (False, "readonly", False),
+    "vdf": (True, None, True),  # rbd: QEMU reads it for the backup
+    "vdg": (False, "source-volume", True),
+    "sdb": (False, "device-lun", True),
+    "vdh": (False, "transient-disk", False),
+    "vdi": (False, "shareable", True),
+    "vdj": (False, "transient-disk", False),
+    "vdk": (False, "source-empty", False),
+    "vdl": (False, "readonly", False),
+    "vdm": (False, "source-dir", True),
+    "vdn": (False, "source-nvme", True),
+    "vdo": (False, "source-vhostuser", True),
+    "sdc": (False, None, True),
+}
+
+
+def test_coverage_table_matches_the_assorted_fixture() -> None:
+    assert list(ASSORTED_COVERAGE) == list(ASSORTED_CASES)
+
+
+@pytest.mark.parametrize("target", list(ASSORTED_COVERAGE))
+def test_each_disk_is_backed_up_incrementally_in_full_or_excluded_with_a_reason(
+    target: str,
+) -> None:
+    disk = _by_target(parse_disks(ASSORTED))[target]
+    full_only, excluded, writable = ASSORTED_COVERAGE[target]
+    assert (disk.full_only, disk.excluded_reason, disk.writable) == (full_only, excluded, writable)
+    # Exactly one of the three.
+    assert [disk.backup_capable, disk.full_only, disk.excluded_reason is not None].count(True) == 1
+    if excluded is not None:
+        assert excluded == disk.unsupported_reason
+
+
+def test_backed_up_disks_are_the_capable_and_the_full_only_in_document_order() -> None:
+    info = parse_domain(ASSORTED, persistent=True, state=DomainState.SHUTOFF)
+    assert [d.target for d in info.backed_up_disks] == ["vda", "vdb", "vdc", "vdd", "vdf", "sdc"]
+    assert [d.target for d in info.backup_disks] == ["vda", "vdc", "sdc"]
+
+
+def _one_disk(kind: str, device: str, driver: str, source: str, extra: str = "") -> Disk:
+    xml = (
+        f"<domain><name>d</name><devices><disk type='{kind}' device='{device}'>"
+        f"<driver name='qemu' type='{driver}'/>{source}<target dev='vdz' bus='virtio'/>"
+        f"{extra}</disk></devices></domain>"
+    )
+    return parse_disks(xml)[0]
+
+
+RAW_FILE = "<source file='/img/z.img'/>"
+RAW_BLOCK = "<source dev='/dev/vg/z'/>"
+NBD = "<source protocol='nbd' name='z'><host name='127.0.0.1' port='10809'/></source>"
+
+
+@pytest.mark.parametrize(
+    ("kind", "device", "driver", "source", "extra", "reason", "full_only"),
+    [
+        pytest.param("block", "disk", "raw", RAW_BLOCK, "", "format-raw", True, id="raw-block"),
+        pytest.param("file", "disk", "raw", RAW_FILE, "", "format-raw", True, id="raw-file"),
+        pytest.param("file", "disk", "vmdk", RAW_FILE, "", "format-vmdk", True, id="vmdk-file"),
+        pytest.param("network", "disk", "raw", NBD, "", "source-network", True, id="nbd"),
+        # A reason that leaves the disk out outranks the missing bitmap.
+        pytest.param(
+            "file", "disk", "raw", RAW_FILE, "<shareable/>", "shareable", False, id="raw-shared"
+        ),
+        pytest.param(
+            "block", "disk", "raw", RAW_BLOCK, "<transient/>", "transient-disk", False, id="tr"
+        ),
+        pytest.param(
+            "network", "disk", "raw", NBD, "<shareable/>", "shareable", False, id="nbd-shared"
+        ),
+        pytest.param("block", "disk", "raw", RAW_BLOCK, "<readonly/>", "readonly", False, id="ro"),
+        pytest.param(
+            "file", "disk", "qcow2", RAW_FILE, "<transient/><shareable/>", "transient-disk", False
+        ),
+        pytest.param("block", "lun", "raw", RAW_BLOCK, "", "device-lun", False, id="lun"),
+        # Not a file or block device: no local image read in full either.
+        pytest.param(
+            "volume", "disk", "raw", "<source pool='p' volume='v'/>", "", "source-volume", False
+        ),
+    ],
+)
+def test_which_reason_wins_and_whether_the_disk_is_read_in_full(
+    kind: str, device: str, driver: str, source: str, extra: str, reason: str, full_only: bool
+) -> None:
+    disk = _one_disk(kind, device, driver, source, extra)
+    assert disk.unsupported_reason == reason
+    assert disk.full_only is full_only
+    assert disk.excluded_reason == (None if full_only else reason)
+    assert not disk.backup_capable and disk.identity is None

@@ -14,14 +14,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
+from agent.backup.plan import BackupMode
+from agent.backup.run import BackupResult
+from agent.chain.records import DiskChain
+from agent.cli.control import describe, status_rows
+from agent.control.api import ApiParts, make_app
 from agent.control.job_requests import JOB_ID_RE, Job, JobDisk, JobKind, JobRequest, JobState
 from agent.control.job_store import SCHEMA_VERSION, JobStore
 from agent.control.jobs import JobFailedError, JobOutcome, JobRunner, Jobs, Progress
-from agent.core.config import JobsSection
+from agent.control.metrics import Metrics, StateCollector, domain_coverage
+from agent.core.config import BackupSection, JobsSection
 from agent.core.errors import (
     AgentError,
     BackupError,
@@ -36,6 +44,10 @@ from agent.core.errors import (
     RepositoryError,
     RepositorySpaceError,
 )
+from agent.repository.listing import Listing
+from agent.repository.manifest import DiskManifest, ExcludedDisk
+from agent.virt.inventory import DomainInfo, DomainState, parse_domain
+from handlers import job_kinds
 
 WAIT = 10.0  # bound on any wait for something that should happen soon
 SETTLE = 0.3  # time given to something that must not happen
@@ -1085,3 +1097,255 @@ async def test_newer_or_foreign_database_files_are_refused(tmp_path: Path) -> No
         await JobStore.open(newer)
     with pytest.raises(JobStoreError, match="is an SQLite database but not a job store"):
         await JobStore.open(foreign)
+
+
+# -- every disk of a domain: the job, the API, status and metrics (issue 22) -------------
+
+DB1_XML = """<domain type='kvm'><name>db1</name><uuid>{uuid}</uuid><devices>
+  <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+    <source file='/images/db1-vda.qcow2'/><target dev='vda' bus='virtio'/></disk>
+  <disk type='file' device='cdrom'><driver name='qemu' type='raw'/>
+    <source file='/iso/install.iso'/><target dev='sdc' bus='sata'/><readonly/></disk>
+  <disk type='file' device='disk'><driver name='qemu' type='raw'/>
+    <source file='/images/db1-vdb.img'/><target dev='vdb' bus='virtio'/></disk>
+  <disk type='file' device='cdrom'><driver name='qemu' type='raw'/>
+    <source file='/iso/drivers.iso'/><target dev='sdd' bus='sata'/><readonly/></disk>
+  <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+    <source file='/images/db1-vdd.qcow2'/><target dev='vdd' bus='virtio'/></disk>
+</devices></domain>"""
+WEB_XML = """<domain type='kvm'><name>web</name><uuid>{uuid}</uuid><devices>
+  <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+    <source file='/images/web-vda.qcow2'/><target dev='vda' bus='virtio'/></disk>
+  <disk type='block' device='disk'><driver name='qemu' type='raw'/>
+    <source dev='/dev/vg/shared'/><target dev='vdb' bus='virtio'/><shareable/></disk>
+</devices></domain>"""
+APP_XML = """<domain type='kvm'><name>app</name><uuid>{uuid}</uuid><devices>
+  <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+    <source file='/images/app-vda.qcow2'/><target dev='vda' bus='virtio'/></disk>
+  <disk type='file' device='cdrom'><driver name='qemu' type='raw'/>
+    <source file='/iso/install.iso'/><target dev='sdc' bus='sata'/><readonly/></disk>
+  <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+    <source file='/images/app-vdb.qcow2'/><target dev='vdb' bus='virtio'/><readonly/></disk>
+  <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+    <source file='/images/app-vdd.qcow2'/><target dev='vdd' bus='virtio'/></disk>
+</devices></domain>"""
+EXCLUDE = BackupSection(exclude={"db*": ["vdd"]})
+
+
+def live_domain(xml: str, uuid: str) -> DomainInfo:
+    return parse_domain(xml.format(uuid=uuid), persistent=True, state=DomainState.RUNNING)
+
+
+def chain(domain: str, target: str, reason: str | None = None) -> DiskChain:
+    return DiskChain(domain, target, reason is None, reason, reason or "fine", 0.0)
+
+
+class FakeHost:
+    """What ``GET /v1/domains`` reads: live domains, the ledger, an empty repository."""
+
+    def __init__(self) -> None:
+        db1, web = live_domain(DB1_XML, UUID), live_domain(WEB_XML, UUID.replace("1b", "2c"))
+        self.live = {db1.uuid: db1, web.uuid: web}
+        self.chains = {
+            "db1": {  # vdz: a disk the domain no longer has
+                "vda": chain("db1", "vda"),
+                "vdd": chain("db1", "vdd"),
+                "vdz": chain("db1", "vdz"),
+            },
+            "web": {"vda": chain("web", "vda", "bitmap-missing")},
+            "gone": {"vda": chain("gone", "vda")},
+        }
+        self.ledger = self
+
+    # Domains
+    def all(self) -> Mapping[str, DomainInfo]:
+        return self.live
+
+    def name_of(self, domain: str) -> str:
+        return next((i.name for i in self.live.values() if domain in (i.uuid, i.name)), domain)
+
+    # Ledger
+    async def domains(self) -> list[str]:
+        return sorted(self.chains)
+
+    async def disk_chains(self, domain: str) -> dict[str, DiskChain]:
+        return self.chains.get(domain, {})
+
+    # Repository
+    async def listing(self, domain: str) -> Listing:
+        return Listing((), ())
+
+    def coverage(self) -> dict[str, Any]:
+        return {i.name: domain_coverage(i, EXCLUDE) for i in self.live.values()}
+
+
+async def test_a_backup_job_lists_every_disk_and_counts_only_those_copied(
+    store: JobStore, make_jobs: MakeJobs
+) -> None:
+    """The job of a backup that left disks out names each (mode ``excluded``, its reason,
+    nothing copied) in the domain's order, through the store; ``backup --wait`` prints
+    it; the metrics count the backup as incremental (not mixed) and no forced full."""
+    info = live_domain(APP_XML, UUID)
+
+    def copied(target: str, mode: str, reason: str | None, size: int) -> DiskManifest:
+        return DiskManifest(target, f"{target}.qcow2", mode, reason, size, size, None, ())
+
+    result = BackupResult(
+        "20261128T101500Z-1a2b3c",
+        "app",
+        "cp-2",
+        (copied("vda", "incremental", None, 4096),),
+        1.5,
+        (
+            ExcludedDisk("sdc", "device-cdrom"),
+            ExcludedDisk("vdb", "readonly"),
+            ExcludedDisk("vdd", "excluded-by-config"),
+        ),
+    )
+
+    async def run(uuid: str, mode: BackupMode, **options: Any) -> BackupResult:
+        assert uuid == info.uuid
+        return result
+
+    async def backups(domain: str) -> list[Any]:
+        return []
+
+    ctx: Any = SimpleNamespace(
+        domains=SimpleNamespace(find=lambda domain: info),
+        backups=SimpleNamespace(run=run, repository=SimpleNamespace(backups=backups)),
+    )
+    metrics = Metrics()
+    jobs, runners, recorder = await make_jobs()
+    jobs.subscribe(metrics.job_changed)
+    job = await submit(jobs, request("app", "with-excluded"))
+    await runners.started(job.id)
+    runners.finish(job.id, await job_kinds.backup(ctx, job, lambda done, total: None))
+    assert (await recorder.ended(job.id)).state is JobState.SUCCEEDED
+    shown = (await stored(store, job.id)).to_json()
+    assert shown["disks"] == [
+        {"target": "vda", "mode": "incremental", "reason": None, "bytes_copied": 4096},
+        {"target": "sdc", "mode": "excluded", "reason": "device-cdrom", "bytes_copied": 0},
+        {"target": "vdb", "mode": "excluded", "reason": "readonly", "bytes_copied": 0},
+        {"target": "vdd", "mode": "excluded", "reason": "excluded-by-config", "bytes_copied": 0},
+    ]
+    line = describe(shown)
+    assert "(vda incremental, sdc excluded [device-cdrom], vdb excluded [readonly], " in line
+    assert "vdd excluded [excluded-by-config])" in line
+    rendered = metrics.render().decode()
+    assert 'backup_agent_backups_total{mode="incremental",result="succeeded"} 1.0' in rendered
+    assert 'backup_agent_backups_total{mode="mixed",result="succeeded"} 0.0' in rendered
+    assert "backup_agent_bytes_copied_total 4096.0" in rendered
+
+
+def test_a_raw_disk_read_in_full_is_no_forced_full() -> None:
+    """A disk with no bitmap is full every time: not counted as a full the chain forced."""
+    job = Job(
+        "j",
+        request("db1"),
+        JobState.SUCCEEDED,
+        "http",
+        0.0,
+        1.0,
+        2.0,
+        disks=(
+            JobDisk("vda", "full", "bitmap-inconsistent", 10),
+            JobDisk("vdb", "full", "format-raw: no persistent bitmap", 20),
+            JobDisk("sdc", "excluded", "device-cdrom", 0),
+        ),
+    )
+    metrics = Metrics()
+    metrics.job_changed(job)
+    rendered = metrics.render().decode()
+    assert 'backup_agent_full_backups_forced_total{reason="bitmap-inconsistent"} 1.0' in rendered
+    assert "no persistent bitmap" not in rendered
+    assert 'backup_agent_backups_total{mode="full",result="succeeded"} 1.0' in rendered
+
+
+async def test_domains_show_how_every_disk_is_backed_up_and_status_says_partial() -> None:
+    """``GET /v1/domains``: every disk of a live domain (qcow2 incremental, raw full, CD-ROMs
+    and a disk configuration leaves out excluded, with their reasons), merged with the
+    ledger's chains; ``partial`` only for a writable disk left out silently (shareable);
+    ``status`` shows it in CHAIN and every disk in DISKS."""
+    host = FakeHost()
+    parts: Any = ApiParts(
+        jobs=cast(Any, None),
+        chains=cast(Any, host),
+        domains=cast(Any, host),
+        connection=cast(Any, None),
+        repository=cast(Any, host),
+        metrics=Metrics(),
+        backup=EXCLUDE,
+    )
+    async with TestClient(TestServer(make_app(parts, ""))) as client:
+        response = await client.get("/v1/domains")
+        assert response.status == 200
+        body = await response.json()
+        schema = (await (await client.get("/v1/openapi.json")).json())["components"]["schemas"]
+    domains = {d["name"]: d for d in body["domains"]}
+    assert list(domains) == ["db1", "gone", "web"]
+
+    def disks(name: str) -> list[tuple[Any, ...]]:
+        return [
+            (x["target"], x["chain_valid"], x["reason"], x["backup"], x["backup_reason"])
+            for x in domains[name]["disks"]
+        ]
+
+    raw = "format-raw: no persistent bitmap"
+    assert disks("db1") == [  # the domain's order, then the ledger's other disks
+        ("vda", True, None, "incremental", None),
+        ("sdc", None, None, "excluded", "device-cdrom"),
+        ("vdb", None, None, "full", raw),
+        ("sdd", None, None, "excluded", "device-cdrom"),
+        ("vdd", True, None, "excluded", "excluded-by-config"),
+        ("vdz", True, None, None, None),
+    ]
+    # Nothing writable left out by accident.
+    assert (domains["db1"]["partial"], domains["db1"]["partial_disks"]) == (False, [])
+    assert domains["db1"]["not_backed_up"] == [
+        {"target": "sdc", "reason": "device-cdrom"},
+        {"target": "sdd", "reason": "device-cdrom"},
+        {"target": "vdd", "reason": "excluded-by-config"},
+    ]
+    assert disks("web") == [
+        ("vda", False, "bitmap-missing", "incremental", None),
+        ("vdb", None, None, "excluded", "shareable"),
+    ]
+    assert (domains["web"]["partial"], domains["web"]["partial_disks"]) == (True, ["vdb"])
+    assert domains["web"]["not_backed_up"] == [{"target": "vdb", "reason": "shareable"}]
+    assert disks("gone") == [("vda", True, None, None, None)]
+    assert domains["gone"]["partial"] is None and domains["gone"]["not_backed_up"] is None
+    assert domains["gone"]["partial_disks"] is None
+    # The document describes what is served.
+    for domain in body["domains"]:
+        required = schema["Domains"]["properties"]["domains"]["items"]["required"]
+        assert set(required) <= set(domain)
+        assert all(set(schema["DomainDisk"]["required"]) <= set(x) for x in domain["disks"])
+
+    rows = {row[0]: row for row in status_rows(body["domains"])}
+    assert rows["DOMAIN"][:4] == ["DOMAIN", "STATE", "CHAIN", "DISKS"]
+    assert rows["db1"][2:4] == [
+        "ok",
+        "vda:incremental,sdc:excluded,vdb:full,sdd:excluded,vdd:excluded",
+    ]
+    assert rows["web"][2:4] == [
+        "broken vda:bitmap-missing partial vdb:shareable",
+        "vda:incremental,vdb:excluded",
+    ]
+    assert rows["gone"][1:4] == ["undefined", "ok", "-"]
+
+
+def test_metrics_say_which_domains_are_partial_and_count_excluded_disks() -> None:
+    host = FakeHost()
+    metrics = Metrics()
+    metrics.add_collector(
+        StateCollector(lambda: True, lambda: 0, lambda: {}, coverage=host.coverage)
+    )
+    lines = metrics.render().decode().splitlines()
+    assert 'backup_agent_domain_partial{domain="db1"} 0.0' in lines
+    assert 'backup_agent_domain_partial{domain="web"} 1.0' in lines
+    excluded = sorted(line for line in lines if line.startswith("backup_agent_disks_excluded{"))
+    assert excluded == [
+        'backup_agent_disks_excluded{domain="db1",reason="device-cdrom"} 2.0',
+        'backup_agent_disks_excluded{domain="db1",reason="excluded-by-config"} 1.0',
+        'backup_agent_disks_excluded{domain="web",reason="shareable"} 1.0',
+    ]

@@ -33,7 +33,16 @@ from agent.core.errors import BackupNotFoundError, RepositoryError
 from agent.core.faults import SimulatedCrash
 from agent.qemu import images
 from agent.repository import layout as layout_module
-from agent.repository.manifest import BACKUP_ID_RE, DiskManifest, Manifest, RangeChecksum, digest_of
+from agent.repository.blocks import BLOCK
+from agent.repository.manifest import (
+    BACKUP_ID_RE,
+    MANIFEST_VERSION,
+    DiskManifest,
+    ExcludedDisk,
+    Manifest,
+    RangeChecksum,
+    digest_of,
+)
 from agent.repository.store import Repository
 from agent.repository.verify import Problem, damaged_disks, restore_chain
 
@@ -539,7 +548,9 @@ async def test_verify_finds_a_flipped_byte_in_the_layer_that_holds_it(tmp_path: 
 def _as_version_1(writes: dict[str, list[Write]]) -> Callable[[dict[str, Any]], None]:
     def edit(data: dict[str, Any]) -> None:
         data["version"] = 1
+        del data["excluded"]  # (version 3's fields)
         for disk in data["disks"]:
+            del disk["block_size"], disk["blocks"]
             disk["checksums"] = [
                 {"offset": o, "length": n, "sha256": hashlib.sha256(bytes([p]) * n).hexdigest()}
                 for o, n, p in writes[disk["target"]]
@@ -571,7 +582,7 @@ async def test_retention_rewrites_a_version_1_manifest_readably(tmp_path: Path) 
     _edit_manifest(_backups_dir(repo.root) / ids[1], _as_version_1(FIVE[1][0]))
     assert await repo.apply_retention(DOMAIN, 4) == ids[:1]
     rewritten = await repo.backup(DOMAIN, ids[1])
-    assert rewritten.version == 2 and rewritten.merged_from == (ids[0],)
+    assert rewritten.version == MANIFEST_VERSION and rewritten.merged_from == (ids[0],)
     assert {c.algorithm for d in rewritten.disks for c in d.checksums} == {"sha256"}
     assert [m.backup_id for m in await repo.backups(DOMAIN)] == ids[1:]
     assert await repo.verify(DOMAIN) == []
@@ -948,7 +959,7 @@ def test_manifest_json_round_trip() -> None:
     text = manifest.to_json()
     assert Manifest.from_json(text, path="m.json") == manifest
     data = json.loads(text)
-    assert (data["format"], data["version"]) == ("libvirt-backup-agent/backup", 2)
+    assert (data["format"], data["version"]) == ("libvirt-backup-agent/backup", 3)
     assert data["disks"][0]["checksums"][1] == {
         "offset": MiB,
         "length": 512,
@@ -980,7 +991,7 @@ _DELETE = object()
         (_set("domain", _DELETE), "domain: missing"),
         (_set("disks.0.virtual_size", "4M"), "disks[0].virtual_size: wrong type"),
         (_set("version", True), "version: wrong type"),
-        (_set("version", 3), "version: unsupported"),
+        (_set("version", 4), "version: unsupported"),
         (_set("version", 1), "disks[0].checksums[0].sha256: missing"),  # 2's shape
         (_set("format", "something/else"), "format"),
         (_set("disks.0.checksums.1.digest", "xyz"), "disks[0].checksums[1].digest"),
@@ -1138,3 +1149,375 @@ async def test_verify_reports_a_range_the_overlay_does_not_hold(tmp_path: Path) 
     problems = await builder.repo.verify(DOMAIN)
     assert [(p.backup_id, p.offset, p.length) for p in problems] == [(b3, 3 * MiB + 4096, 4096)]
     assert "not allocated in this image" in problems[0].message
+
+
+# --- manifest version 3: excluded disks, disks stored as what changed ---------------------
+
+RAW_SIZE = 2 * BLOCK + MiB  # three blocks, the last one half a block
+PIECE = 64 * KiB
+
+
+def _v3_manifest() -> Manifest:
+    """vda incremental; vdb read in full, stored as what changed on the previous point:
+    block 0 written whole, two pieces of the short last block, which ``blocks`` says."""
+    last = 2 * BLOCK
+    checksums = (
+        RangeChecksum(0, BLOCK, _sha(1, BLOCK)),
+        RangeChecksum(last, PIECE, _sha(0, PIECE)),  # a piece that became zeroes
+        RangeChecksum(last + 4 * PIECE, 2 * PIECE, _sha(3, 2 * PIECE)),
+    )
+    vdb = DiskManifest(
+        "vdb",
+        "vdb.qcow2",
+        "full",
+        "format-raw: no persistent bitmap",
+        RAW_SIZE,
+        BLOCK + 2 * PIECE,
+        "../20261124T183301Z-0a0b0c/vdb.qcow2",
+        checksums,
+        block_size=BLOCK,
+        blocks=(RangeChecksum(last, MiB, _sha(3, MiB)),),  # what the last block holds now
+    )
+    excluded = (ExcludedDisk("hdc", "device-cdrom"), ExcludedDisk("vdc", "excluded-by-config"))
+    return replace(_manifest(), disks=(_manifest().disks[0], vdb), excluded=excluded)
+
+
+def _v3(edit: Callable[[dict[str, Any]], None]) -> Manifest:
+    data = json.loads(_v3_manifest().to_json())
+    edit(data)
+    return Manifest.from_json(json.dumps(data), path="m.json")
+
+
+def test_manifest_version_3_round_trips_excluded_disks_block_size_and_blocks() -> None:
+    manifest = _v3_manifest()
+    text = manifest.to_json()
+    assert Manifest.from_json(text, path="m.json") == manifest
+    data = json.loads(text)
+    assert data["version"] == MANIFEST_VERSION == 3
+    assert data["excluded"] == [
+        {"target": "hdc", "reason": "device-cdrom"},
+        {"target": "vdc", "reason": "excluded-by-config"},
+    ]
+    assert [d["block_size"] for d in data["disks"]] == [None, BLOCK]
+    assert data["disks"][0]["blocks"] == []
+    assert data["disks"][1]["blocks"] == [
+        {"offset": 2 * BLOCK, "length": MiB, "digest": _sha(3, MiB), "algorithm": "xxh3-128"}
+    ]
+    summary = manifest.summary()
+    assert summary["excluded"] == data["excluded"]
+    disks = summary["disks"]
+    assert isinstance(disks, list)
+    assert [(d["target"], d["mode"], d["layered"]) for d in disks] == [
+        ("vda", "incremental", False),
+        ("vdb", "full", True),
+    ]
+
+
+def test_a_full_image_on_a_backing_is_only_a_disk_stored_as_what_changed() -> None:
+    standalone = _v3(_set("disks.1.backing", None))
+    assert standalone.disks[1].backing is None and standalone.disks[1].block_size == BLOCK
+
+    def without_block_size(data: dict[str, Any]) -> None:
+        disk = data["disks"][1]
+        disk["block_size"], disk["blocks"] = None, []
+        disk["checksums"] = disk["checksums"][:1]
+
+    with pytest.raises(RepositoryError, match=r"disks\[1\]\.backing: a full image has no backing"):
+        _v3(without_block_size)
+
+
+def _piece(offset: int, length: int) -> dict[str, Any]:
+    return {"offset": offset, "length": length, "algorithm": "xxh3-128", "digest": "0" * 32}
+
+
+def _first_checksum(value: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    def edit(data: dict[str, Any]) -> None:
+        data["disks"][1]["checksums"][0] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        # Blocks are of a disk read in full, not of an increment.
+        (_set("disks.1.mode", "incremental"), r"disks\[1\]\.block_size: only a disk read in full"),
+        # A checksum across the edge of two blocks.
+        (
+            _first_checksum(_piece(BLOCK - PIECE, 2 * PIECE)),
+            r"disks\[1\]\.checksums\[0\]: spans two blocks",
+        ),
+        (
+            _first_checksum(_piece(0, BLOCK + PIECE)),
+            r"disks\[1\]\.checksums\[0\]: spans two blocks",
+        ),
+        # A piece of a block that ``blocks`` does not describe.
+        (
+            _set("disks.1.checksums.0.length", PIECE),
+            r"disks\[1\]\.checksums\[0\]: part of a block that blocks lacks \(block 0\)",
+        ),
+        (
+            _set("disks.1.blocks", []),
+            r"disks\[1\]\.checksums\[1\]: part of a block that blocks lacks \(block 4194304\)",
+        ),
+        # ``blocks``: whole blocks (the last as long as what is left), each once.
+        (_set("disks.1.blocks.0.length", BLOCK), r"disks\[1\]\.blocks\[0\]: not one whole"),
+        (_set("disks.1.blocks.0.offset", BLOCK + PIECE), r"disks\[1\]\.blocks\[0\]: not one"),
+        (
+            _set("disks.1.blocks", [_piece(2 * BLOCK, MiB), _piece(2 * BLOCK, MiB)]),
+            r"disks\[1\]\.blocks\[1\]: not one whole",
+        ),
+        (_set("disks.1.blocks.0.digest", "0" * 64), r"disks\[1\]\.blocks\[0\]\.digest: invalid"),
+        (_set("disks.1.blocks.0.algorithm", "md5"), r"disks\[1\]\.blocks\[0\]\.algorithm"),
+        (_set("disks.1.blocks", _DELETE), r"disks\[1\]\.blocks: missing"),
+        (_set("disks.0.blocks", [_piece(0, BLOCK)]), r"disks\[0\]\.blocks: a disk without"),
+        (_set("disks.1.block_size", 1024), r"disks\[1\]\.block_size: 1024 is less than 4096"),
+        (_set("disks.1.block_size", "2M"), r"disks\[1\]\.block_size: wrong type"),
+        (_set("disks.1.block_size", _DELETE), r"disks\[1\]\.block_size: missing"),
+        (_set("excluded", _DELETE), "excluded: missing"),
+        (_set("excluded.0.reason", ""), r"excluded\[0\]\.reason"),
+        (_set("excluded.0.target", "../x"), r"excluded\[0\]\.target: invalid value"),
+        (_set("excluded.0.colour", "blue"), r"excluded\[0\]\.colour: unknown field"),
+        (_set("excluded.1.target", "vdb"), r"excluded\[1\]\.target: 'vdb' is a disk of the"),
+    ],
+)
+def test_malformed_version_3_manifest_names_the_field(
+    edit: Callable[[dict[str, Any]], None], field: str
+) -> None:
+    with pytest.raises(RepositoryError, match=field):
+        _v3(edit)
+
+
+def test_pieces_of_a_block_that_blocks_describes_are_accepted_anywhere_in_it() -> None:
+    def pieces(data: dict[str, Any]) -> None:
+        disk = data["disks"][1]
+        disk["checksums"] = [_piece(BLOCK + 4096, 512), _piece(2 * BLOCK - PIECE, PIECE)]
+        disk["blocks"] = [_piece(BLOCK, BLOCK)]
+
+    disk = _v3(pieces).disks[1]
+    assert [(c.offset, c.length) for c in disk.checksums] == [
+        (BLOCK + 4096, 512),
+        (2 * BLOCK - PIECE, PIECE),
+    ]
+    assert [(b.offset, b.length) for b in disk.blocks] == [(BLOCK, BLOCK)]
+    # A block both written whole and described in blocks: which would say what it holds?
+    with pytest.raises(RepositoryError, match=r"checksums\[0\]: also in blocks \(block 0\)"):
+        _v3(lambda d: d["disks"][1]["blocks"].append(_piece(0, BLOCK)))
+
+
+def test_a_disk_excluded_twice_is_refused() -> None:
+    with pytest.raises(RepositoryError, match=r"excluded\[1\]\.target"):
+        _v3(_set("excluded.1.target", "hdc"))
+
+
+def test_a_disk_excluded_twice_is_refused_as_a_duplicate() -> None:
+    with pytest.raises(RepositoryError, match=r"excluded\[1\]\.target: duplicate"):
+        _v3(_set("excluded.1.target", "hdc"))
+
+
+def _as_version_2(data: dict[str, Any]) -> None:
+    data["version"] = 2
+    del data["excluded"]
+    for disk in data["disks"]:
+        del disk["block_size"], disk["blocks"]
+
+
+def test_a_version_2_manifest_still_reads() -> None:
+    data = json.loads(_manifest().to_json())
+    _as_version_2(data)
+    manifest = Manifest.from_json(json.dumps(data), path="m.json")
+    assert manifest.version == 2 and manifest.excluded == ()
+    assert [(d.block_size, d.blocks) for d in manifest.disks] == [(None, ())] * 2
+    assert replace(manifest, version=MANIFEST_VERSION) == _manifest()
+
+
+async def test_a_repository_written_with_version_2_manifests_lists_and_verifies(
+    tmp_path: Path,
+) -> None:
+    builder = await _five(tmp_path / "repo")
+    for backup_id in builder.ids:
+        _edit_manifest(_backups_dir(builder.repo.root) / backup_id, _as_version_2)
+    repo = Repository(tmp_path / "repo")
+    assert [m.backup_id for m in await repo.backups(DOMAIN)] == builder.ids
+    assert await repo.verify(DOMAIN) == []
+
+
+def test_version_3_fields_are_unknown_in_a_version_1_manifest() -> None:
+    data = json.loads(_manifest().to_json())
+    _as_version_2(data)
+    data["version"] = 1
+    for disk in data["disks"]:
+        disk["checksums"] = [
+            {"offset": c["offset"], "length": c["length"], "sha256": "f" * 64}
+            for c in disk["checksums"]
+        ]
+    assert Manifest.from_json(json.dumps(data), path="m.json").version == 1
+    data["excluded"] = []
+    with pytest.raises(RepositoryError, match="excluded: unknown field"):
+        Manifest.from_json(json.dumps(data), path="m.json")
+    del data["excluded"]
+    data["disks"][0]["block_size"] = BLOCK
+    with pytest.raises(RepositoryError, match=r"disks\[0\]\.block_size: unknown field"):
+        Manifest.from_json(json.dumps(data), path="m.json")
+
+
+def test_a_compact_manifest_is_read_by_the_model_of_its_version() -> None:
+    """The writer's layout lets the reader guess the version; a document written
+    otherwise (no spaces) is still read by its own version's model."""
+    v3 = _v3_manifest()
+    compact = json.dumps(json.loads(v3.to_json()), separators=(",", ":"))
+    assert Manifest.from_json(compact, path="m.json") == v3
+    data = json.loads(compact)
+    data["version"] = 4
+    with pytest.raises(RepositoryError, match=r"version: unsupported \(this agent reads 1 to 3\)"):
+        Manifest.from_json(json.dumps(data, separators=(",", ":")), path="m.json")
+
+
+# --- retention of a disk stored as what changed -------------------------------------------
+
+
+@dataclass
+class _Layers:
+    """Points of one disk ``vdr`` read in full and stored as what changed, built by hand
+    as the copy would: each point writes what differs (zeroes as zeroes), records the
+    checksum of each range written, and in ``blocks`` that of each block written in part."""
+
+    repo: Repository
+    content: bytearray = field(default_factory=lambda: bytearray(RAW_SIZE))
+    points: dict[str, bytes] = field(default_factory=dict)
+    ids: list[str] = field(default_factory=list)
+
+    async def point(self, writes: list[Write], *, block_size: int | None = BLOCK) -> Manifest:
+        """A point that writes ``writes`` (each within one block; pattern 0: zeroes)."""
+        parent = await self.repo.latest(DOMAIN)
+        backup_id = self.repo.new_backup_id()
+        staging = await self.repo.stage(DOMAIN, backup_id)
+        image, backing = await self.repo.create_image(staging, "vdr", RAW_SIZE, backing=parent)
+        checksums, parts = [], set()
+        for offset, length, fill in writes:
+            command = f"write -q -z {offset} {length}" if fill == 0 else None
+            command = command or f"write -q -P {fill:#x} {offset} {length}"
+            _run(QEMU_IO, "-f", "qcow2", "-c", command, staging / image)
+            self.content[offset : offset + length] = bytes([fill]) * length
+            checksums.append(RangeChecksum(offset, length, _sha(fill, length)))
+            start = offset - offset % BLOCK
+            if (offset, length) != (start, min(BLOCK, RAW_SIZE - start)):
+                parts.add(start)
+        blocks = tuple(
+            RangeChecksum(o, n, digest_of(bytes(self.content[o : o + n])))
+            for o in sorted(parts)
+            for n in [min(BLOCK, RAW_SIZE - o)]
+        )
+        disk = DiskManifest(
+            "vdr",
+            image,
+            "full",
+            "format-raw: no persistent bitmap",
+            RAW_SIZE,
+            sum(c.length for c in checksums),
+            backing,
+            tuple(checksums),
+            block_size=block_size,
+            blocks=blocks if block_size is not None else (),
+        )
+        manifest = Manifest(
+            backup_id=backup_id,
+            domain=DOMAIN,
+            domain_uuid="6b0bb1c1-4a40-4d5e-9a8a-0e9e4d0f2c11",
+            created_at=1_700_000_000.0 + len(self.ids),
+            completed_at=1_700_000_000.5 + len(self.ids),
+            parent=None if parent is None else parent.backup_id,
+            checkpoint=f"cp-{len(self.ids)}",
+            checkpoint_xml="<domaincheckpoint/>",
+            domain_xml="<domain/>",
+            disks=(disk,),
+        )
+        await self.repo.publish(DOMAIN, staging, manifest)
+        self.ids.append(backup_id)
+        self.points[backup_id] = bytes(self.content)
+        return manifest
+
+    async def assert_all_restore(self, scratch: Path) -> list[str]:
+        listed = [m.backup_id for m in await self.repo.backups(DOMAIN)]
+        for backup_id in listed:
+            restored = await _restored(self.repo, backup_id, "vdr", scratch / "point.raw")
+            assert restored == self.points[backup_id], f"{backup_id} differs"
+        return listed
+
+
+def _blocks_of(manifest: Manifest) -> dict[int, str]:
+    disk = manifest.disk("vdr")
+    assert disk is not None
+    return {c.offset: c.digest for c in disk.checksums}
+
+
+async def test_retention_merges_a_chain_of_layers_into_an_image_that_describes_its_blocks(
+    tmp_path: Path,
+) -> None:
+    from agent.repository.blocks import describe, disk_chain  # noqa: PLC0415
+
+    layers = _Layers(Repository(tmp_path / "repo"))
+    last = 2 * BLOCK
+    # Standalone: the blocks that are not zero.
+    await layers.point([(0, BLOCK, 0x31), (last, MiB, 0x33)])
+    # A block of data; the last block's first piece and its end become zeroes, and a
+    # piece of it new data: written in part.
+    await layers.point(
+        [
+            (BLOCK, BLOCK, 0x41),
+            (last, PIECE, 0),
+            (last + PIECE, PIECE, 0x43),
+            (last + 2 * PIECE, MiB - 2 * PIECE, 0),
+        ]
+    )
+    await layers.point([(0, BLOCK, 0x51), (BLOCK + PIECE, PIECE, 0x52)])
+    repo, ids = layers.repo, layers.ids
+    assert await layers.assert_all_restore(tmp_path) == ids
+    now_last = bytes(PIECE) + b"\x43" * PIECE + bytes(MiB - 2 * PIECE)
+    assert await repo.apply_retention(DOMAIN, 2) == ids[:1]
+    merged = await repo.backup(DOMAIN, ids[1])
+    [disk] = merged.disks
+    assert (disk.mode, disk.backing, disk.block_size, disk.blocks) == ("full", None, BLOCK, ())
+    # Every block that is not zero at that point, whole, its newest checksum; nothing else.
+    assert _blocks_of(merged) == {
+        0: _sha(0x31, BLOCK),
+        BLOCK: _sha(0x41, BLOCK),
+        last: digest_of(now_last),
+    }
+    assert [c.length for c in disk.checksums] == [BLOCK, BLOCK, MiB]
+    assert await layers.assert_all_restore(tmp_path) == ids[1:]
+    assert await repo.verify(DOMAIN) == []
+    # What the next copy would compare with: the same, through the merged image.
+    manifests = await repo.backups(DOMAIN)
+    by_id = {m.backup_id: m for m in manifests}
+    chain = disk_chain(by_id.get, manifests[-1], "vdr")
+    assert chain is not None
+    described = describe(chain)
+    assert described is not None
+    block_1 = b"\x41" * PIECE + b"\x52" * PIECE + b"\x41" * (BLOCK - 2 * PIECE)
+    expected = {0: _sha(0x51, BLOCK), BLOCK: digest_of(block_1), last: digest_of(now_last)}
+    assert {o: c.digest for o, c in described.items()} == expected
+    # Merged again: the newest point, standalone, describes the same blocks, whole.
+    assert await repo.apply_retention(DOMAIN, 1) == ids[1:2]
+    newest = await repo.backup(DOMAIN, ids[2])
+    assert (newest.disks[0].backing, newest.disks[0].block_size) == (None, BLOCK)
+    assert (_blocks_of(newest), newest.disks[0].blocks) == (expected, ())
+    assert newest.merged_from == tuple(ids[:2])
+    assert await layers.assert_all_restore(tmp_path) == ids[2:]
+    assert await repo.verify(DOMAIN) == []
+
+
+async def test_a_merged_chain_that_did_not_describe_its_blocks_no_longer_claims_to(
+    tmp_path: Path,
+) -> None:
+    layers = _Layers(Repository(tmp_path / "repo"))
+    await layers.point([(0, BLOCK, 0x31)], block_size=None)  # a full copy of what was allocated
+    await layers.point([(BLOCK, BLOCK, 0x41)])
+    repo, ids = layers.repo, layers.ids
+    assert await repo.apply_retention(DOMAIN, 1) == ids[:1]
+    merged = await repo.backup(DOMAIN, ids[1])
+    assert (merged.disks[0].backing, merged.disks[0].block_size) == (None, None)
+    # Its own checksums still hold for what it wrote (verify reads them in the image).
+    assert _blocks_of(merged) == {BLOCK: _sha(0x41, BLOCK)}
+    assert await layers.assert_all_restore(tmp_path) == ids[1:]
+    assert await repo.verify(DOMAIN) == []

@@ -8,6 +8,15 @@
   read as zero the target gets explicit zeroes (without punching a hole, which on an
   overlay would let the older backup's data show through).
 
+:func:`blocks_to_read` does the same for a disk with no bitmap (read in full, stored as
+what changed, :mod:`agent.repository.blocks`): the disk cut into whole blocks, each
+either zero by its block status (not read) or read. :func:`copy_runs` given the
+``previous`` point's digests then skips every block whose digest is the same; of a
+block that changed it reads the previous point's data (through the layer being written,
+which is served with its backing) and writes only the 64 KiB pieces that differ, zeroes
+as zeroes (a block device reports everything allocated: its zeroes are found by their
+digest).
+
 :func:`copy_runs` copies them with a fixed pool of workers (``in_flight``), each owning
 one reusable buffer: read into the buffer, hash it (XXH3-128, a tenth of a millisecond
 per 2 MiB), write it out. Source requests are spread over the
@@ -26,12 +35,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from agent.nbd.client import NbdClient
 from agent.nbd.wire import STATE_DIRTY, STATE_ZERO, Extent
+from agent.repository.blocks import zero_digest
 from agent.repository.manifest import RangeChecksum, digest_of
 
 T = TypeVar("T")
@@ -72,6 +82,30 @@ def runs_to_copy(allocation: Sequence[Extent], dirty: Sequence[Extent] | None) -
             if lo < hi:
                 _append(runs, Run(lo, hi - lo, bool(e.flags & STATE_ZERO)))
             index += 1
+    return runs
+
+
+def blocks_to_read(allocation: Sequence[Extent], size: int, block: int) -> list[Run]:
+    """The disk ``[0, size)`` in whole blocks (the last may be shorter), each ``zero`` when
+    the export's block status says all of it reads as zero, else to be read."""
+    zero_ends: list[tuple[int, int]] = []  # merged runs of zero extents, in order
+    for e in sorted(allocation, key=lambda e: e.offset):
+        if not e.flags & STATE_ZERO:
+            continue
+        if zero_ends and zero_ends[-1][1] == e.offset:
+            zero_ends[-1] = (zero_ends[-1][0], e.offset + e.length)
+        else:
+            zero_ends.append((e.offset, e.offset + e.length))
+    runs: list[Run] = []
+    index = 0
+    for start in range(0, size, block):
+        end = min(start + block, size)
+        while index < len(zero_ends) and zero_ends[index][1] <= start:
+            index += 1
+        zero = (
+            index < len(zero_ends) and zero_ends[index][0] <= start and zero_ends[index][1] >= end
+        )
+        runs.append(Run(start, end - start, zero))
     return runs
 
 
@@ -148,17 +182,6 @@ class CopyProgress:
     done: int = 0
 
 
-_ZERO_DIGESTS: dict[int, str] = {}
-
-
-def _zero_digest(length: int) -> str:
-    digest = _ZERO_DIGESTS.get(length)
-    if digest is None:
-        digest = digest_of(bytes(length))
-        _ZERO_DIGESTS[length] = digest
-    return digest
-
-
 async def copy_runs(
     sources: Sequence[NbdClient],
     targets: NbdClient | Sequence[NbdClient],
@@ -170,18 +193,27 @@ async def copy_runs(
     read_size: int | None = None,
     limit: RateLimit | None = None,
     progress: Callable[[int], None] | None = None,
+    previous: Mapping[int, str] | None = None,
+    blocks: list[RangeChecksum] | None = None,
 ) -> list[RangeChecksum]:
     """Copy ``runs`` from ``sources`` to ``targets`` (each: one export, one or more connections).
 
-    Returns the checksum of every range written, in offset order. A failure of any
+    Returns the checksum of every range written, in offset order. With ``previous`` (the
+    digest of each block the previous point holds, by offset; a block not in it is
+    zero), ``runs`` are whole blocks (:func:`blocks_to_read`), and only the pieces whose
+    content differs are written; the digest of each block written only in part is
+    appended to ``blocks`` (a block written whole has its checksum). A failure of any
     worker cancels the others and is raised; nothing is retried here.
     """
     sinks = [targets] if isinstance(targets, NbdClient) else list(targets)
     size = min(request_size, *(c.info.max_block for c in [*sources, *sinks]))
+    if previous is not None and any(r.length > size for r in runs):
+        # A block cut in two would be compared, and recorded, as two other blocks.
+        raise ValueError(f"blocks of up to {max(r.length for r in runs)} bytes, requests {size}")
     # Buffers as large as the largest data chunk: an incremental's scattered 64 KiB
     # runs need no 2 MiB buffers (whose zeroing alone costs page faults).
-    longest = max((r.length for r in runs if not r.zero), default=0)
-    workers = _Workers(
+    longest = max((r.length for r in runs if not r.zero or previous is not None), default=0)
+    workers = (_Workers if previous is None else _BlockWorkers)(
         sources,
         sinks,
         chunks(runs, size),
@@ -190,9 +222,12 @@ async def copy_runs(
         punch_holes=punch_holes,
         limit=limit,
         progress=progress,
+        previous=previous,
     )
     await together([workers.work(index) for index in range(max(1, in_flight))])
     workers.checksums.sort(key=lambda c: c.offset)
+    if blocks is not None:
+        blocks += sorted(workers.blocks, key=lambda c: c.offset)
     return workers.checksums
 
 
@@ -211,7 +246,9 @@ class _Workers:
         punch_holes: bool,
         limit: RateLimit | None,
         progress: Callable[[int], None] | None,
+        previous: Mapping[int, str] | None = None,
     ) -> None:
+        self._previous = previous
         self._sources = sources
         self._sinks = sinks
         self._pending = pending
@@ -221,6 +258,7 @@ class _Workers:
         self._limit = limit
         self._progress = progress
         self.checksums: list[RangeChecksum] = []
+        self.blocks: list[RangeChecksum] = []
         self._turn = 0  # the source connection the next piece of a split read goes to
 
     async def work(self, index: int) -> None:
@@ -232,7 +270,7 @@ class _Workers:
                 await self._limit.take(run.length)
             if run.zero:
                 await target.write_zeroes(run.offset, run.length, punch_hole=self._punch_holes)
-                digest = _zero_digest(run.length)
+                digest = zero_digest(run.length)
             else:
                 view = buffer[: run.length]
                 await self._read(view, run.offset, source)
@@ -256,6 +294,85 @@ class _Workers:
             source = self._sources[self._turn % len(self._sources)]
             reads.append(source.read_into(offset + start, view[start : start + self._piece]))
         await together(reads)
+
+
+PIECE = 64 << 10  # what a changed block is compared and written in: a qcow2 cluster
+
+
+class _BlockWorkers(_Workers):
+    """The workers of a disk read whole and stored as what changed (``previous``: the
+    digest of each block the previous point holds; a block not in it is zero)."""
+
+    async def work(self, index: int) -> None:
+        source = self._sources[index % len(self._sources)]
+        target = self._sinks[index % len(self._sinks)]
+        new = memoryview(bytearray(self._buffer_size))
+        old = memoryview(bytearray(self._buffer_size))
+        assert self._previous is not None
+        for run in self._pending:  # whole blocks; a shared iterator, as above
+            if self._limit is not None:
+                await self._limit.take(run.length)
+            view = new[: run.length]
+            if run.zero:
+                digest = zero_digest(run.length)
+            else:
+                await self._read(view, run.offset, source)
+                digest = digest_of(view)
+            before = self._previous.get(run.offset)
+            if digest != (before or zero_digest(run.length)):
+                if run.zero:
+                    view[:] = _zeroes(run.length)
+                was = None
+                if before is not None:  # the previous point's data: the layer reads through
+                    was = old[: run.length]
+                    await target.read_into(run.offset, was)
+                await self._write_changes(target, run, view, was, digest)
+            if self._progress is not None:
+                self._progress(run.length)
+
+    async def _write_changes(
+        self,
+        target: NbdClient,
+        run: Run,
+        view: memoryview,
+        was: memoryview | None,
+        digest: str,
+    ) -> None:
+        """Write the pieces of the block that differ from ``was`` (None: zeroes), in runs."""
+        changed: list[tuple[int, int, bool]] = []  # (start, end, zero) within the block
+        for start in range(0, run.length, PIECE):
+            end = min(start + PIECE, run.length)
+            now = digest_of(view[start:end])
+            then = zero_digest(end - start) if was is None else digest_of(was[start:end])
+            if now == then:
+                continue
+            zero = now == zero_digest(end - start)
+            if changed and changed[-1][1] == start and changed[-1][2] == zero:
+                changed[-1] = (changed[-1][0], end, zero)
+            else:
+                changed.append((start, end, zero))
+        for start, end, zero in changed:
+            offset, length = run.offset + start, end - start
+            if zero:  # (not a hole: on a layer, a hole would show the older data)
+                await target.write_zeroes(offset, length, punch_hole=False)
+                self.checksums.append(RangeChecksum(offset, length, zero_digest(length)))
+            else:
+                await target.write(offset, view[start:end])
+                self.checksums.append(RangeChecksum(offset, length, digest_of(view[start:end])))
+        if [(start, end) for start, end, _ in changed] != [(0, run.length)]:
+            # Written in part (or, were the layer below not what its manifest says, not
+            # at all): what the block holds now is said beside the pieces' checksums.
+            self.blocks.append(RangeChecksum(run.offset, run.length, digest))
+
+
+_ZEROES: dict[int, bytes] = {}
+
+
+def _zeroes(length: int) -> bytes:
+    found = _ZEROES.get(length)
+    if found is None:
+        found = _ZEROES[length] = bytes(length)
+    return found
 
 
 async def together(calls: Sequence[Coroutine[Any, Any, T]]) -> list[T]:

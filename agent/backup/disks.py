@@ -4,7 +4,10 @@ Each disk's staged repository image is created and served by a local qemu-nbd
 (:mod:`agent.qemu.qemu_nbd`) while libvirt begins the job; once it has begun, the disk
 is read from QEMU's NBD export (Unix socket in the agent's private directory), over up
 to ``[backup] connections`` connections, and what its block status says is copied
-(:mod:`agent.backup.copy`). One failing disk cancels the others; every socket and
+(:mod:`agent.backup.copy`). A disk with no bitmap is read whole, block by block, and only
+the blocks that differ from the previous point are written: into an image on top of the
+previous point's (``layered``), or into a standalone one, which gets only the blocks that
+are not zero (:mod:`agent.repository.blocks`). One failing disk cancels the others; every socket and
 qemu-nbd is closed before the failure is raised, so an undo never races them.
 """
 
@@ -13,8 +16,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+from collections.abc import Mapping
 
-from agent.backup.copy import RateLimit, Run, copy_runs, runs_to_copy, table_openers_first, together
+from agent.backup.copy import (
+    RateLimit,
+    Run,
+    blocks_to_read,
+    copy_runs,
+    runs_to_copy,
+    table_openers_first,
+    together,
+)
 from agent.backup.data_plane import DataPlane
 from agent.backup.job import Job
 from agent.backup.plan import BackupPlan, DiskPlan
@@ -27,6 +39,7 @@ from agent.nbd.extents import extents
 from agent.nbd.wire import BASE_ALLOCATION as ALLOCATION
 from agent.nbd.wire import Extent
 from agent.qemu.qemu_nbd import serve_image
+from agent.repository.blocks import BLOCK, zero_digest
 from agent.repository.manifest import DiskManifest, Manifest, RangeChecksum
 from agent.repository.store import Repository
 
@@ -51,9 +64,12 @@ class DiskCopies:
         parent: Manifest | None,
         progress: Progress | None,
         begun: concurrent.futures.Future[None],
+        blocks: Mapping[str, Mapping[int, str]],
     ) -> tuple[DiskManifest, ...]:
         """Every disk of ``plan`` into the job's staging directory; the export is read
-        once ``begun`` is set (cancelled: the job did not begin)."""
+        once ``begun`` is set (cancelled: the job did not begin). ``blocks``: for each disk
+        with no bitmap, the digests of the blocks the previous point holds (empty for a
+        standalone image)."""
         limit = (
             RateLimit(self._config.backup.bandwidth_limit)
             if self._config.backup.bandwidth_limit
@@ -61,7 +77,9 @@ class DiskCopies:
         )
         tally = Tally(from_data_plane(progress), faults=self._faults)
         # The bytes move on the data plane's loop, so this loop stays responsive.
-        return await self._data_plane.run(self._copy_disks(plan, job, parent, limit, tally, begun))
+        return await self._data_plane.run(
+            self._copy_disks(plan, job, parent, limit, tally, begun, blocks)
+        )
 
     async def close(self) -> None:
         """Stop the data plane (at agent shutdown, after every job has ended)."""
@@ -75,9 +93,13 @@ class DiskCopies:
         limit: RateLimit | None,
         tally: Tally,
         begun: concurrent.futures.Future[None],
+        blocks: Mapping[str, Mapping[int, str]],
     ) -> tuple[DiskManifest, ...]:
         # One failing disk cancels the others before anything is undone.
-        copies = [self._copy_disk(disk, job, parent, limit, tally, begun) for disk in plan.disks]
+        copies = [
+            self._copy_disk(disk, job, parent, limit, tally, begun, blocks.get(disk.target))
+            for disk in plan.disks
+        ]
         return tuple(await together(copies))
 
     async def _copy_disk(
@@ -88,10 +110,14 @@ class DiskCopies:
         limit: RateLimit | None,
         tally: Tally,
         begun: concurrent.futures.Future[None],
+        previous: Mapping[int, str] | None,
     ) -> DiskManifest:
         """Create and serve the disk's repository image, then (once the job has begun)
-        copy what the export's block status says into it."""
+        copy what the export's block status says into it (a disk with no bitmap: its
+        blocks that differ from ``previous``)."""
         contexts = [ALLOCATION] + ([] if disk.full else [f"qemu:dirty-bitmap:backup-{disk.target}"])
+        if not disk.bitmap and previous is None:
+            previous = {}  # (a standalone image: every block that is not zero)
         async with contextlib.AsyncExitStack() as stack:
             size = disk.size
             # Unless libvirt did not report the capacity (then the export will tell).
@@ -105,20 +131,29 @@ class DiskCopies:
             elif exported != size:
                 raise _resized(disk, job, exported, size)
             image, backing, targets = opened
-            runs = await _runs(sources[0], contexts)
-            if not disk.full:  # an overlay, written through the page cache
+            runs = await _runs(sources[0], contexts, size if previous is not None else None)
+            if _overlay(disk):  # written through the page cache
                 runs = table_openers_first(runs)
             tally.expect(sum(r.length for r in runs))
-            checksums = await self._copy_runs(disk, sources, targets, runs, limit, tally)
+            blocks: list[RangeChecksum] = []
+            checksums = await self._copy_runs(
+                disk, sources, targets, runs, limit, tally, previous, blocks
+            )
+        if previous is None:
+            copied = sum(r.length for r in runs)
+        else:  # what grows the repository: the blocks of data written
+            copied = sum(c.length for c in checksums if c.digest != zero_digest(c.length))
         return DiskManifest(
             target=disk.target,
             image=image,
             mode=disk.mode,
             reason=disk.reason,
             virtual_size=size,
-            bytes_copied=sum(r.length for r in runs),
+            bytes_copied=copied,
             backing=backing,
             checksums=tuple(checksums),
+            block_size=BLOCK if previous is not None else None,
+            blocks=tuple(blocks),
         )
 
     async def _connect_export(
@@ -146,7 +181,7 @@ class DiskCopies:
         to it."""
         settings = self._config.backup
         image, backing = await self._repository.create_image(
-            job.staging, disk.target, size, backing=None if disk.full else parent
+            job.staging, disk.target, size, backing=parent if _overlay(disk) else None
         )
         socket = self._config.socket_path / f"{job.backup_id}-{disk.target}.sock"
         # An overlay is served with its backing: a write covering part of a cluster
@@ -158,8 +193,8 @@ class DiskCopies:
                 job.staging / image,
                 socket,
                 clients=settings.connections,
-                backing=not disk.full,
-                direct=disk.full,
+                backing=_overlay(disk),
+                direct=not _overlay(disk),
             )
         )
         targets = await connect_many(settings.connections, socket_path=served)
@@ -174,18 +209,23 @@ class DiskCopies:
         runs: list[Run],
         limit: RateLimit | None,
         tally: Tally,
+        previous: Mapping[int, str] | None,
+        blocks: list[RangeChecksum],
     ) -> list[RangeChecksum]:
         settings = self._config.backup
         checksums = await copy_runs(
             sources,
             targets,
             runs,
-            request_size=settings.request_size,
+            # Blocks compared with the previous point's are written one request each.
+            request_size=settings.request_size if previous is None else BLOCK,
             read_size=settings.read_size,
             in_flight=settings.in_flight,
-            punch_holes=disk.full,
+            punch_holes=not _overlay(disk),
             limit=limit,
             progress=tally.add,
+            previous=previous,
+            blocks=blocks,
         )
         # The target advertises multi-conn whenever there are several connections:
         # one flush covers the writes completed on all of them.
@@ -202,9 +242,17 @@ def _resized(disk: DiskPlan, job: Job, exported: int, size: int) -> BackupError:
     )
 
 
-async def _runs(source: NbdClient, contexts: list[str]) -> list[Run]:
-    """What to copy: allocation, and for an incremental the dirty bitmap, from the export."""
+def _overlay(disk: DiskPlan) -> bool:
+    """Whether the disk's image sits on the parent backup's (an increment, or layered)."""
+    return not disk.full or disk.layered
+
+
+async def _runs(source: NbdClient, contexts: list[str], whole: int | None) -> list[Run]:
+    """What to copy: allocation, and for an incremental the dirty bitmap, from the export;
+    for a disk of ``whole`` bytes read in full, every block."""
     allocation = [e async for e in extents(source, ALLOCATION)]
+    if whole is not None:
+        return blocks_to_read(allocation, whole, BLOCK)
     dirty: list[Extent] | None = None
     if len(contexts) > 1:
         dirty = [e async for e in extents(source, contexts[1])]

@@ -28,6 +28,8 @@ from agent.virt.inventory import DomainInfo
 
 
 def backup_xml(plan: BackupPlan, job: Job) -> str:
+    """Every disk listed: a backup with ``<disks>`` leaves every disk it does not name
+    out (libvirt sets ``backup='no'``), and every exported disk needs its scratch file."""
     root = etree.Element("domainbackup", mode="pull")
     if plan.base is not None:
         etree.SubElement(root, "incremental").text = plan.base
@@ -40,15 +42,22 @@ def backup_xml(plan: BackupPlan, job: Job) -> str:
         element = etree.SubElement(disks, "disk", attrs)
         etree.SubElement(element, "scratch", file=str(job.scratch[disk.target]))
         etree.SubElement(element, "driver", type="qcow2")
+    for excluded in plan.excluded:
+        etree.SubElement(disks, "disk", name=excluded.target, backup="no")
     return etree.tostring(root, encoding="unicode")
 
 
 def checkpoint_xml(plan: BackupPlan, job: Job) -> str:
+    """A bitmap on each disk that can have one and is backed up; none elsewhere (libvirt
+    refuses a checkpoint of a raw disk: "unsupported for storage type raw")."""
     root = etree.Element("domaincheckpoint")
     etree.SubElement(root, "name").text = job.checkpoint
     disks = etree.SubElement(root, "disks")
     for disk in plan.disks:
-        etree.SubElement(disks, "disk", name=disk.target, checkpoint="bitmap")
+        checkpoint = "bitmap" if disk.bitmap else "no"
+        etree.SubElement(disks, "disk", name=disk.target, checkpoint=checkpoint)
+    for excluded in plan.excluded:
+        etree.SubElement(disks, "disk", name=excluded.target, checkpoint="no")
     return etree.tostring(root, encoding="unicode")
 
 

@@ -15,22 +15,38 @@ A damaged repository (:mod:`agent.repository.listing`) makes disks full with the
 disk of the tip whose chain is broken (its image missing, or a backup its restore reads
 damaged). An increment is never based on a damaged image.
 
+A disk with no bitmap (a raw image or block device, a network disk:
+:attr:`~agent.virt.inventory.Disk.full_only`) is read in full every time, with the reason
+``<why>: no persistent bitmap`` (e.g. ``format-raw: no persistent bitmap``), and stored
+as what changed on top of the repository's newest image of it (``layered``) when that
+image describes its blocks (:mod:`agent.repository.blocks`), is the disk's size and is
+not damaged; else as a standalone image. Every other disk is left out, and the plan
+says why (``excluded``): the inventory's reason, or ``excluded-by-config`` for a disk
+``[backup] exclude`` names.
+
 Modes: ``auto`` falls back to full per disk; ``incremental`` refuses (BackupError with
 code ``chain-broken``, naming each disk and reason) rather than silently copying
-everything; ``full`` copies everything and starts a new chain.
+everything (a disk with no bitmap, always read in full, does not count); ``full`` copies
+everything and starts a new chain.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 from agent.chain.records import CheckpointRecord, DiskChain
 from agent.chain.rules import Verdict, base_checkpoint, disk_verdicts
 from agent.core.errors import BackupError
-from agent.virt.inventory import DomainInfo
+from agent.core.logs import get_logger
+from agent.repository.blocks import describe, disk_chain, previous_digests
+from agent.repository.manifest import ExcludedDisk, Manifest
+from agent.virt.inventory import Disk, DomainInfo
+
+log = get_logger("backup")
 
 
 class BackupMode(enum.StrEnum):
@@ -41,13 +57,17 @@ class BackupMode(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class DiskPlan:
-    """One disk of a backup: ``since`` is the checkpoint an incremental starts from."""
+    """One disk of a backup: ``since`` is the checkpoint an incremental starts from;
+    ``bitmap``: the new checkpoint gets a bitmap of it; ``layered``: read in full, stored
+    as what changed on top of the parent backup's image."""
 
     target: str
     size: int
     full: bool
     reason: str | None
     since: str | None
+    bitmap: bool = True
+    layered: bool = False
 
     @property
     def mode(self) -> str:
@@ -59,8 +79,9 @@ class BackupPlan:
     domain: str
     uuid: str
     base: str | None  # checkpoint the incrementals start from
-    parent_backup: str | None  # repository backup the incremental images sit on
+    parent_backup: str | None  # repository backup the incremental (or layered) images sit on
     disks: tuple[DiskPlan, ...]
+    excluded: tuple[ExcludedDisk, ...] = ()
 
     @property
     def any_incremental(self) -> bool:
@@ -68,6 +89,8 @@ class BackupPlan:
 
 
 REPOSITORY_DAMAGED: Final = "repository-damaged"  # the reason a damaged repository gives
+EXCLUDED_BY_CONFIG: Final = "excluded-by-config"  # a disk [backup] exclude leaves out
+NO_BITMAP: Final = "no persistent bitmap"  # why a disk is read in full every time
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +102,8 @@ class RepositoryTip:
     checkpoint: str
     targets: frozenset[str]
     broken: Mapping[str, str] = field(default_factory=dict)
+    # Its disks whose images describe their blocks (a layer can go on top): their sizes.
+    layerable: Mapping[str, int] = field(default_factory=dict)
 
 
 def plan_backup(
@@ -89,14 +114,22 @@ def plan_backup(
     mode: BackupMode,
     *,
     damaged: str | None = None,
+    exclude: Collection[str] = (),
 ) -> BackupPlan:
     """The plan; ``damaged`` says why no disk may be incremental on ``tip`` (a backup at
-    least as new is damaged), if that is so."""
-    disks = [d for d in info.disks if d.backup_capable]
-    if not disks:
+    least as new is damaged), if that is so; ``exclude``: targets configuration leaves out."""
+    excluded = tuple(
+        ExcludedDisk(d.target, EXCLUDED_BY_CONFIG if d.target in exclude else reason)
+        for d in info.disks
+        if (reason := d.excluded_reason or (EXCLUDED_BY_CONFIG if d.target in exclude else None))
+    )
+    left_out = {x.target for x in excluded}
+    disks = [d for d in info.disks if d.backup_capable and d.target not in left_out]
+    whole = [d for d in info.disks if d.full_only and d.target not in left_out]
+    if not disks and not whole:
         raise BackupError(
             f"domain {info.name} has no disk that can be backed up "
-            + ", ".join(f"{d.target}: {d.unsupported_reason}" for d in info.disks),
+            + ", ".join(f"{x.target}: {x.reason}" for x in excluded),
             code="no-disks",
             domain=info.name,
         )
@@ -129,13 +162,115 @@ def plan_backup(
             domain=info.name,
         )
     incremental = any(not p.full for p in plans)
+    wholes = [_whole(d, tip, mode, damaged, chains.get(d.target)) for d in whole]
+    layered = any(p.layered for p in wholes)
     return BackupPlan(
         domain=info.name,
         uuid=info.uuid,
         base=base.name if base is not None and incremental else None,
-        parent_backup=tip.backup_id if tip is not None and incremental else None,
-        disks=tuple(plans),
+        parent_backup=tip.backup_id if tip is not None and (incremental or layered) else None,
+        disks=tuple(sorted([*plans, *wholes], key=_document_order(info))),
+        excluded=excluded,
     )
+
+
+def _whole(
+    disk: Disk,
+    tip: RepositoryTip | None,
+    mode: BackupMode,
+    damaged: str | None,
+    chain: DiskChain | None,
+) -> DiskPlan:
+    """A disk with no bitmap: read in full; layered on the tip's image if it can be (not
+    on an image verify found damaged: the ledger's chain of the disk is broken then)."""
+    size = disk.capacity or 0
+    broken = chain is not None and not chain.valid
+    layered = (
+        mode is not BackupMode.FULL
+        and not broken
+        and damaged is None
+        and tip is not None
+        and disk.target not in tip.broken
+        and size > 0
+        and tip.layerable.get(disk.target) == size
+    )
+    if mode is BackupMode.FULL:
+        reason = "full-requested"
+    elif broken and chain is not None:  # e.g. backup-corrupt: a standalone image again
+        reason = chain.reason or "chain-broken"
+    else:
+        reason = f"{disk.unsupported_reason}: {NO_BITMAP}"
+    return DiskPlan(
+        target=disk.target,
+        size=size,
+        full=True,
+        reason=reason,
+        since=None,
+        bitmap=False,
+        layered=layered,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DiskCoverage:
+    """How backups treat one disk of a domain today: ``how`` is ``incremental`` (it has a
+    bitmap), ``full`` (read in full each time, ``reason`` says why) or ``excluded``
+    (``reason`` says why); ``silent`` when it is excluded though the guest can write it
+    and configuration did not ask for that: data that is in no backup."""
+
+    target: str
+    how: str
+    reason: str | None
+    silent: bool = False
+
+
+def disk_coverage(info: DomainInfo, exclude: Collection[str] = ()) -> tuple[DiskCoverage, ...]:
+    """Every disk of ``info`` (``exclude``: the targets configuration leaves out)."""
+    covered = []
+    for disk in info.disks:
+        if disk.target in exclude:
+            covered.append(DiskCoverage(disk.target, "excluded", EXCLUDED_BY_CONFIG))
+        elif (reason := disk.excluded_reason) is not None:
+            covered.append(DiskCoverage(disk.target, "excluded", reason, silent=disk.writable))
+        elif disk.full_only:
+            why = f"{disk.unsupported_reason}: {NO_BITMAP}"
+            covered.append(DiskCoverage(disk.target, "full", why))
+        else:
+            covered.append(DiskCoverage(disk.target, "incremental", None))
+    return tuple(covered)
+
+
+def partial(coverage: Sequence[DiskCoverage]) -> bool:
+    """Whether a writable disk of the domain is in no backup, not on purpose."""
+    return any(c.silent for c in coverage)
+
+
+def layer_on(
+    plan: BackupPlan, parent: Manifest, manifests: Sequence[Manifest]
+) -> tuple[BackupPlan, dict[str, dict[int, str]]]:
+    """For each layered disk, the digests of the blocks ``parent`` holds
+    (:mod:`agent.repository.blocks`); a disk whose chain there does not describe its
+    blocks is copied into a standalone image instead (the plan, changed so)."""
+    by_id = {m.backup_id: m for m in manifests}
+    blocks: dict[str, dict[int, str]] = {}
+    disks = []
+    for disk in plan.disks:
+        chain = disk_chain(by_id.get, parent, disk.target) if disk.layered else None
+        described = describe(chain) if chain is not None else None
+        if described is not None:
+            blocks[disk.target] = previous_digests(described)
+        elif disk.layered:
+            log.warning("the previous point does not describe its blocks", disk=disk.target)
+        disks.append(dataclasses.replace(disk, layered=described is not None))
+    # (no longer on the parent at all: every layer became standalone, nothing incremental)
+    on_parent = any(not d.full or d.layered for d in disks)
+    parent_backup = plan.parent_backup if on_parent else None
+    return dataclasses.replace(plan, disks=tuple(disks), parent_backup=parent_backup), blocks
+
+
+def _document_order(info: DomainInfo) -> Callable[[DiskPlan], int]:
+    order = {d.target: i for i, d in enumerate(info.disks)}
+    return lambda p: order[p.target]
 
 
 def _why_full(

@@ -51,6 +51,7 @@ from agent.backup.plan import (
     BackupMode,
     BackupPlan,
     RepositoryTip,
+    layer_on,
     plan_backup,
 )
 from agent.backup.progress import Phases, Progress
@@ -72,7 +73,8 @@ from agent.core.faults import Faults, no_faults
 from agent.core.logs import get_logger
 from agent.core.shielding import to_completion
 from agent.core.space import Reservation, measure
-from agent.repository.manifest import DiskManifest, Manifest
+from agent.repository.blocks import BLOCK
+from agent.repository.manifest import DiskManifest, ExcludedDisk, Manifest
 from agent.repository.store import Repository
 from agent.virt.connection import VirtConnection
 from agent.virt.domains import Domains
@@ -89,6 +91,7 @@ class BackupResult:
     checkpoint: str
     disks: tuple[DiskManifest, ...]
     seconds: float
+    excluded: tuple[ExcludedDisk, ...] = ()
 
     @property
     def bytes_copied(self) -> int:
@@ -247,7 +250,8 @@ class Backups:
         # Published: what it wrote is in the free space now; retention's merge is measured
         # against that, not against this job's worst case as well.
         self.repository.space.release(self._reservations.pop(uuid, None))
-        await self._conclude(info, job, keep_last)
+        whole = [d.target for d in manifest.disks if d.block_size is not None]
+        await self._conclude(info, job, keep_last, whole)
         phases.mark("finish")
         log.info("backup phases", backup_id=job.backup_id, seconds=phases.seconds)
         log.info(
@@ -257,7 +261,12 @@ class Backups:
             disks={d.target: (d.mode, d.reason) for d in manifest.disks},
         )
         return BackupResult(
-            job.backup_id, info.name, job.checkpoint, manifest.disks, time.monotonic() - started
+            job.backup_id,
+            info.name,
+            job.checkpoint,
+            manifest.disks,
+            time.monotonic() - started,
+            manifest.excluded,
         )
 
     # -- 1 and 2: plan, intent ---------------------------------------------------------
@@ -295,9 +304,14 @@ class Backups:
         if latest is not None:
             broken = {t: d.error for t, d in found.broken.items()}
             targets = frozenset(d.target for d in latest.disks)
-            tip = RepositoryTip(latest.backup_id, latest.checkpoint, targets, broken)
+            layerable = {d.target: d.virtual_size for d in latest.disks if d.block_size == BLOCK}
+            tip = RepositoryTip(latest.backup_id, latest.checkpoint, targets, broken, layerable)
         newer = found.newer[0].error if found.newer else None
-        plan = plan_backup(info, records, chains, tip, mode, damaged=newer)
+        excluded = self._config.backup.excluded
+        exclude = {d.target for d in info.disks if excluded(info.name, d.target)}
+        plan = plan_backup(info, records, chains, tip, mode, damaged=newer, exclude=exclude)
+        for left in plan.excluded:
+            log.info("disk left out of the backup", disk=left.target, reason=left.reason)
         for disk in plan.disks:
             if disk.reason == REPOSITORY_DAMAGED:
                 log.warning(
@@ -399,7 +413,10 @@ class Backups:
     ) -> Manifest:
         created = time.time()
         parent = await self._parent(info, plan, latest)
-        copied = await self._run_job(info, plan, job, parent, progress, phases)
+        plan, blocks = await self._previous_blocks(info, plan, parent)
+        if plan.parent_backup is None:
+            parent = None  # (every layer planned had to become standalone)
+        copied = await self._run_job(info, plan, job, parent, progress, phases, blocks)
         manifest = Manifest(
             backup_id=job.backup_id,
             domain=info.name,
@@ -411,6 +428,7 @@ class Backups:
             checkpoint_xml=copied.checkpoint_xml,
             domain_xml=copied.domain_xml,
             disks=copied.disks,
+            excluded=plan.excluded,
         )
         self._publishing.add(info.uuid)  # from here, a failure asks the repository first
         await self.repository.publish(info.name, job.staging, manifest)
@@ -428,6 +446,16 @@ class Backups:
             return latest
         return await self.repository.backup(info.name, plan.parent_backup)
 
+    async def _previous_blocks(
+        self, info: DomainInfo, plan: BackupPlan, parent: Manifest | None
+    ) -> tuple[BackupPlan, dict[str, dict[int, str]]]:
+        """The plan, and what its layered disks are compared with (:func:`layer_on`)."""
+        if parent is None or not any(d.layered for d in plan.disks):
+            return plan, {}
+        manifests = await self.repository.backups(info.name)
+        # (a disk's blocks: 512 Ki checksums a TiB, along the chain; not on the loop)
+        return await asyncio.to_thread(layer_on, plan, parent, manifests)
+
     async def _run_job(
         self,
         info: DomainInfo,
@@ -436,6 +464,7 @@ class Backups:
         parent: Manifest | None,
         progress: Progress | None,
         phases: Phases,
+        blocks: dict[str, dict[int, str]],
     ) -> _Copied:
         """libvirt's job from begin to end, the disks copied meanwhile."""
         completion = asyncio.get_running_loop().create_future()
@@ -443,7 +472,7 @@ class Backups:
         # The repository images are created and served while libvirt begins the job;
         # the copy itself waits for ``begun``.
         begun: concurrent.futures.Future[None] = concurrent.futures.Future()
-        copy = asyncio.create_task(self._disks.copy(plan, job, parent, progress, begun))
+        copy = asyncio.create_task(self._disks.copy(plan, job, parent, progress, begun, blocks))
         try:
             return await self._begin_copy_end(info, plan, job, copy, begun, completion, phases)
         except BaseException:
@@ -506,7 +535,9 @@ class Backups:
 
     # -- after publishing --------------------------------------------------------------
 
-    async def _conclude(self, info: DomainInfo, job: Job, keep_last: int | None) -> None:
+    async def _conclude(
+        self, info: DomainInfo, job: Job, keep_last: int | None, whole: list[str]
+    ) -> None:
         """Mark the published backup in the ledger, apply retention, drop the intent."""
         # Published: from here on a failure is finished forward, never undone (at the next
         # start if not now: an intent that still says unpublished is checked against the
@@ -514,7 +545,7 @@ class Backups:
         job = dataclasses.replace(job, published=True)
         try:
             await self._intents.write(job)
-            await self._finish(info, job, keep_last)
+            await self._finish(info, job, keep_last, whole)
         except (AgentError, OSError) as exc:
             log.error(
                 "backup published, but marking it in the ledger failed; finished by recovery",
@@ -523,8 +554,10 @@ class Backups:
             )
             self._undo.left(job.uuid, f"finishing the published backup {job.backup_id}: {exc}")
 
-    async def _finish(self, info: DomainInfo, job: Job, keep_last: int | None) -> None:
-        await self._chains.backup_succeeded(info.name, job.checkpoint)
+    async def _finish(
+        self, info: DomainInfo, job: Job, keep_last: int | None, whole: list[str]
+    ) -> None:
+        await self._chains.backup_succeeded(info.name, job.checkpoint, whole)
         self._faults("backup:marked")
         keep = self._config.retention.keep_last_for(info.name) if keep_last is None else keep_last
         if keep:

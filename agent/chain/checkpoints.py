@@ -23,14 +23,20 @@ import contextlib
 import dataclasses
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import libvirt
 
 from agent.chain import libvirt_calls
 from agent.chain.ledger import Ledger
-from agent.chain.ledger_ops import MarkBackedUp, SetDiskChains, SetParents, SetState
+from agent.chain.ledger_ops import (
+    ForgetDiskChain,
+    MarkBackedUp,
+    SetDiskChains,
+    SetParents,
+    SetState,
+)
 from agent.chain.records import CheckpointDisk, CheckpointRecord, CheckpointState
 from agent.chain.rules import (
     LIVE_STATES,
@@ -201,8 +207,12 @@ class Chains:
             await self._judge(info, await self._records(info.name))
         return record
 
-    async def backup_succeeded(self, domain: str, checkpoint: str) -> None:
-        """A backup based on ``checkpoint`` is safe in the repository: trust it, then prune."""
+    async def backup_succeeded(
+        self, domain: str, checkpoint: str, read_whole: Collection[str] = ()
+    ) -> None:
+        """A backup based on ``checkpoint`` is safe in the repository: trust it, then prune.
+        ``read_whole``: its disks with no bitmap, copied whole; whatever broke their chain
+        (verify found their image damaged, they were unplugged) is over."""
         record = await self.ledger.checkpoint(domain, checkpoint)
         if record is None:
             raise ChainError(
@@ -214,8 +224,9 @@ class Chains:
             return
         # Trusted, and a new chain starts at it for every disk it covers: one transaction.
         chains = {d.target: (True, None, f"chain from {checkpoint}") for d in record.disks}
+        forget = [ForgetDiskChain(domain, target) for target in read_whole]
         await self.ledger.transaction(
-            [MarkBackedUp(domain, checkpoint, time.time()), SetDiskChains(domain, chains)]
+            [MarkBackedUp(domain, checkpoint, time.time()), SetDiskChains(domain, chains), *forget]
         )
         await self.prune(domain, record.domain_uuid)
 

@@ -92,6 +92,7 @@ def _unreadable(damage: Damage, domain: str) -> dict[str, Any]:
         "checkpoint": None,
         "bytes": None,
         "disks": [],
+        "excluded": None,
         "damaged": [damage.to_json()],
     }
 
@@ -105,7 +106,11 @@ def _print_table(listing: Listing, entries: Sequence[dict[str, Any]]) -> None:
             e["mode"] or "DAMAGED",
             str(e["bytes"]) if e["bytes"] is not None else "-",
             e["parent"] or "-",
-            ",".join(f"{d['target']}:{d['mode']}" for d in e["disks"]) or "-",
+            ",".join(
+                [f"{d['target']}:{d['mode']}" for d in e["disks"]]
+                + [f"{x['target']}:excluded" for x in e["excluded"] or ()]
+            )
+            or "-",
         ]
         for e in entries
     ]
@@ -188,11 +193,11 @@ async def _full_next(
 
 def backup(config: AgentConfig, domain: str, mode: str) -> None:
     result = asyncio.run(_backup(config, domain, BackupMode(mode)))
+    disks = [(d.target, d.mode, d.reason) for d in result.disks]
+    disks += [(x.target, "excluded", x.reason) for x in result.excluded]
     print(
         f"backup {result.backup_id} of {result.domain}: "
-        + ", ".join(
-            f"{d.target} {d.mode}" + (f" ({d.reason})" if d.reason else "") for d in result.disks
-        )
+        + ", ".join(f"{t} {how}" + (f" ({why})" if why else "") for t, how, why in disks)
         + f"; {result.bytes_copied} bytes in {result.seconds:.2f} s"
     )
 

@@ -152,23 +152,7 @@ def status(config: AgentConfig, as_json: bool) -> int:
     if as_json:
         print(json.dumps({"domains": domains["domains"], "running": running["jobs"]}, indent=2))
         return 0
-    rows = [["DOMAIN", "STATE", "CHAIN", "LAST BACKUP", "MODE", "BACKUPS"]]
-    for d in domains["domains"]:
-        broken = [f"{x['target']}:{x['reason']}" for x in d["disks"] if not x["chain_valid"]]
-        chain = ("broken " + ",".join(broken)) if broken else ("ok" if d["disks"] else "-")
-        last = d["last_backup"]
-        when = _when(last["completed_at"]) if last else "never"
-        rows.append(
-            [
-                d["name"],
-                d["state"],
-                chain,
-                when,
-                last["mode"] if last else "-",
-                str(d["backups"]),
-            ]
-        )
-    _table(rows)
+    _table(status_rows(domains["domains"]))
     print()
     if running["jobs"]:
         _table(
@@ -186,6 +170,41 @@ def status(config: AgentConfig, as_json: bool) -> int:
     else:
         print("no jobs running")
     return 0
+
+
+def status_rows(domains: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """The table of ``status``, from ``GET /v1/domains``: CHAIN says ``broken`` with the
+    disks whose chain is, and ``partial`` with the disks that are in no backup though the
+    guest writes them, else ``ok`` (``-`` without a chain); DISKS how each disk of the
+    domain is backed up (``vda:incremental,vdb:full,sdc:excluded``)."""
+    rows = [["DOMAIN", "STATE", "CHAIN", "DISKS", "LAST BACKUP", "MODE", "BACKUPS"]]
+    for d in domains:
+        disks = d["disks"]
+        broken = [f"{x['target']}:{x['reason']}" for x in disks if x["chain_valid"] is False]
+        why = {x["target"]: x["reason"] for x in d.get("not_backed_up") or ()}
+        silent = [f"{t}:{why.get(t, 'excluded')}" for t in d.get("partial_disks") or ()]
+        said = [
+            f"{what} {','.join(which)}"
+            for what, which in (("broken", broken), ("partial", silent))
+            if which
+        ]
+        chained = any(x["chain_valid"] is not None for x in disks)
+        chain = " ".join(said) or ("ok" if chained else "-")
+        how = ",".join(f"{x['target']}:{x['backup']}" for x in disks if x.get("backup")) or "-"
+        last = d["last_backup"]
+        when = _when(last["completed_at"]) if last else "never"
+        rows.append(
+            [
+                d["name"],
+                d["state"],
+                chain,
+                how,
+                when,
+                last["mode"] if last else "-",
+                str(d["backups"]),
+            ]
+        )
+    return rows
 
 
 def _when(seconds: float) -> str:

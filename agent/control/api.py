@@ -24,8 +24,9 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from agent.backup.plan import partial
 from agent.chain.checkpoints import Chains
-from agent.chain.records import CheckpointRecord
+from agent.chain.records import CheckpointRecord, DiskChain
 from agent.control.job_requests import (
     JOB_ID_RE,
     MAX_REQUEST_BYTES,
@@ -34,10 +35,10 @@ from agent.control.job_requests import (
     parse_request,
 )
 from agent.control.jobs import Jobs
-from agent.control.metrics import CONTENT_TYPE, Metrics, chain_length
+from agent.control.metrics import CONTENT_TYPE, Metrics, chain_length, domain_coverage
 from agent.control.openapi import openapi_document
 from agent.core.blocking import Filesystem
-from agent.core.config import HttpSection
+from agent.core.config import BackupSection, HttpSection
 from agent.core.errors import (
     AgentError,
     BackupNotFoundError,
@@ -56,6 +57,7 @@ from agent.repository.manifest import Manifest
 from agent.repository.store import Repository
 from agent.virt.connection import ConnState, VirtConnection
 from agent.virt.domains import Domains
+from agent.virt.inventory import DomainInfo
 
 log = get_logger("api")
 
@@ -75,6 +77,7 @@ class ApiParts:
     connection: VirtConnection
     repository: Repository
     metrics: Metrics
+    backup: BackupSection  # its exclude: the disks left out on purpose
     # True or False while connected to NATS or not; None without a [nats] url.
     nats: Callable[[], bool | None] = lambda: None
     # Domains whose left-over jobs are not finished or undone yet: name -> why.
@@ -246,10 +249,7 @@ async def _domains(request: web.Request) -> web.Response:
                 "name": name,
                 "uuid": info.uuid if info else None,
                 "state": info.state.name.lower() if info else "undefined",
-                "disks": [
-                    {"target": t, "chain_valid": c.valid, "reason": c.reason, "detail": c.detail}
-                    for t, c in sorted(chains.items())
-                ],
+                **_disks_json(info, chains, parts.backup),
                 "last_backup": None
                 if latest is None
                 else {
@@ -263,6 +263,43 @@ async def _domains(request: web.Request) -> web.Response:
             }
         )
     return web.json_response({"domains": result})
+
+
+def _disks_json(
+    info: DomainInfo | None, chains: Mapping[str, DiskChain], backup: BackupSection
+) -> dict[str, Any]:
+    """``disks``: every disk of the live domain in its order (``backup``: incremental,
+    full or excluded, ``backup_reason`` why), each with its chain in the ledger (null
+    without one), then the ledger's disks the domain no longer has (``backup`` null);
+    ``not_backed_up``: the disks left out, and why; ``partial_disks``: those of them the
+    guest writes and configuration did not leave out (``partial``: there is one).
+    Without a live domain: the ledger's disks, and the others null (unknown)."""
+
+    def entry(target: str, how: str | None, why: str | None) -> dict[str, Any]:
+        chain = chains.get(target)
+        return {
+            "target": target,
+            "chain_valid": chain.valid if chain is not None else None,
+            "reason": chain.reason if chain is not None else None,
+            "detail": chain.detail if chain is not None else None,
+            "backup": how,
+            "backup_reason": why,
+        }
+
+    coverage = domain_coverage(info, backup) if info is not None else ()
+    disks = [entry(c.target, c.how, c.reason) for c in coverage]
+    attached = {c.target for c in coverage}
+    disks += [entry(t, None, None) for t in sorted(chains) if t not in attached]
+    if info is None:
+        return {"disks": disks, "partial": None, "partial_disks": None, "not_backed_up": None}
+    return {
+        "disks": disks,
+        "partial": partial(coverage),
+        "partial_disks": [c.target for c in coverage if c.silent],
+        "not_backed_up": [
+            {"target": c.target, "reason": c.reason} for c in coverage if c.how == "excluded"
+        ],
+    }
 
 
 async def _backups_of(repository: Repository, name: str) -> tuple[list[Manifest], str | None]:

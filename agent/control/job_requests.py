@@ -222,9 +222,13 @@ def new_job_id() -> str:
     return "job-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
 
 
+DISK_EXCLUDED: Final = "excluded"  # the mode of a disk a backup left out
+
+
 @dataclass(frozen=True, slots=True)
 class JobDisk:
-    """How one disk was backed up: ``mode`` full/incremental and, for full, why."""
+    """How one disk was backed up: ``mode`` full/incremental and, for full, why; or
+    ``excluded`` (:data:`DISK_EXCLUDED`: in no backup, nothing copied) and why."""
 
     target: str
     mode: str

@@ -7,9 +7,16 @@ elsewhere (connection state, reconnects, jobs queued and running, NATS counters)
 read at scrape time by a collector, so they cannot drift.
 
 Backups are counted per job by ``result`` (succeeded, failed, cancelled) and ``mode``:
-for a successful backup what was done (``full``, ``incremental``, or ``mixed`` when the
-disks differ), for others the mode that was asked for. Full copies forced on a disk
-whose chain could not be trusted are counted per disk by ``reason``.
+for a successful backup what was done to the disks it copied (``full``, ``incremental``,
+or ``mixed`` when they differ; a disk left out counts for nothing), for others the mode
+that was asked for. Full copies forced on a disk whose chain could not be trusted are
+counted per disk by ``reason`` (not those of a disk with no bitmap, always full).
+
+How the live domains' disks are covered is read at scrape time too
+(:func:`domain_coverage`): ``backup_agent_domain_partial{domain}`` is 1 for a domain
+with a writable disk that is in no backup, not on purpose (0 otherwise), and
+``backup_agent_disks_excluded{domain,reason}`` counts the disks left out of its backups
+by reason (``excluded-by-config`` among them).
 """
 
 from __future__ import annotations
@@ -29,10 +36,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from agent.control.job_requests import Job, JobKind, JobState
+from agent.backup.plan import NO_BITMAP, DiskCoverage, disk_coverage, partial
+from agent.control.job_requests import DISK_EXCLUDED, Job, JobKind, JobState
+from agent.core.config import BackupSection
 from agent.core.logs import get_logger
 from agent.repository.manifest import Manifest
 from agent.repository.verify import restore_chain
+from agent.virt.inventory import DomainInfo
 
 log = get_logger("metrics")
 
@@ -41,14 +51,16 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 NOT_FORCED: Final = frozenset({None, "full-requested", "first-backup"})
+# The end of the reason of a disk with no bitmap, read in full every time (never forced).
 
 _DURATION_BUCKETS: Final = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200)
 _LAG_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 def job_mode(job: Job) -> str:
-    """``full``/``incremental``/``mixed`` for a backup that ran, else the requested mode."""
-    modes = {d.mode for d in job.disks}
+    """``full``/``incremental``/``mixed`` for a backup that ran (of the disks it copied),
+    else the requested mode."""
+    modes = {d.mode for d in job.disks if d.mode != DISK_EXCLUDED}
     if job.state is JobState.SUCCEEDED and modes:
         return modes.pop() if len(modes) == 1 else "mixed"
     return job.request.mode or "auto"
@@ -148,7 +160,7 @@ class Metrics:
         if job.state is not JobState.SUCCEEDED:
             return
         for disk in job.disks:
-            if disk.mode == "full" and disk.reason not in NOT_FORCED:
+            if disk.mode == "full" and not _not_forced(disk.reason):
                 self.full_forced.labels(reason=disk.reason).inc()
         self.bytes_copied.inc(sum(d.bytes_copied for d in job.disks))
         if job.started_at is not None and job.finished_at is not None:
@@ -173,8 +185,19 @@ class Metrics:
             self.loop_lag_max.set(seconds)
 
 
+def _not_forced(reason: str | None) -> bool:
+    return reason in NOT_FORCED or (reason is not None and reason.endswith(f": {NO_BITMAP}"))
+
+
+def domain_coverage(info: DomainInfo, backup: BackupSection) -> tuple[DiskCoverage, ...]:
+    """How backups treat each disk of ``info`` today, ``[backup] exclude`` applied."""
+    exclude = {d.target for d in info.disks if backup.excluded(info.name, d.target)}
+    return disk_coverage(info, exclude)
+
+
 class StateCollector(Collector):
-    """Reads, at scrape time, values that live in other objects."""
+    """Reads, at scrape time, values that live in other objects (``coverage``: each
+    live domain's disks, by name, as :func:`domain_coverage` says)."""
 
     def __init__(
         self,
@@ -184,8 +207,10 @@ class StateCollector(Collector):
         messages: Callable[[], Mapping[str, int]] = dict,
         nats: Callable[[], bool | None] = lambda: None,
         recovering: Callable[[], Iterable[str]] = tuple,
+        coverage: Callable[[], Mapping[str, Sequence[DiskCoverage]]] = dict,
     ) -> None:
         self._recovering = recovering
+        self._coverage = coverage
         self._connected = connected
         self._reconnects = reconnects
         self._job_counts = job_counts
@@ -232,6 +257,7 @@ class StateCollector(Collector):
         for name in recovering:
             each.add_metric([name], 1.0)
         yield each
+        yield from self._covered()
         nats = self._nats()
         if nats is not None:  # (absent without [nats] url)
             yield GaugeMetricFamily(
@@ -239,6 +265,26 @@ class StateCollector(Collector):
                 "1 while the agent is connected to its NATS server.",
                 value=1.0 if nats else 0.0,
             )
+
+    def _covered(self) -> Iterable[Metric]:
+        partial_each = GaugeMetricFamily(
+            "backup_agent_domain_partial",
+            "1 for each domain with a writable disk that is in no backup (not left out by "
+            "configuration), 0 for every other domain libvirt knows.",
+            labels=["domain"],
+        )
+        excluded = GaugeMetricFamily(
+            "backup_agent_disks_excluded",
+            "Disks of each domain left out of its backups, by reason.",
+            labels=["domain", "reason"],
+        )
+        for name, disks in sorted(self._coverage().items()):
+            partial_each.add_metric([name], 1.0 if partial(disks) else 0.0)
+            reasons = [c.reason or "" for c in disks if c.how == "excluded"]
+            for reason in sorted(set(reasons)):
+                excluded.add_metric([name, reason], reasons.count(reason))
+        yield partial_each
+        yield excluded
 
 
 async def watch_loop_lag(metrics: Metrics, interval: float = 0.1) -> None:

@@ -75,7 +75,11 @@ _JOB_SCHEMA: dict[str, Any] = {
                 "type": "object",
                 "properties": {
                     "target": {"type": "string"},
-                    "mode": {"enum": ["full", "incremental"]},
+                    "mode": {
+                        "enum": ["full", "incremental", "excluded"],
+                        "description": "excluded: the disk is in no backup (reason says "
+                        "why, nothing copied)",
+                    },
                     "reason": {"type": ["string", "null"]},
                     "bytes_copied": {"type": "integer"},
                 },
@@ -91,6 +95,87 @@ _JOB_SCHEMA: dict[str, Any] = {
             ]
         },
         "result": {"type": "object"},
+    },
+}
+
+_NULLABLE_STRING: dict[str, Any] = {"type": ["string", "null"]}
+
+_DOMAIN_DISK_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["target", "chain_valid", "reason", "detail", "backup", "backup_reason"],
+    "properties": {
+        "target": {"type": "string"},
+        "chain_valid": {
+            "type": ["boolean", "null"],
+            "description": "The disk's chain in the ledger; null without one (e.g. raw)",
+        },
+        "reason": {**_NULLABLE_STRING, "description": "Why the chain is broken"},
+        "detail": _NULLABLE_STRING,
+        "backup": {
+            "enum": ["incremental", "full", "excluded", None],
+            "description": "How backups treat the disk today; null for a disk only the "
+            "ledger knows (no longer attached)",
+        },
+        "backup_reason": {
+            **_NULLABLE_STRING,
+            "description": "Why full (e.g. format-raw: no persistent bitmap) or excluded "
+            "(e.g. device-cdrom, readonly, shareable, excluded-by-config)",
+        },
+    },
+}
+
+_DOMAINS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["domains"],
+    "properties": {
+        "domains": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": [
+                    "name",
+                    "uuid",
+                    "state",
+                    "disks",
+                    "partial",
+                    "partial_disks",
+                    "not_backed_up",
+                ],
+                "properties": {
+                    "name": {"type": "string"},
+                    "uuid": _NULLABLE_STRING,
+                    "state": {"type": "string", "description": "undefined: not in libvirt"},
+                    "disks": {"type": "array", "items": _ref("DomainDisk")},
+                    "partial": {
+                        "type": ["boolean", "null"],
+                        "description": "A writable disk is in no backup, not on purpose; "
+                        "null when libvirt does not know the domain",
+                    },
+                    "partial_disks": {
+                        "type": ["array", "null"],
+                        "items": {"type": "string"},
+                        "description": "The targets that make the domain partial: "
+                        "writable, in no backup, not left out by configuration",
+                    },
+                    "not_backed_up": {
+                        "type": ["array", "null"],
+                        "description": "Every disk left out of backups, and why",
+                        "items": {
+                            "type": "object",
+                            "required": ["target", "reason"],
+                            "properties": {
+                                "target": {"type": "string"},
+                                "reason": {"type": "string"},
+                            },
+                        },
+                    },
+                    "last_backup": {"type": ["object", "null"]},
+                    "backups": {"type": "integer"},
+                    "chain_length": {"type": "integer"},
+                    "repository_problem": _NULLABLE_STRING,
+                },
+            },
+        }
     },
 }
 
@@ -128,6 +213,8 @@ def openapi_document() -> dict[str, Any]:
                 "JobRequest": request,
                 "Job": _JOB_SCHEMA,
                 "Error": _ERROR_SCHEMA,
+                "Domains": _DOMAINS_SCHEMA,
+                "DomainDisk": _DOMAIN_DISK_SCHEMA,
                 "List": get_list,
             },
         },
@@ -176,8 +263,9 @@ def openapi_document() -> dict[str, Any]:
             },
             "/v1/domains": {
                 "get": {
-                    "summary": "Domains with chain state and last backup",
-                    "responses": {"200": _reply("Domains", "List"), **_errors(401)},
+                    "summary": "Domains with their disks (chain, how backed up), partial "
+                    "coverage and last backup",
+                    "responses": {"200": _reply("Domains", "Domains"), **_errors(401)},
                 }
             },
             "/v1/domains/{domain}/checkpoints": {

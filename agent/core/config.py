@@ -36,8 +36,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails
 
+from agent.core.config_errors import describe, one_line, position
 from agent.core.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/libvirt-backup-agent/agent.toml")
@@ -326,6 +326,22 @@ class BackupSection(BaseModel):
     job_timeout: Seconds = Field(
         default=86400.0, description="Seconds a backup job may run before it is cancelled."
     )
+    exclude: dict[
+        Annotated[str, Field(min_length=1)], list[Annotated[str, Field(min_length=1)]]
+    ] = Field(
+        default={},
+        description="Disks left out of backups on purpose: a domain's name, or a "
+        "shell-style pattern (fnmatch) of names, mapped to the disks' targets or target "
+        'patterns (e.g. "db1" = ["vdc"], "*" = ["sd[x-z]"]). Every matching entry '
+        "applies. Such a disk is listed as excluded (excluded-by-config) everywhere.",
+    )
+
+    def excluded(self, domain: str, target: str) -> bool:
+        """Whether ``exclude`` leaves disk ``target`` of ``domain`` out of its backups."""
+        return any(
+            fnmatch.fnmatchcase(domain, name) and any(fnmatch.fnmatchcase(target, t) for t in ts)
+            for name, ts in self.exclude.items()
+        )
 
 
 class RetentionSection(BaseModel):
@@ -473,9 +489,9 @@ def load_config(path: Path | None) -> AgentConfig:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
         # pydantic's order is not the file's; the first mistake in the file reads best.
-        errors = sorted(exc.errors(), key=lambda error: _position(data, error["loc"]))
+        errors = sorted(exc.errors(), key=lambda error: position(data, error["loc"]))
         key = ".".join(str(part) for part in errors[0]["loc"])
-        message = f"{path}: {_describe(errors[0])}"
+        message = f"{path}: {describe(errors[0])}"
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more)"
         raise ConfigError(message, path=str(path), key=key) from exc
@@ -512,74 +528,8 @@ def _parse_toml(path: Path, text: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        reason = _one_line(str(exc))
+        reason = one_line(str(exc))
         raise ConfigError(f"{path}: invalid TOML: {reason}", path=str(path)) from exc
-
-
-def _position(data: object, loc: tuple[int | str, ...]) -> tuple[int, ...]:
-    """Where ``loc`` is in the parsed file, as indexes of keys in document order."""
-    indexes: list[int] = []
-    for part in loc:
-        if not isinstance(data, dict) or part not in data:
-            break
-        indexes.append(list(data).index(part))
-        data = data[part]
-    return tuple(indexes)
-
-
-def _describe(error: ErrorDetails) -> str:
-    """Phrase one pydantic error as ``[section] key: problem, got value``."""
-    loc = [str(part) for part in error["loc"]]
-    if error["type"] == "extra_forbidden":
-        if len(loc) == 1:
-            return f"unknown section [{loc[0]}]"
-        return f"[{'.'.join(loc[:-1])}] unknown key '{loc[-1]}'"
-    if len(loc) > 2 and loc[-1] == "[key]":  # a key of a table of names (pydantic's loc)
-        where = f"[{'.'.join(loc[:-2])}] key {loc[-2]!r}"
-    else:
-        where = loc[0] if len(loc) == 1 else f"[{'.'.join(loc[:-1])}] {loc[-1]}"
-    return f"{where}: {_problem(error)}, got {_show(error['input'])}"
-
-
-_PROBLEMS = {
-    "int_type": "expected an integer",
-    "float_type": "expected a number",
-    "string_type": "expected a string",
-    "bool_type": "expected true or false",
-    "path_type": "expected a path as a string",
-    "model_type": "expected a table",
-    "finite_number": "expected a finite number",
-    "string_too_short": "must not be empty",
-}
-
-_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-
-
-def _problem(error: ErrorDetails) -> str:
-    ctx = error.get("ctx", {})
-    if error["type"] in _PROBLEMS:
-        return _PROBLEMS[error["type"]]
-    if error["type"] == "literal_error":
-        return f"expected {ctx['expected']}"
-    if error["type"] == "value_error":
-        return _one_line(str(ctx["error"]))
-    for bound, symbol in _BOUNDS.items():
-        if bound in ctx:
-            return f"must be {symbol} {ctx[bound]}"
-    # Unforeseen error types: pydantic's own wording is still specific enough.
-    msg = error["msg"]
-    return _one_line(msg[:1].lower() + msg[1:])
-
-
-def _show(value: object) -> str:
-    """The offending value as the user wrote it (TOML booleans, shortened if long)."""
-    text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
-    text = _one_line(text)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

@@ -4,14 +4,16 @@
 fields refused (a newer writer must bump :data:`MANIFEST_VERSION`), and every error names
 the file and the field's path (``disks[0].checksums[3].digest: invalid value ...``).
 
-The file's shape is checked by pydantic models (:class:`_ManifestV2`, :class:`_ManifestV1`,
-one per version: version 2 names each range's checksum algorithm, version 1 holds SHA-256
-digests); the rules across fields (a range within the disk, a digest as long as its
-algorithm's, a mode's backing file, unique targets) then by :func:`_checked`. Fields are
-declared in the order they have always been checked in, and pydantic reports errors in
-that order: of several mistakes the first is named (a rule across fields, though, only
-once the whole shape is right). pydantic's errors are phrased as before: ``<path>:
-missing``, ``wrong type str``, ``invalid value '...'``, ``unknown field`` and so on.
+The file's shape is checked by pydantic models (:class:`_ManifestV3`, :class:`_ManifestV2`,
+:class:`_ManifestV1`, one per version: version 3 lists the disks left out of the backup
+(``excluded``) and a disk's ``block_size``, version 2 names each range's checksum
+algorithm, version 1 holds SHA-256 digests); the rules across fields (a range within the
+disk, a digest as long as its algorithm's, a mode's backing file, unique targets, whole
+blocks) then by :func:`_checked`. Fields are declared in the order they have always been
+checked in, and pydantic reports errors in that order: of several mistakes the first is
+named (a rule across fields, though, only once the whole shape is right). pydantic's
+errors are phrased as before: ``<path>: missing``, ``wrong type str``, ``invalid value
+'...'``, ``unknown field`` and so on.
 
 A full backup has one checksum per 2 MiB request (51,200 for 100 GiB), and the newest
 manifest is read before every backup: version 2's checksums are validated by
@@ -43,7 +45,8 @@ from pydantic_core import ErrorDetails, core_schema
 from agent.core.errors import RepositoryError
 
 MANIFEST_FORMAT: Final = "libvirt-backup-agent/backup"
-MANIFEST_VERSION: Final = 2  # 2: per-range checksum algorithm (XXH3-128); 1: SHA-256
+# 3: excluded disks, block_size; 2: per-range checksum algorithm (XXH3-128); 1: SHA-256
+MANIFEST_VERSION: Final = 3
 CHECKSUM: Final = "xxh3-128"
 MANIFEST_FILE: Final = "manifest.json"
 
@@ -99,7 +102,17 @@ class DiskManifest:
     """One disk of a backup: its image (relative to the backup directory) and what is in it.
 
     ``reason`` says why a disk is full when the backup as a whole was not (e.g.
-    ``disk-added``); ``backing`` is the image's backing path (``../<id>/<image>``) or None.
+    ``disk-added``, ``format-raw: no persistent bitmap``); ``backing`` is the image's
+    backing path (``../<id>/<image>``) or None.
+
+    ``block_size`` is set for a disk read in full and stored as what changed (a disk with
+    no bitmap, :mod:`agent.repository.blocks`): then no checksum of this image spans two
+    blocks of that size, and each block the image wrote only in part has the checksum of
+    all it holds now in ``blocks`` (a block's last one may be shorter: the disk's end).
+    The image's whole-block checksums and ``blocks``, and those below it in its backing
+    chain, the newest for each block, describe every block of the disk that is not all
+    zeroes. Such an image is ``full`` (all of the disk was read) and may still have a
+    backing: the previous point, which holds what did not change.
     """
 
     target: str
@@ -110,6 +123,17 @@ class DiskManifest:
     bytes_copied: int
     backing: str | None
     checksums: tuple[RangeChecksum, ...]
+    block_size: int | None = None
+    blocks: tuple[RangeChecksum, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ExcludedDisk:
+    """A disk of the domain that is in no backup, and why (e.g. ``device-cdrom``,
+    ``excluded-by-config``; :mod:`agent.virt.inventory`)."""
+
+    target: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -133,6 +157,7 @@ class Manifest:
     domain_xml: str
     disks: tuple[DiskManifest, ...]
     merged_from: tuple[str, ...] = ()
+    excluded: tuple[ExcludedDisk, ...] = ()
 
     def disk(self, target: str) -> DiskManifest | None:
         """The disk called ``target`` in this backup, if it has one."""
@@ -146,8 +171,14 @@ class Manifest:
         # 1 manifest rewritten by retention keeps its SHA-256 digests, with their name).
         data["version"] = MANIFEST_VERSION
         data["disks"] = [
-            {**_fields(d), "checksums": [_fields(c) for c in d.checksums]} for d in self.disks
+            {
+                **_fields(d),
+                "checksums": [_fields(c) for c in d.checksums],
+                "blocks": [_fields(c) for c in d.blocks],
+            }
+            for d in self.disks
         ]
+        data["excluded"] = [_fields(x) for x in self.excluded]
         return json.dumps(data, indent=2) + "\n"
 
     @property
@@ -176,9 +207,11 @@ class Manifest:
                     "bytes": d.bytes_copied,
                     "virtual_size": d.virtual_size,
                     "image": d.image,
+                    "layered": d.mode == "full" and d.backing is not None,
                 }
                 for d in self.disks
             ],
+            "excluded": [{"target": x.target, "reason": x.reason} for x in self.excluded],
         }
 
     @classmethod
@@ -285,12 +318,26 @@ class _DiskV1(_DiskV2):
     checksums: tuple[_ChecksumV1, ...]
 
 
+class _DiskV3(_DiskV2):
+    block_size: Annotated[int, Field(ge=4096)] | None
+    blocks: tuple[_ChecksumV2, ...]
+
+    def parsed(self) -> DiskManifest:
+        parsed = super().parsed()
+        return dataclasses.replace(parsed, block_size=self.block_size, blocks=self.blocks)
+
+
+class _Excluded(_Strict):
+    target: _Name
+    reason: Annotated[str, Field(min_length=1)]
+
+
 class _OtherVersionError(ValueError):
     """The document is of the other version this agent reads: parse it with that model."""
 
 
 class _ManifestV2(_Strict):
-    VERSION: ClassVar[int] = MANIFEST_VERSION
+    VERSION: ClassVar[int] = 2
 
     format: str
     version: _Count
@@ -316,8 +363,8 @@ class _ManifestV2(_Strict):
     @field_validator("version")
     @classmethod
     def _version(cls, value: int) -> int:
-        if value not in (1, MANIFEST_VERSION):
-            raise _InvalidValueError(f"unsupported (this agent reads 1 and {MANIFEST_VERSION})")
+        if value not in _MODELS:
+            raise _InvalidValueError(f"unsupported (this agent reads 1 to {MANIFEST_VERSION})")
         if value != cls.VERSION:
             raise _OtherVersionError(value)
         return value
@@ -346,6 +393,21 @@ class _ManifestV1(_ManifestV2):
     disks: tuple[_DiskV1, ...]  # version 1's checksums
 
 
+class _ManifestV3(_ManifestV2):
+    VERSION: ClassVar[int] = 3
+
+    disks: tuple[_DiskV3, ...]
+    excluded: tuple[_Excluded, ...]
+
+    def parsed(self) -> Manifest:
+        excluded = tuple(ExcludedDisk(x.target, x.reason) for x in self.excluded)
+        return dataclasses.replace(super().parsed(), excluded=excluded)
+
+
+_MODELS: Final[dict[int, type[_ManifestV2]]] = {1: _ManifestV1, 2: _ManifestV2, 3: _ManifestV3}
+_VERSION_RE: Final = re.compile(r'"version": (\d+),')
+
+
 # --- errors: pydantic's, phrased as a field path and what is wrong with it -------------
 
 
@@ -360,14 +422,16 @@ class _InvalidValueError(ValueError):
 def _validated(text: str) -> _ManifestV2:
     """The document validated by its version's model (raises _FieldError, ValueError)."""
     # The writer puts the version first: a guess of the model, which checks it anyway.
-    model: type[_ManifestV2] = _ManifestV1 if '"version": 1,' in text[:200] else _ManifestV2
+    guess = _VERSION_RE.search(text[:200])
+    model = _MODELS.get(int(guess.group(1)) if guess else MANIFEST_VERSION, _ManifestV3)
     try:
         return model.model_validate_json(text)
     except ValidationError as exc:
         failure = exc
-    if any(_other_version(e) for e in failure.errors()):
+    other = next((v for e in failure.errors() if (v := _other_version(e)) is not None), None)
+    if other is not None:
         try:
-            return (_ManifestV2 if model is _ManifestV1 else _ManifestV1).model_validate_json(text)
+            return _MODELS[other].model_validate_json(text)
         except ValidationError as exc:
             failure = exc
     errors = failure.errors()
@@ -380,8 +444,10 @@ def _validated(text: str) -> _ManifestV2:
     raise _FieldError(_describe(_first(errors))) from failure
 
 
-def _other_version(error: ErrorDetails) -> bool:
-    return isinstance(error.get("ctx", {}).get("error"), _OtherVersionError)
+def _other_version(error: ErrorDetails) -> int | None:
+    """The version the document says it is, when that is another model's."""
+    found = error.get("ctx", {}).get("error")
+    return found.args[0] if isinstance(found, _OtherVersionError) else None
 
 
 def _first(errors: Sequence[ErrorDetails]) -> ErrorDetails:
@@ -443,6 +509,14 @@ def _checked(document: _ManifestV2) -> Manifest:
         _check_disk(f"disks[{index}]", disk, manifest.merged_from)
     if len({d.target for d in manifest.disks}) != len(manifest.disks):
         raise _FieldError("disks: duplicate target")
+    targets = {d.target for d in manifest.disks}
+    left_out: set[str] = set()
+    for index, x in enumerate(manifest.excluded):
+        if x.target in targets:
+            raise _FieldError(f"excluded[{index}].target: {x.target!r} is a disk of the backup")
+        if x.target in left_out:
+            raise _FieldError(f"excluded[{index}].target: duplicate {x.target!r}")
+        left_out.add(x.target)
     return manifest
 
 
@@ -450,7 +524,10 @@ def _check_disk(where: str, disk: DiskManifest, merged_from: tuple[str, ...]) ->
     _check_checksums(where, disk)
     if disk.mode not in _MODES:
         raise _FieldError(f"{where}.mode: {disk.mode!r} is not one of {', '.join(_MODES)}")
-    if disk.mode == "full" and disk.backing is not None:
+    if disk.block_size is not None and disk.mode != "full":
+        raise _FieldError(f"{where}.block_size: only a disk read in full has blocks")
+    if disk.mode == "full" and disk.backing is not None and disk.block_size is None:
+        # (only a disk stored as what changed sits on the previous point: block_size)
         raise _FieldError(f"{where}.backing: a full image has no backing file")
     # Retention makes an incremental image standalone; without that it needs a backing.
     if disk.mode == "incremental" and disk.backing is None and not merged_from:
@@ -467,3 +544,29 @@ def _check_checksums(where: str, disk: DiskManifest) -> None:
             raise _FieldError(
                 f"{where}.checksums[{index}].length: range ends beyond the virtual size"
             )
+        block = disk.block_size
+        if block is not None and c.offset // block != (c.offset + c.length - 1) // block:
+            raise _FieldError(f"{where}.checksums[{index}]: spans two blocks of {block} bytes")
+    _check_blocks(where, disk)
+
+
+def _check_blocks(where: str, disk: DiskManifest) -> None:
+    """``blocks``: whole blocks, one each at most, for every block written in part."""
+    block, size = disk.block_size, disk.virtual_size
+    if block is None:
+        if disk.blocks:
+            raise _FieldError(f"{where}.blocks: a disk without block_size has none")
+        return
+    said = set()
+    for index, b in enumerate(disk.blocks):
+        if b.offset % block or b.length != min(block, size - b.offset) or b.offset in said:
+            raise _FieldError(f"{where}.blocks[{index}]: not one whole block of {block} bytes")
+        if len(b.digest) != _DIGEST_LENGTHS[b.algorithm]:
+            raise _FieldError(f"{where}.blocks[{index}].digest: invalid value {b.digest!r}")
+        said.add(b.offset)
+    for index, c in enumerate(disk.checksums):
+        start = c.offset - c.offset % block
+        whole = c.offset == start and c.length == min(block, size - start)
+        if whole == (start in said):  # a block is described once: whole, or in blocks
+            problem = "also in blocks" if whole else "part of a block that blocks lacks"
+            raise _FieldError(f"{where}.checksums[{index}]: {problem} (block {start})")

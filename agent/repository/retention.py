@@ -41,6 +41,7 @@ from typing import Any, Final, TypeVar
 from agent.core.blocking import Filesystem
 from agent.core.errors import RepositoryError
 from agent.core.faults import Faults
+from agent.repository.blocks import describe, disk_chain
 from agent.repository.layers import QemuImg
 from agent.repository.layout import (
     DROPPED_PREFIX,
@@ -152,7 +153,8 @@ class Retention:
             # Header without backing: replaced before a crash; its content is already right.
             if (await self._layer_info(live)).backing is not None:
                 await self._merge_image(live, merge_dir / disk.image, manifest.backup_id, disk)
-            disks.append(dataclasses.replace(disk, backing=None))
+            # (a disk's blocks along its chain: CPU work, off the loop)
+            disks.append(await asyncio.to_thread(_merged_disk, disk, manifest, by_id))
         merged = dataclasses.replace(
             manifest,
             parent=None if manifest.parent in drop else manifest.parent,
@@ -185,6 +187,23 @@ class Retention:
 @contextlib.asynccontextmanager
 async def _nothing_reserved(nbytes: int) -> AsyncIterator[None]:
     yield
+
+
+def _merged_disk(
+    disk: DiskManifest, manifest: Manifest, by_id: dict[str, Manifest]
+) -> DiskManifest:
+    """The disk's manifest once its image is standalone. A disk stored as what changed
+    (``block_size``) keeps describing its blocks: the merged image holds every block its
+    chain described (:mod:`.blocks`); if the chain did not, it no longer claims to."""
+    merged = dataclasses.replace(disk, backing=None)
+    if disk.block_size is None:
+        return merged
+    chain = disk_chain(by_id.get, manifest, disk.target)
+    described = describe(chain) if chain is not None else None
+    if described is None:
+        return dataclasses.replace(merged, block_size=None)
+    whole = tuple(described[o] for o in sorted(described))  # each block of the image, whole
+    return dataclasses.replace(merged, checksums=whole, blocks=())
 
 
 def _backing_id(disk: DiskManifest) -> str | None:

@@ -30,7 +30,14 @@ from agent.core.errors import RepositoryError
 from agent.repository.layers import QemuImg, _bare, _Extent, _LayerInfo, _resolve
 from agent.repository.layout import _clean_up, _os_errors, _remove_tree
 from agent.repository.listing import Damage, time_order
-from agent.repository.manifest import Digest, DiskManifest, Manifest, RangeChecksum, new_digest
+from agent.repository.manifest import (
+    BACKING_RE,
+    Digest,
+    DiskManifest,
+    Manifest,
+    RangeChecksum,
+    new_digest,
+)
 
 _CHUNK: Final = 1 << 20  # bytes read (or zeros hashed) per step when checking a range
 _FALLBACK_CHUNK: Final = 64 << 20  # bound on one temporary raw file of a compressed extent
@@ -61,9 +68,11 @@ def restore_chain(manifests: Sequence[Manifest], target: str) -> list[str]:
     current: Manifest | None = manifests[-1]
     while current is not None and (own := current.disk(target)) is not None:
         chain.append(current.backup_id)
-        if own.mode == "full" or current.parent is None:
+        # Down the image's backing: an increment's, or a full read stored as what changed.
+        below = BACKING_RE.fullmatch(own.backing) if own.backing is not None else None
+        if below is None:
             break
-        current = by_id.get(current.parent)
+        current = by_id.get(below["id"])
     return chain
 
 

@@ -159,12 +159,14 @@ def _describe(dom: Any) -> DomainInfo:
 
 
 def _with_host_facts(dom: Any, disk: Disk) -> Disk:
-    if not disk.backup_capable or disk.identity is None:
+    if disk.excluded_reason is not None:
         return disk
     try:
         capacity: int | None = int(dom.blockInfo(disk.target)[0])
     except libvirt.libvirtError:
         capacity = None
+    if disk.identity is None:  # backed up in full, no bitmap: no identity to probe
+        return disk.with_capacity(capacity)
     try:
         inode = probe_inode(disk.identity)
     except OSError:

@@ -7,27 +7,35 @@ worker thread.
 
 Incremental backup needs a persistent dirty bitmap in each disk image, and only qcow2
 images can hold one. Every disk therefore gets ``unsupported_reason``: ``None`` when the
-disk can be backed up, else one of these machine-readable strings:
+disk can carry a bitmap (it is *backup-capable*: incremental backups), else one of these
+machine-readable strings:
 
 ====================  =======================================================================
-Reason                Why the disk is skipped
+Reason                Why the disk has no bitmap
 ====================  =======================================================================
 ``device-cdrom``      a CD-ROM: removable, read-only media
 ``device-floppy``     a floppy: removable media
 ``device-lun``        SCSI passthrough of a host LUN; the guest talks to the device directly
 ``readonly``          ``<readonly/>``: the guest cannot change it
 ``source-empty``      no ``<source>`` (or one naming nothing): no medium inserted
+``transient-disk``    ``<transient/>``: writes are discarded at shutdown, nothing to keep
+``shareable``         ``<shareable/>``: other hosts or guests may write it behind our back
 ``source-network``    a network disk (rbd, nbd, iscsi, gluster, ...): no local image to track
 ``source-<type>``     another unsupported source type: ``source-volume``, ``source-dir``,
                       ``source-nvme``, ``source-vhostuser``, ...
 ``format-<fmt>``      an image format other than qcow2, e.g. ``format-raw``;
                       ``format-unknown`` when ``<driver type=...>`` is missing
-``transient-disk``    ``<transient/>``: writes are discarded at shutdown, nothing to keep
-``shareable``         ``<shareable/>``: other hosts or guests may write it behind our back
 ====================  =======================================================================
 
-When several apply, the first in the table wins (device, readonly, source-empty, source
-type, format, transient, shareable), so a raw CD-ROM reports ``device-cdrom``.
+When several apply, the first in the table wins, so a raw CD-ROM reports ``device-cdrom``
+and a shareable raw disk ``shareable``.
+
+A disk without a bitmap may still be backed up, in full each time (:attr:`Disk.full_only`):
+a writable local file or block device of another format (``format-*``, e.g. a raw image or
+an LVM volume), and a network disk (``source-network``: QEMU reads it for the backup
+through its own block layer, whatever the protocol). Every other disk is left out of
+backups, and :attr:`Disk.excluded_reason` says why (the reasons above, from
+``device-cdrom`` to ``shareable``, and the other ``source-<type>``).
 
 Identity of a backup-capable disk: a checkpoint remembers ``vda`` as it was then, and the
 agent must notice when ``vda`` is now a different image. :class:`DiskIdentity` holds what
@@ -64,6 +72,7 @@ __all__ = [
 _BITMAP_FORMAT = "qcow2"
 _BITMAP_SOURCE_TYPES = frozenset({"file", "block"})
 # Source types whose <source> names a path in a single attribute.
+_NETWORK_REASON = "source-network"
 _PATH_ATTRIBUTE = {"file": "file", "block": "dev", "dir": "dir"}
 # For source types this module does not know: the first of these found names the source.
 _ANY_PATH_ATTRIBUTES = ("path", "dev", "file", "dir", "name")
@@ -182,8 +191,36 @@ class Disk:
 
     @property
     def backup_capable(self) -> bool:
-        """Whether the disk can carry a persistent bitmap and so be backed up."""
+        """Whether the disk can carry a persistent bitmap (and so be backed up incrementally)."""
         return self.unsupported_reason is None
+
+    @property
+    def full_only(self) -> bool:
+        """Whether the disk is backed up, but in full each time: it has no bitmap, and it
+        is a writable local image of another format or a network disk."""
+        reason = self.unsupported_reason
+        if reason is None:
+            return False
+        if reason == _NETWORK_REASON:
+            return True
+        return reason.startswith("format-") and self.source_type in _BITMAP_SOURCE_TYPES
+
+    @property
+    def excluded_reason(self) -> str | None:
+        """Why the disk is in no backup; ``None`` when it is backed up (incrementally or
+        in full)."""
+        return None if self.backup_capable or self.full_only else self.unsupported_reason
+
+    @property
+    def writable(self) -> bool:
+        """Whether the guest can change what the disk holds (a disk the agent leaves out
+        of backups for another reason then holds data that is in no backup)."""
+        return (
+            self.device in ("disk", "lun")
+            and not self.readonly
+            and self.source is not None
+            and self.unsupported_reason != "transient-disk"
+        )
 
     def with_capacity(self, capacity: int | None) -> Disk:
         """A copy with the capacity in bytes (libvirt reports it, the XML does not)."""
@@ -220,6 +257,11 @@ class DomainInfo:
     def backup_disks(self) -> tuple[Disk, ...]:
         """The backup-capable disks, in document order."""
         return tuple(d for d in self.disks if d.backup_capable)
+
+    @property
+    def backed_up_disks(self) -> tuple[Disk, ...]:
+        """The disks a backup copies (with a bitmap or in full), in document order."""
+        return tuple(d for d in self.disks if d.excluded_reason is None)
 
 
 def parse_disks(domain_xml: str | bytes, *, domain: str | None = None) -> tuple[Disk, ...]:
@@ -373,10 +415,10 @@ def _unsupported_reason(
         (device != "disk", f"device-{device}"),
         (readonly, "readonly"),
         (source is None, "source-empty"),
-        (source_type not in _BITMAP_SOURCE_TYPES, f"source-{source_type}"),
-        (image_format != _BITMAP_FORMAT, f"format-{image_format or 'unknown'}"),
         (transient, "transient-disk"),
         (shareable, "shareable"),
+        (source_type not in _BITMAP_SOURCE_TYPES, f"source-{source_type}"),
+        (image_format != _BITMAP_FORMAT, f"format-{image_format or 'unknown'}"),
     )
     return next((reason for failed, reason in checks if failed), None)
 
