@@ -39,6 +39,18 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 
+def agent_config(work: Path) -> Path:
+    """``agent.toml`` for the agent processes of a benchmark in ``work`` (JSON logs: the
+    benchmark reads the job's phases from them)."""
+    config = work / "agent.toml"
+    config.write_text(
+        f'[agent]\nstate_dir = "{work / "state"}"\n'
+        f'[repository]\npath = "{work / "repo"}"\n'
+        '[logging]\nlevel = "info"\nformat = "json"\n'
+    )
+    return config
+
+
 def sh(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
 
@@ -251,12 +263,7 @@ def main() -> None:
     conn = libvirt.open(daemon.URI)
     with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="lba-bench-") as tmp:
         work = Path(tmp)
-        config = work / "agent.toml"
-        config.write_text(
-            f'[agent]\nstate_dir = "{work / "state"}"\n'
-            f'[repository]\npath = "{work / "repo"}"\n'
-            '[logging]\nlevel = "info"\nformat = "json"\n'
-        )
+        config = agent_config(work)
         registry: list[TestDomain] = []
         try:
             print(f"filling a {size / GiB:g} GiB disk with random data ...", flush=True)

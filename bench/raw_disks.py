@@ -28,6 +28,7 @@ from bench.backup_vs_references import (
     GiB,
     MiB,
     agent_backup,
+    agent_config,
     fill_random,
     quiesce,
     rewrite_one_percent,
@@ -75,12 +76,7 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="lba-bench-raw-") as tmp:
         work = Path(tmp)
-        config = work / "agent.toml"
-        config.write_text(
-            f'[agent]\nstate_dir = "{work / "state"}"\n'
-            f'[repository]\npath = "{work / "repo"}"\n'
-            '[logging]\nlevel = "info"\nformat = "json"\n'
-        )
+        config = agent_config(work)
         registry: list[TestDomain] = []
         try:
             domains = {}
