@@ -63,11 +63,20 @@ async def backup(ctx: HandlerContext, job: Job, progress: Progress) -> JobOutcom
         outcome["chain_length"] = chain_length(await ctx.backups.repository.backups(info.name))
     except AgentError as exc:
         log.warning("cannot read the repository's backups", error=str(exc))
-    return JobOutcome(
+    done = JobOutcome(
         backup_id=result.backup_id,
         disks=job_disks(result.disks, result.excluded, [d.target for d in info.disks]),
         result=outcome,
     )
+    if result.retention_refused is not None:
+        # The backup stands (its id is reported), but damage was found: not a success.
+        raise JobFailedError(
+            f"backup {result.backup_id} published, but {result.retention_refused}",
+            code="retention-refused",
+            result={**outcome, "retention_refused": result.retention_refused},
+            outcome=done,
+        )
+    return done
 
 
 def job_disks(

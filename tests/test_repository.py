@@ -29,7 +29,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.core.errors import BackupNotFoundError, RepositoryError
+from agent.core.errors import BackupNotFoundError, RepositoryError, RetentionRefusedError
 from agent.core.faults import SimulatedCrash
 from agent.qemu import images
 from agent.repository import layout as layout_module
@@ -583,7 +583,8 @@ async def test_retention_rewrites_a_version_1_manifest_readably(tmp_path: Path) 
     assert await repo.apply_retention(DOMAIN, 4) == ids[:1]
     rewritten = await repo.backup(DOMAIN, ids[1])
     assert rewritten.version == MANIFEST_VERSION and rewritten.merged_from == (ids[0],)
-    assert {c.algorithm for d in rewritten.disks for c in d.checksums} == {"sha256"}
+    # b1's own ranges keep their SHA-256 digests; b0's, merged in, their XXH3 ones.
+    assert {c.algorithm for d in rewritten.disks for c in d.checksums} == {"sha256", "xxh3-128"}
     assert [m.backup_id for m in await repo.backups(DOMAIN)] == ids[1:]
     assert await repo.verify(DOMAIN) == []
     assert await _assert_all_restore(repo, builder, tmp_path) == ids[1:]
@@ -699,15 +700,47 @@ async def test_retention_keeps_the_last_two_and_each_restores_exactly(tmp_path: 
 
 
 async def test_retention_refuses_to_merge_corrupt_data(tmp_path: Path) -> None:
+    """b1's vda is a layer b3's merge commits: corrupt, it is not baked into b3."""
     builder = await _five(tmp_path / "repo")
     repo, ids = builder.repo, builder.ids
-    image = _backups_dir(repo.root) / ids[1] / "vdb.qcow2"
-    _flip_byte(image, _host_offset(image, 100_000))
+    image = _backups_dir(repo.root) / ids[1] / "vda.qcow2"
+    _flip_byte(image, _host_offset(image, 64 * KiB + 100))
     with pytest.raises(RepositoryError, match="retention of vm1 refused") as caught:
         await repo.apply_retention(DOMAIN, 2)
     assert caught.value.path == str(image)
     assert [m.backup_id for m in await repo.backups(DOMAIN)] == ids
     assert not (repo.root / DOMAIN / "retention.json").exists()
+
+
+async def test_retention_rereads_what_it_merges_not_the_disk(tmp_path: Path) -> None:
+    """Of the bottom image (b0's vda) only the ranges the merge hashes again are reread:
+    one overwritten in part, corrupt, refuses the merge; one no layer above touches,
+    corrupt, is not baked in either (its checksum moves into the merged manifest, where
+    verify still finds it) and does not stop retention. b1's vdb, which no merge reads
+    (vdb was copied whole at b2), is dropped whatever it holds."""
+    builder = await _five(tmp_path / "repo")
+    repo, ids = builder.repo, builder.ids
+    bottom = _backups_dir(repo.root) / ids[0] / "vda.qcow2"
+    # [0, 1 MiB): b1 wrote [64 KiB, 128 KiB) over it, so the rest is hashed again.
+    _flip_byte(bottom, _host_offset(bottom, 300 * KiB))
+    with pytest.raises(RepositoryError, match="retention of vm1 refused"):
+        await repo.apply_retention(DOMAIN, 2)
+    _flip_byte(bottom, _host_offset(bottom, 300 * KiB))  # (back as it was)
+    # Refused, and noted: the bottom image is named damaged until the note is removed.
+    note = bottom.with_name("vda.qcow2.damaged")
+    assert "checksum mismatch" in note.read_text()
+    [damage] = (await repo.listing(DOMAIN)).damage_of(ids[0])
+    assert (damage.kind, damage.target, damage.path) == ("image-damaged", "vda", bottom)
+    with pytest.raises(RetentionRefusedError, match=f"backup {ids[0]} is damaged"):
+        await repo.apply_retention(DOMAIN, 2)
+    note.unlink()  # (the operator, once it is repaired)
+    # [3 MiB, 3 MiB + 64 KiB): no layer above touches it.
+    _flip_byte(bottom, _host_offset(bottom, 3 * MiB + 100))
+    unneeded = _backups_dir(repo.root) / ids[1] / "vdb.qcow2"
+    _flip_byte(unneeded, _host_offset(unneeded, 100_000))
+    assert await repo.apply_retention(DOMAIN, 2) == ids[:3]
+    [problem] = await repo.verify(DOMAIN)
+    assert (problem.backup_id, problem.target, problem.offset) == (ids[3], "vda", 3 * MiB)
 
 
 async def test_retention_survives_a_crash_at_every_step(tmp_path: Path) -> None:
@@ -823,8 +856,10 @@ async def test_a_damaged_newest_manifest_hides_no_other_backup(tmp_path: Path, h
     problems = await repo.verify(DOMAIN)
     assert [(p.backup_id, p.target, p.image) for p in problems] == [(ids[4], "-", manifest)]
     assert [(p.backup_id, p.target) for p in await repo.verify(DOMAIN, ids[4])] == [(ids[4], "-")]
-    # Nothing good, nor the damaged backup's images, is deleted by retention or clean-up.
-    assert await repo.apply_retention(DOMAIN, 2) == []
+    # Nothing good, nor the damaged backup's images, is deleted by retention or clean-up;
+    # the refusal says why.
+    with pytest.raises(RetentionRefusedError, match=f"backup {ids[4]} is damaged"):
+        await repo.apply_retention(DOMAIN, 2)
     assert await repo.cleanup_staging() == []
     assert sorted(os.listdir(_backups_dir(repo.root))) == sorted(ids)
     assert (_backups_dir(repo.root) / ids[4] / "vda.qcow2").is_file()
@@ -854,7 +889,8 @@ async def test_a_damaged_manifest_mid_chain_breaks_the_disks_that_restore_throug
         (ids[1], "-"),
         *((i, "vda") for i in ids[2:]),
     }
-    assert await repo.apply_retention(DOMAIN, 1) == []
+    with pytest.raises(RetentionRefusedError, match=f"backup {ids[1]} is damaged"):
+        await repo.apply_retention(DOMAIN, 1)
     assert sorted(os.listdir(_backups_dir(repo.root))) == sorted(ids)
 
 

@@ -1,5 +1,5 @@
-"""``_settle``: a failing backup waits for its copy's clean-up before undoing anything,
-even when it is cancelled again meanwhile (pure asyncio logic)."""
+"""``settle`` (agent.core.shielding): a failing backup waits for its copy's clean-up
+before undoing anything, even when it is cancelled again meanwhile (pure asyncio logic)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from agent.backup.run import _settle
+from agent.core.shielding import settle
 
 
 async def test_settle_waits_for_the_clean_up_through_repeated_cancellation() -> None:
@@ -26,7 +26,7 @@ async def test_settle_waits_for_the_clean_up_through_repeated_cancellation() -> 
 
     async def failing_backup() -> None:
         try:
-            await _settle(task)
+            await settle(task)
         finally:
             seen_when_raised.append(cleaned.is_set())
 
@@ -47,5 +47,5 @@ async def test_settle_retrieves_the_copy_failure() -> None:
 
     task = asyncio.create_task(copy())
     await asyncio.sleep(0)
-    await _settle(task)  # no "exception was never retrieved" (warnings are errors)
+    await settle(task)  # no "exception was never retrieved" (warnings are errors)
     assert isinstance(task.exception(), OSError)

@@ -57,6 +57,7 @@ from agent.backup.plan import (
 from agent.backup.progress import Phases, Progress
 from agent.backup.undo import Undo, UndoPendingError
 from agent.chain.checkpoints import Chains
+from agent.chain.damage import break_chains_at_damage
 from agent.chain.rules import new_checkpoint_name
 from agent.core.blocking import Filesystem
 from agent.core.config import AgentConfig
@@ -67,11 +68,12 @@ from agent.core.errors import (
     FilesystemHungError,
     NotConnectedError,
     PublishUndecidedError,
+    RetentionRefusedError,
     VirtTimeoutError,
 )
 from agent.core.faults import Faults, no_faults
 from agent.core.logs import get_logger
-from agent.core.shielding import to_completion
+from agent.core.shielding import settle, to_completion
 from agent.core.space import Reservation, measure
 from agent.repository.blocks import BLOCK
 from agent.repository.manifest import DiskManifest, ExcludedDisk, Manifest
@@ -92,6 +94,7 @@ class BackupResult:
     disks: tuple[DiskManifest, ...]
     seconds: float
     excluded: tuple[ExcludedDisk, ...] = ()
+    retention_refused: str | None = None  # why retention refused, if it did (damage)
 
     @property
     def bytes_copied(self) -> int:
@@ -251,7 +254,7 @@ class Backups:
         # against that, not against this job's worst case as well.
         self.repository.space.release(self._reservations.pop(uuid, None))
         whole = [d.target for d in manifest.disks if d.block_size is not None]
-        await self._conclude(info, job, keep_last, whole)
+        refused = await self._conclude(info, job, keep_last, whole)
         phases.mark("finish")
         log.info("backup phases", backup_id=job.backup_id, seconds=phases.seconds)
         log.info(
@@ -267,6 +270,7 @@ class Backups:
             manifest.disks,
             time.monotonic() - started,
             manifest.excluded,
+            refused,
         )
 
     # -- 1 and 2: plan, intent ---------------------------------------------------------
@@ -476,7 +480,7 @@ class Backups:
         try:
             return await self._begin_copy_end(info, plan, job, copy, begun, completion, phases)
         except BaseException:
-            await _settle(copy)  # its finally blocks (qemu-nbd, sockets) before any undo
+            await settle(copy)  # its finally blocks (qemu-nbd, sockets) before any undo
             raise
         finally:
             self._completions.pop(info.uuid, None)
@@ -537,15 +541,16 @@ class Backups:
 
     async def _conclude(
         self, info: DomainInfo, job: Job, keep_last: int | None, whole: list[str]
-    ) -> None:
-        """Mark the published backup in the ledger, apply retention, drop the intent."""
+    ) -> str | None:
+        """Mark the published backup in the ledger, apply retention, drop the intent;
+        why retention refused, if it did."""
         # Published: from here on a failure is finished forward, never undone (at the next
         # start if not now: an intent that still says unpublished is checked against the
         # repository).
         job = dataclasses.replace(job, published=True)
         try:
             await self._intents.write(job)
-            await self._finish(info, job, keep_last, whole)
+            return await self._finish(info, job, keep_last, whole)
         except (AgentError, OSError) as exc:
             log.error(
                 "backup published, but marking it in the ledger failed; finished by recovery",
@@ -553,18 +558,29 @@ class Backups:
                 error=str(exc),
             )
             self._undo.left(job.uuid, f"finishing the published backup {job.backup_id}: {exc}")
+            return None
 
     async def _finish(
         self, info: DomainInfo, job: Job, keep_last: int | None, whole: list[str]
-    ) -> None:
+    ) -> str | None:
         await self._chains.backup_succeeded(info.name, job.checkpoint, whole)
         self._faults("backup:marked")
         keep = self._config.retention.keep_last_for(info.name) if keep_last is None else keep_last
+        refused = None
         if keep:
-            dropped = await self.repository.apply_retention(info.name, keep)
-            if dropped:
-                log.info("retention dropped backups", dropped=dropped)
+            try:
+                dropped = await self.repository.apply_retention(info.name, keep)
+            except RetentionRefusedError as exc:
+                refused = str(exc)
+                broken = await break_chains_at_damage(
+                    self.repository, self._chains.ledger, info.name
+                )
+                log.error("retention refused", domain=info.name, error=refused, broken=broken)
+            else:
+                if dropped:
+                    log.info("retention dropped backups", dropped=dropped)
         await self._intents.drop(job)
+        return refused
 
     # -- recovery (agent.backup.undo, agent.backup.recovery) ---------------------------
 
@@ -577,16 +593,3 @@ class Backups:
         """Intents of jobs not yet undone (an undo keeps its intent until libvirt's job
         is known to be over); empty once recovery is complete."""
         return await self._intents.leftovers()
-
-
-async def _settle(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` unless it is over, and wait until it is, even if the caller is
-    cancelled meanwhile (then that is raised afterwards): the undo that follows must
-    not race the copy's own clean-up. The task's outcome is dropped (the caller is
-    already failing for a reason of its own)."""
-    task.cancel()
-    try:
-        await to_completion(asyncio.wait([task]))
-    finally:
-        if not task.cancelled():
-            task.exception()  # retrieved: no "exception was never retrieved" warning

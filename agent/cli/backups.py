@@ -200,6 +200,8 @@ def backup(config: AgentConfig, domain: str, mode: str) -> None:
         + ", ".join(f"{t} {how}" + (f" ({why})" if why else "") for t, how, why in disks)
         + f"; {result.bytes_copied} bytes in {result.seconds:.2f} s"
     )
+    if result.retention_refused is not None:
+        raise CommandError(f"backup {result.backup_id} stands, but {result.retention_refused}")
 
 
 async def _backup(config: AgentConfig, domain: str, mode: BackupMode) -> BackupResult:

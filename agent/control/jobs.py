@@ -77,11 +77,20 @@ class JobOutcome:
 
 class JobFailedError(JobError):
     """Raised by a runner whose job ended without an exception of its own (verify found
-    problems): the job fails with ``code``, and ``result`` is kept."""
+    problems; a backup published, but retention found damage): the job fails with
+    ``code``, and ``result`` is kept, and ``outcome``'s backup and disks if given."""
 
-    def __init__(self, message: str, *, code: str, result: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        result: Mapping[str, Any],
+        outcome: JobOutcome | None = None,
+    ) -> None:
         super().__init__(message, code=code)
         self.result = result
+        self.outcome = outcome
 
 
 Progress = Callable[[int, int], None]
@@ -415,9 +424,16 @@ class Jobs:
             )
             await to_completion(self._end(job.id, JobState.CANCELLED, code=code, message=message))
         except JobFailedError as exc:
+            done = exc.outcome or JobOutcome()
             await to_completion(
                 self._end(
-                    job.id, JobState.FAILED, code=exc.code, message=str(exc), result=exc.result
+                    job.id,
+                    JobState.FAILED,
+                    code=exc.code,
+                    message=str(exc),
+                    result=exc.result,
+                    backup_id=done.backup_id,
+                    disks=done.disks,
                 )
             )
         except Exception as exc:

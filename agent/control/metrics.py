@@ -88,6 +88,11 @@ class Metrics:
         self.bytes_copied = Counter(
             "backup_agent_bytes_copied", "Bytes copied by successful backups.", registry=r
         )
+        self.retention_refused = Counter(
+            "backup_agent_retention_refused",
+            "Backups published whose retention was refused: damage in the repository.",
+            registry=r,
+        )
         self.duration = Histogram(
             "backup_agent_backup_duration_seconds",
             "Duration of successful backup jobs.",
@@ -157,7 +162,10 @@ class Metrics:
         if job.kind is not JobKind.BACKUP:
             return
         self.backups.labels(result=job.state.value, mode=job_mode(job)).inc()
-        if job.state is not JobState.SUCCEEDED:
+        if job.error_code == "retention-refused":
+            self.retention_refused.inc()
+        # (a backup whose retention was refused stands: it counts as the backup it is)
+        if job.state is not JobState.SUCCEEDED and job.backup_id is None:
             return
         for disk in job.disks:
             if disk.mode == "full" and not _not_forced(disk.reason):

@@ -238,6 +238,11 @@ class PublishUndecidedError(RepositoryError):
     place, so it is neither published nor undone; the next start decides."""
 
 
+class RetentionRefusedError(RepositoryError):
+    """Retention of a domain refused: a backup it would merge or drop is damaged. The
+    message names the damage; nothing was merged or dropped."""
+
+
 class DestinationExistsError(RepositoryError):
     """A restore's destination exists already: restores never overwrite."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from agent.core.logs import get_logger
 
@@ -39,3 +39,16 @@ async def to_completion(work: Awaitable[T], *, timeout: float | None = None) -> 
             log.warning("work failed after its caller was cancelled", error=repr(task.exception()))
         raise asyncio.CancelledError
     return task.result()
+
+
+async def settle(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` unless it is over, and wait until it is, even if the caller is
+    cancelled meanwhile (then that is raised afterwards): e.g. the undo that follows a
+    failed copy must not race the copy's own clean-up. The task's outcome is dropped (the caller is
+    already failing for a reason of its own)."""
+    task.cancel()
+    try:
+        await to_completion(asyncio.wait([task]))
+    finally:
+        if not task.cancelled():
+            task.exception()  # retrieved: no "exception was never retrieved" warning

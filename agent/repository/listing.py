@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from agent.core.durable import write_durably
 from agent.core.errors import RepositoryError
 from agent.repository.layout import _backup_ids, _parse_manifest
 from agent.repository.manifest import BACKING_RE, MANIFEST_FILE, Manifest
@@ -42,6 +43,11 @@ MANIFEST_INVALID: Final = "manifest-invalid"
 IMAGE_MISSING: Final = "image-missing"
 BACKING_DAMAGED: Final = "backing-damaged"
 BACKUP_MISSING: Final = "backup-missing"
+IMAGE_DAMAGED: Final = "image-damaged"  # verify or retention found its data wrong
+
+# Beside an image verify or retention found damaged, what they found: the image counts
+# as damaged until an operator removes the note (after a repair) or the backups.
+DAMAGE_NOTE_SUFFIX: Final = ".damaged"
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,12 +215,38 @@ class _Chains:
             error = f"the manifest of {backup_id} lists no image {image}"
             return Damage(backup_id, None, path, IMAGE_MISSING, error), None
         target, backing = links[image]
-        if not path.is_file():
-            return Damage(backup_id, target, path, IMAGE_MISSING, f"image {path} is missing"), None
+        if (damage := _image_damage(backup_id, target, path)) is not None:
+            return damage, None
         match = BACKING_RE.fullmatch(backing) if backing is not None else None
         if match is None:  # no backing (the manifest's parser checked its form)
             return None, None
         return None, (match["id"], match["image"])
+
+
+def _image_damage(backup_id: str, target: str, path: Path) -> Damage | None:
+    """The image missing, or noted damaged (:func:`mark_damaged`), or None."""
+    if not path.is_file():
+        return Damage(backup_id, target, path, IMAGE_MISSING, f"image {path} is missing")
+    note = path.with_name(path.name + DAMAGE_NOTE_SUFFIX)
+    if note.exists():
+        found = _note_text(note)
+        error = f"image {path} is damaged ({found}; {note} says so: remove it once repaired)"
+        return Damage(backup_id, target, path, IMAGE_DAMAGED, error)
+    return None
+
+
+def _note_text(note: Path) -> str:
+    try:
+        text = note.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError as exc:
+        return f"cannot read the note: {exc.strerror or exc}"
+    return " ".join(text.split())[:500] or "no details"
+
+
+def mark_damaged(image: Path, found: str) -> None:
+    """BLOCKING: note beside ``image`` that its data was found wrong (``found``, one
+    line); durable, so the next listing names it whatever happens meanwhile."""
+    write_durably(image.with_name(image.name + DAMAGE_NOTE_SUFFIX), found.strip() + "\n")
 
 
 def _chain_damage(chains: _Chains, manifest: Manifest) -> dict[str, Damage]:

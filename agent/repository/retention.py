@@ -1,8 +1,10 @@
 """Retention: the oldest backups of a domain dropped, every kept one restoring as before.
 
-Every kept image that had a dropped image as backing is replaced by a standalone copy
-(``qemu-img convert`` of its chain, checked with ``qemu-img compare``), so later overlays,
-which still point at it by the same path, restore exactly as before. The steps, and why a
+The oldest kept backup's images that sit on dropped ones become standalone: each is
+committed into the standalone image at the bottom of its chain (``qemu-img commit -d``,
+which writes only the layers above it: the cost follows what changed since that image,
+not the disk), and that image, once checked, takes its place. Later overlays still point
+at the kept image by the same path and restore exactly as before. The steps, and why a
 crash at any point is safe (the next ``apply_retention`` or ``cleanup_staging`` finishes
 the job from the intent):
 
@@ -10,18 +12,31 @@ the job from the intent):
    chain that reads one or misses an image) is refused, also an interrupted retention's
    redo: nothing is merged or dropped next to damage an operator may still repair
    (logged; the repository's listing names it). Unfinished, every backup still restores.
-1. verify the backups involved (:func:`plan`): corrupt data is never baked into a new base.
+1. verify what the merges read (:meth:`Retention.preflight`: every layer they commit, and
+   the ranges of a bottom image they hash again): corrupt data is never baked into a new
+   base, nor a checksum taken of it.
 2. write ``retention.json`` (the ids to drop) atomically. Before it nothing has changed.
-3. per kept backup that depends on a dropped one, per such disk: convert into
-   ``.merge-<id>/``, compare, fsync, rename over the image. The merged image has the same
-   guest-visible content, so the backup restores the same whether or not it was replaced;
-   a redo skips images whose header already has no backing.
-4. write the new manifest (``parent`` null, those disks' ``backing`` null, ``merged_from``)
-   and rename it over the old one: this commits the merge of that backup.
+3. per kept backup that depends on a dropped one, per such disk: commit its chain into
+   the bottom image B (a dropped one; ``-d`` leaves every layer above as it was, so the
+   kept image reads the same throughout: where a layer above has data it is read, and
+   B now holds the same), fsync B, check the ranges the layers above wrote against their
+   checksums in B (the proof costs what changed too), then link B in place of the kept
+   image (a hard link, renamed over it: B's own directory keeps its file, so the dropped
+   backups stay whole until step 5; a rename where links are refused). A redo skips
+   images whose header already has no backing, and commits again where it has one (the
+   same data written again).
+4. write the new manifest (``parent`` null, those disks' ``backing`` null, ``merged_from``,
+   and checksums covering every range any layer of the chain recorded: :mod:`.coverage`,
+   ranges partly overwritten hashed again from the merged image) and rename it over the
+   old one: this commits the merge of that backup.
 5. per dropped backup, newest first: rename to ``.dropped-<id>`` (it vanishes from
    listings at once, never half-deleted), then delete. Nothing kept refers to it any more
    (steps 3-4), and the dropped backups still listed only refer to older ones.
 6. remove ``retention.json``.
+
+A dropped backup read between steps 3 and 5 (after a crash, say) does not restore its own
+point any more (its bottom image holds a newer one): it is in the intent, and the next
+start drops it.
 
 :class:`Retention` runs steps 3-6; ``faults`` (:mod:`agent.core.faults`) is called between
 them, where a test makes the agent crash.
@@ -32,7 +47,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -42,6 +59,7 @@ from agent.core.blocking import Filesystem
 from agent.core.errors import RepositoryError
 from agent.core.faults import Faults
 from agent.repository.blocks import describe, disk_chain
+from agent.repository.coverage import combine, overwritten_in_part
 from agent.repository.layers import QemuImg
 from agent.repository.layout import (
     DROPPED_PREFIX,
@@ -56,15 +74,16 @@ from agent.repository.layout import (
     _round_trip,
     _write_durably,
 )
-from agent.repository.listing import read_listing
+from agent.repository.listing import Damage, Listing, read_listing
 from agent.repository.manifest import (
     BACKING_RE,
     BACKUP_ID_RE,
     MANIFEST_FILE,
     DiskManifest,
     Manifest,
+    RangeChecksum,
 )
-from agent.repository.verify import LayerInfoReader
+from agent.repository.verify import LayerInfoReader, Problem, Verifier
 
 _T = TypeVar("_T")
 
@@ -107,12 +126,44 @@ class Retention:
         self._layer_info = layer_info
         self._faults = faults
 
+    async def preflight(self, manifests: Sequence[Manifest], drop: Sequence[str]) -> list[Problem]:
+        """What is wrong in what the merges of dropping ``drop`` read (step 1): every
+        layer they commit, whole, and of each bottom image the ranges they hash again.
+        Not the rest of a bottom image: it is not rewritten, and its checksums stay in
+        the merged manifest, where verify finds any damage as before. So this costs
+        what changed too, never the disk."""
+        by_id = {m.backup_id: m for m in manifests}
+        dropped = set(drop)
+        verifier = Verifier(self._qemu, self._layer_info)
+        problems: list[Problem] = []
+        for manifest in manifests:
+            if manifest.backup_id in dropped or not _depends_on(manifest, dropped):
+                continue
+            for disk in manifest.disks:
+                if _backing_id(disk) not in dropped:
+                    continue
+                layers = self._layers(manifest, disk, by_id)
+                for path, layer in layers[:-1]:
+                    problems += await verifier.disk(path.parent, path.parent.name, layer)
+                path, bottom = layers[-1]
+                reread = overwritten_in_part(
+                    [d.checksums for _, d in layers[:-1]], bottom.checksums
+                )
+                if bottom.block_size is None and reread:
+                    found, _ = await verifier.standalone(path, reread)
+                    problems += [
+                        Problem(path.parent.name, disk.target, path, c.offset, c.length, message)
+                        for c, message in found
+                    ]
+        return problems
+
     async def run(self, drop: Sequence[str]) -> None:
         """Steps 3-6; idempotent, so a redo after a crash at any point finishes the job."""
         backups_dir = self._backups_dir
         listing = await self._io("read manifests", read_listing, backups_dir)
-        if listing.damaged:  # (the repository checks first, and says so; see its docstring)
-            first = listing.damaged[0]
+        damaged = undropped_damage(listing, drop)
+        if damaged:  # (the repository checks first, and says so; see its docstring)
+            first = damaged[0]
             raise RepositoryError(
                 f"retention refused: backup {first.backup_id} is damaged ({first.error}); "
                 "repair or remove it first",
@@ -122,9 +173,9 @@ class Retention:
         by_id = {m.backup_id: m for m in manifests}
         dropped = set(drop)
         merges = [m for m in manifests if m.backup_id not in dropped and _depends_on(m, dropped)]
-        # Each merged image is a whole copy of its disk, at most its virtual size; the
-        # dropped backups' space comes back only at the end.
-        need = sum(d.virtual_size for m in merges for d in m.disks if _backing_id(d) in dropped)
+        # A commit writes the layers above the bottom image into it: at most what they
+        # hold. The dropped backups' space comes back only at the end.
+        need = sum(_above_bottom(m, d, by_id) for m in merges for d in m.disks)
         async with self._reserve(need):
             for manifest in merges:
                 await self._merge_backup(manifest, by_id, drop)
@@ -149,12 +200,16 @@ class Retention:
             if _backing_id(disk) not in drop:
                 disks.append(disk)
                 continue
+            layers = self._layers(manifest, disk, by_id)
             live = directory / disk.image
             # Header without backing: replaced before a crash; its content is already right.
             if (await self._layer_info(live)).backing is not None:
-                await self._merge_image(live, merge_dir / disk.image, manifest.backup_id, disk)
-            # (a disk's blocks along its chain: CPU work, off the loop)
-            disks.append(await asyncio.to_thread(_merged_disk, disk, manifest, by_id))
+                await self._commit(layers, merge_dir, manifest.backup_id, disk)
+            if disk.block_size is not None:
+                # (a disk's blocks along its chain: CPU work, off the loop)
+                disks.append(await asyncio.to_thread(_merged_disk, disk, manifest, by_id))
+            else:
+                disks.append(await self._covered(live, disk, layers))
         merged = dataclasses.replace(
             manifest,
             parent=None if manifest.parent in drop else manifest.parent,
@@ -164,19 +219,66 @@ class Retention:
         await self._io("replace a manifest", _replace_manifest, merge_dir, directory, merged)
         self._faults(f"retention:manifest-replaced:{manifest.backup_id}")
 
-    async def _merge_image(
-        self, live: Path, merged: Path, backup_id: str, disk: DiskManifest
+    def _layers(
+        self, manifest: Manifest, disk: DiskManifest, by_id: dict[str, Manifest]
+    ) -> list[tuple[Path, DiskManifest]]:
+        """The kept image and those below it, newest first, down to a standalone one."""
+        layers = [(self._backups_dir / manifest.backup_id / disk.image, disk)]
+        current = disk
+        while (below := _backing_id(current)) is not None:
+            older = by_id.get(below)
+            image = Path(current.backing or "").name
+            found = next((d for d in older.disks if d.image == image), None) if older else None
+            if found is None:
+                raise RepositoryError(
+                    f"the chain of {disk.target} in {manifest.backup_id} reads "
+                    f"../{below}/{image}, which no manifest lists",
+                    path=str(layers[0][0]),
+                )
+            layers.append((self._backups_dir / below / image, found))
+            current = found
+        return layers
+
+    async def _commit(
+        self,
+        layers: list[tuple[Path, DiskManifest]],
+        merge_dir: Path,
+        backup_id: str,
+        disk: DiskManifest,
     ) -> None:
-        # convert reads the image through its whole chain; compare re-reads both to be sure
-        # before the only other copy of the older data is deleted.
-        convert = ["convert", "-f", "qcow2", "-O", "qcow2", str(live), str(merged)]
-        await self._qemu.run(convert, live, long=True)
-        compare = ["compare", "-q", "-f", "qcow2", "-F", "qcow2", str(live), str(merged)]
-        await self._qemu.run(compare, live, long=True)
-        await asyncio.to_thread(_fsync, merged)
+        """The kept image's chain committed into its bottom image, checked, linked in place
+        of the kept image (step 3)."""
+        (live, _), (bottom, _) = layers[0], layers[-1]
+        commit = ["commit", "-d", "-f", "qcow2", "-b", str(bottom.absolute()), str(live)]
+        await self._qemu.run(commit, live, long=True)
+        await asyncio.to_thread(_fsync, bottom)
         self._faults(f"retention:merged:{backup_id}:{disk.target}")
-        await self._io("replace a merged image", _replace_file, merged, live)
+        # The proof: what the layers above wrote (the newest of each range) is in it now.
+        written, _ = combine([d.checksums for _, d in layers[:-1]])
+        found, _ = await Verifier(self._qemu, self._layer_info).standalone(bottom, written)
+        if found:
+            raise RepositoryError(
+                f"retention: merging {disk.target} of {backup_id} into {bottom} did not "
+                f"write what its layers hold ({len(found)} range(s); first: {found[0][1]})",
+                path=str(bottom),
+            )
+        linked = merge_dir / disk.image
+        await self._io("link the merged image", _link_or_move, bottom, linked)
+        await self._io("replace a merged image", _replace_file, linked, live)
         self._faults(f"retention:replaced:{backup_id}:{disk.target}")
+
+    async def _covered(
+        self, live: Path, disk: DiskManifest, layers: list[tuple[Path, DiskManifest]]
+    ) -> DiskManifest:
+        """The merged disk's manifest: a checksum for every range of the chain (step 4)."""
+        kept, rehash = combine([d.checksums for _, d in layers])
+        verifier = Verifier(self._qemu, self._layer_info)
+        extents = await self._qemu.layer_map(live) if rehash else []
+        for offset, length, algorithm in rehash:
+            digest = await verifier.digest(live, extents, offset, length, algorithm)
+            kept.append(RangeChecksum(offset, length, digest, algorithm))
+        kept.sort(key=lambda c: c.offset)
+        return dataclasses.replace(disk, backing=None, checksums=tuple(kept))
 
     async def _io(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
         if self._fs is None:
@@ -187,6 +289,40 @@ class Retention:
 @contextlib.asynccontextmanager
 async def _nothing_reserved(nbytes: int) -> AsyncIterator[None]:
     yield
+
+
+def undropped_damage(listing: Listing, drop: Sequence[str]) -> list[Damage]:
+    """The listing's damage but that of the backups being dropped: a bottom image moved
+    into a kept backup (where links are refused) leaves its dropped backup without it."""
+    return [d for d in listing.damaged if d.backup_id not in drop]
+
+
+def _above_bottom(manifest: Manifest, disk: DiskManifest, by_id: dict[str, Manifest]) -> int:
+    """Bytes the layers above the bottom of the disk's chain recorded (0 if standalone)."""
+    total, current = 0, disk
+    while (below := _backing_id(current)) is not None:
+        total += sum(c.length for c in current.checksums)
+        older = by_id.get(below)
+        image = Path(current.backing or "").name
+        found = next((d for d in older.disks if d.image == image), None) if older else None
+        if found is None:
+            return total
+        current = found
+    return total
+
+
+def _link_or_move(source: Path, dest: Path) -> None:
+    """``dest`` becomes ``source``'s file: a hard link, or (a filesystem refusing links)
+    the file itself, moved."""
+    with contextlib.suppress(FileNotFoundError):
+        dest.unlink()
+    try:
+        os.link(source, dest)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP, errno.EMLINK):
+            raise RepositoryError(f"cannot link {source} to {dest}: {exc}", path=str(dest)) from exc
+        with _os_errors("cannot move", source):
+            os.replace(source, dest)
 
 
 def _merged_disk(

@@ -40,11 +40,17 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from agent.core.blocking import Filesystem
-from agent.core.errors import BackupNotFoundError, PublishUndecidedError, RepositoryError
+from agent.core.errors import (
+    BackupNotFoundError,
+    FilesystemHungError,
+    PublishUndecidedError,
+    RepositoryError,
+    RetentionRefusedError,
+)
 from agent.core.faults import Faults, no_faults
 from agent.core.logs import get_logger
 from agent.core.shielding import to_completion
@@ -69,7 +75,15 @@ from agent.repository.layout import (
     _remove_tree,
     _round_trip,
 )
-from agent.repository.listing import LinkCache, Listing, Tip, read_listing, read_newest, read_tip
+from agent.repository.listing import (
+    LinkCache,
+    Listing,
+    Tip,
+    mark_damaged,
+    read_listing,
+    read_newest,
+    read_tip,
+)
 from agent.repository.manifest import (
     BACKUP_ID_RE,
     MANIFEST_FILE,
@@ -77,7 +91,13 @@ from agent.repository.manifest import (
 )
 from agent.repository.marker import RepositoryMarker
 from agent.repository.restore import restore_image
-from agent.repository.retention import Retention, _read_intent, _write_intent, plan
+from agent.repository.retention import (
+    Retention,
+    _read_intent,
+    _write_intent,
+    plan,
+    undropped_damage,
+)
 from agent.repository.verify import (
     Problem,
     Verifier,
@@ -170,14 +190,39 @@ class Repository:
     async def listing(self, domain: str) -> Listing:
         """Every backup of ``domain``: those whose manifests read, and what is damaged
         (manifests that do not read, disks whose chain is broken); see :mod:`.listing`.
-        A damaged file never hides the others."""
-        return await self.fs.call("read manifests", read_listing, self._backups_dir(domain))
+        A damaged file never hides the others. The backups an unfinished retention is
+        dropping are not listed: their bottom images may hold a newer point already."""
+        listing = await self.fs.call("read manifests", read_listing, self._backups_dir(domain))
+        dropping = await self._dropping(domain)
+        if not dropping:
+            return listing
+        return Listing(
+            tuple(m for m in listing.manifests if m.backup_id not in dropping),
+            tuple(d for d in listing.damaged if d.backup_id not in dropping),
+        )
 
     async def backup(self, domain: str, backup_id: str) -> Manifest:
         backups_dir = self._backups_dir(domain)
         if not BACKUP_ID_RE.fullmatch(backup_id):
             raise BackupNotFoundError(f"{backup_id!r} is not a backup id", path=str(backups_dir))
+        if backup_id in await self._dropping(domain):
+            raise BackupNotFoundError(
+                f"backup {backup_id} of {domain} is being dropped by retention",
+                path=str(backups_dir / backup_id),
+            )
         return await self.fs.call("read a manifest", _read_backup, backups_dir / backup_id, domain)
+
+    async def _dropping(self, domain: str) -> set[str]:
+        """The backups an unfinished retention of ``domain`` drops (its intent)."""
+        intent = self._domain_dir(domain) / INTENT_FILE
+        try:
+            drop = await self.fs.call("read the retention intent", _read_intent, intent)
+        except FilesystemHungError:
+            raise
+        except RepositoryError as exc:  # (retention itself says so; listing goes on)
+            log.warning("unreadable retention intent", domain=domain, error=str(exc))
+            return set()
+        return set(drop or ())
 
     async def latest(self, domain: str) -> Manifest | None:
         """The newest published backup of ``domain`` whose manifest reads (as the last
@@ -430,11 +475,18 @@ class Repository:
                 return []
             if listing.damaged:
                 _refuse_retention(domain, listing, "drops nothing")
-                return []
-            drop, involved = plan(manifests, keep_last)
-            verifier = Verifier(self._qemu, self._layer_info)
-            if problems := await verifier.backups(self._backups_dir(domain), involved):
-                raise RepositoryError(
+                first = listing.damaged[0]
+                raise RetentionRefusedError(
+                    f"retention of {domain} refused: backup {first.backup_id} is damaged "
+                    f"({first.error}); nothing was merged or dropped. Repair or remove it "
+                    f"(`backup-agent backups {domain}` names it) and retention resumes",
+                    path=str(first.path),
+                )
+            drop, _ = plan(manifests, keep_last)
+            if problems := await self._retention(domain).preflight(manifests, drop):
+                # Kept, and named from now on: the next backups of those disks are full.
+                await self.mark_damaged(problems)
+                raise RetentionRefusedError(
                     f"retention of {domain} refused: {len(problems)} problem(s) in the backups "
                     f"to merge, first: {problems[0].message}",
                     path=str(problems[0].image),
@@ -445,6 +497,24 @@ class Repository:
             await self._retention(domain).run(drop)
             return drop
 
+    async def mark_damaged(self, problems: Sequence[Problem]) -> list[Path]:
+        """Note beside each image with a data problem what was found (its first one), so
+        that listings name it damaged until an operator removes the note (.listing);
+        the images noted."""
+        found: dict[Path, str] = {}
+        for p in problems:
+            if p.offset is not None and p.image.name.endswith(".qcow2"):
+                found.setdefault(p.image, p.message)
+        noted = []
+        for image, message in found.items():
+            try:
+                await self.fs.call("note a damaged image", mark_damaged, image, message)
+            except OSError as exc:  # (a read-only repository: named by this run only)
+                log.warning("cannot note a damaged image", image=str(image), error=str(exc))
+                continue
+            noted.append(image)
+        return noted
+
     async def _finish_retention(self, domain: str) -> None:
         intent = self._domain_dir(domain) / INTENT_FILE
         drop = await self.fs.call("read the retention intent", _read_intent, intent)
@@ -453,7 +523,7 @@ class Repository:
         # Left unfinished, every listed backup still restores (see .retention); finished
         # across a damaged backup, the merge could bake the damage in or drop its base.
         listing = await self.listing(domain)
-        if listing.damaged:
+        if undropped_damage(listing, drop):
             _refuse_retention(domain, listing, "stays unfinished (every backup restores)")
             return
         await self._retention(domain).run(drop)

@@ -125,6 +125,10 @@ class Verifier:
                 problems += await self._verify_disk(directory, manifest.backup_id, disk)
         return problems
 
+    async def disk(self, directory: Path, backup_id: str, disk: DiskManifest) -> list[Problem]:
+        """What is wrong in one disk's image of the backup in ``directory``."""
+        return await self._verify_disk(directory, backup_id, disk)
+
     async def _verify_disk(
         self, directory: Path, backup_id: str, disk: DiskManifest
     ) -> list[Problem]:
@@ -184,22 +188,63 @@ class Verifier:
                 found.append(f"backing file {backing_file} of {path} is missing")
         return [problem(message) for message in found], info
 
+    async def standalone(
+        self, path: Path, checksums: Sequence[RangeChecksum]
+    ) -> tuple[list[tuple[RangeChecksum, str]], list[_Extent]]:
+        """The ``checksums`` that do not match the standalone image ``path``, each with
+        what is wrong, and the image's extents (for :meth:`digest`)."""
+        extents = await self._qemu.layer_map(path)
+        found = []
+        for checksum in checksums:
+            if message := await self._check_range(path, extents, checksum, overlay=False):
+                found.append((checksum, message))
+        return found, extents
+
+    async def digest(
+        self, path: Path, extents: Sequence[_Extent], offset: int, length: int, algorithm: str
+    ) -> str:
+        """The checksum of ``[offset, offset + length)`` of the standalone image ``path``;
+        RepositoryError if it cannot be read."""
+        try:
+            return await self._digest(path, extents, offset, length, algorithm, overlay=False)
+        except _UnreadableError as exc:
+            raise RepositoryError(f"{path} [{offset}, {offset + length}): {exc}") from exc
+
+    async def _digest(
+        self,
+        path: Path,
+        extents: Sequence[_Extent],
+        offset: int,
+        length: int,
+        algorithm: str,
+        *,
+        overlay: bool,
+    ) -> str:
+        digest = new_digest(algorithm)
+        for piece in _pieces(extents, offset, length, overlay=overlay):
+            if piece.zero or piece.host is not None:
+                await asyncio.to_thread(_hash_local, path, piece, digest)
+            else:
+                await self._hash_via_qemu(path, piece, digest)
+        return digest.hexdigest()
+
     async def _check_range(
         self, path: Path, extents: Sequence[_Extent], checksum: RangeChecksum, *, overlay: bool
     ) -> str | None:
         """Why the range's bytes in this layer do not match the checksum, or None."""
         where = f"{path} [{checksum.offset}, {checksum.offset + checksum.length})"
         try:
-            pieces = _pieces(extents, checksum.offset, checksum.length, overlay=overlay)
-            digest = new_digest(checksum.algorithm)
-            for piece in pieces:
-                if piece.zero or piece.host is not None:
-                    await asyncio.to_thread(_hash_local, path, piece, digest)
-                else:
-                    await self._hash_via_qemu(path, piece, digest)
+            found = await self._digest(
+                path,
+                extents,
+                checksum.offset,
+                checksum.length,
+                checksum.algorithm,
+                overlay=overlay,
+            )
         except _UnreadableError as exc:
             return f"{where}: {exc}"
-        if digest.hexdigest() != checksum.digest:
+        if found != checksum.digest:
             return f"{where}: checksum mismatch (data differs from what was written)"
         return None
 
