@@ -286,6 +286,9 @@ def _why_full(
         return "full-requested"
     if base is None or tip is None:
         return "first-backup"
+    chain = chains.get(target)
+    if chain is not None and not chain.valid:  # (verify's backup-corrupt says more)
+        return chain.reason or "chain-broken"
     if target in tip.broken:
         return REPOSITORY_DAMAGED
     if tip.checkpoint != base.name:

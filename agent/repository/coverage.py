@@ -8,9 +8,10 @@ manifest must still have a checksum for every byte any of them recorded, so that
 - a range of the newest image is kept as it is;
 - a range of an older image that no newer range touches is kept as it is (the merged
   image holds those bytes unchanged);
-- of an older range that newer ones overwrite in part, what is left over is hashed
-  again from the merged image (``rehash``): the cost of a merge follows what changed,
-  not the disk.
+- an older range that newer ones overwrite in part is hashed again, whole, from the
+  merged image (``rehash``; the newer ranges inside it are then left out, it covers
+  them): the cost of a merge follows what changed, not the disk, and the number of
+  checksums does not grow with every merge (ranges are never cut into pieces).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def combine(
     layers: Sequence[Sequence[RangeChecksum]],
 ) -> tuple[list[RangeChecksum], list[tuple[int, int, str]]]:
     """``layers``' checksums (newest first; within one layer no two overlap) as those the
-    merged image keeps, and the ``(offset, length, algorithm)`` pieces to hash again."""
+    merged image keeps, and the ``(offset, length, algorithm)`` ranges to hash again."""
     kept: list[RangeChecksum] = []
     rehash: list[tuple[int, int, str]] = []
     covered = _Intervals()
@@ -35,10 +36,15 @@ def combine(
             free = covered.uncovered(start, end)
             if free == [(start, end)]:
                 kept.append(checksum)
-            else:
-                rehash += [(lo, hi - lo, checksum.algorithm) for lo, hi in free]
+            elif free:
+                rehash.append((checksum.offset, checksum.length, checksum.algorithm))
         for checksum in layer:  # (after the layer: its own ranges do not overlap)
             covered.add(checksum.offset, checksum.offset + checksum.length)
+    again = _Intervals()
+    for offset, length, _ in rehash:
+        again.add(offset, offset + length)
+    # A kept range inside those hashed again says nothing they do not.
+    kept = [c for c in kept if again.uncovered(c.offset, c.offset + c.length)]
     kept.sort(key=lambda c: c.offset)
     rehash.sort()
     return kept, rehash

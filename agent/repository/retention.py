@@ -11,7 +11,8 @@ the job from the intent):
 0. a domain with a damaged backup (:mod:`.listing`: a manifest that does not read, a
    chain that reads one or misses an image) is refused, also an interrupted retention's
    redo: nothing is merged or dropped next to damage an operator may still repair
-   (logged; the repository's listing names it). Unfinished, every backup still restores.
+   (logged; the repository's listing names it). Unfinished, every kept backup still
+   restores (those it drops are hidden from listings: see below).
 1. verify what the merges read (:meth:`Retention.preflight`: every layer they commit, and
    the ranges of a bottom image they hash again): corrupt data is never baked into a new
    base, nor a checksum taken of it.
@@ -22,12 +23,12 @@ the job from the intent):
    B now holds the same), fsync B, check the ranges the layers above wrote against their
    checksums in B (the proof costs what changed too), then link B in place of the kept
    image (a hard link, renamed over it: B's own directory keeps its file, so the dropped
-   backups stay whole until step 5; a rename where links are refused). A redo skips
+   backups stay whole until step 5; a copy where links are refused). A redo skips
    images whose header already has no backing, and commits again where it has one (the
    same data written again).
 4. write the new manifest (``parent`` null, those disks' ``backing`` null, ``merged_from``,
    and checksums covering every range any layer of the chain recorded: :mod:`.coverage`,
-   ranges partly overwritten hashed again from the merged image) and rename it over the
+   ranges partly overwritten hashed again, whole, from the merged image) and rename it over the
    old one: this commits the merge of that backup.
 5. per dropped backup, newest first: rename to ``.dropped-<id>`` (it vanishes from
    listings at once, never half-deleted), then delete. Nothing kept refers to it any more
@@ -50,6 +51,7 @@ import dataclasses
 import errno
 import json
 import os
+import shutil
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -263,7 +265,7 @@ class Retention:
                 path=str(bottom),
             )
         linked = merge_dir / disk.image
-        await self._io("link the merged image", _link_or_move, bottom, linked)
+        await self._io("link the merged image", _link_or_copy, bottom, linked)
         await self._io("replace a merged image", _replace_file, linked, live)
         self._faults(f"retention:replaced:{backup_id}:{disk.target}")
 
@@ -311,18 +313,21 @@ def _above_bottom(manifest: Manifest, disk: DiskManifest, by_id: dict[str, Manif
     return total
 
 
-def _link_or_move(source: Path, dest: Path) -> None:
-    """``dest`` becomes ``source``'s file: a hard link, or (a filesystem refusing links)
-    the file itself, moved."""
+def _link_or_copy(source: Path, dest: Path) -> None:
+    """``dest`` becomes a name of ``source``'s file (a hard link), or, on a filesystem
+    refusing links, a copy of it (fsync'd): never the file itself moved, so that the
+    dropped backup keeps its image until it is dropped, whatever happens meanwhile."""
     with contextlib.suppress(FileNotFoundError):
         dest.unlink()
     try:
         os.link(source, dest)
+        return
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP, errno.EMLINK):
             raise RepositoryError(f"cannot link {source} to {dest}: {exc}", path=str(dest)) from exc
-        with _os_errors("cannot move", source):
-            os.replace(source, dest)
+    with _os_errors("cannot copy", source):
+        shutil.copyfile(source, dest)
+    _fsync(dest)
 
 
 def _merged_disk(
@@ -336,8 +341,8 @@ def _merged_disk(
         return merged
     chain = disk_chain(by_id.get, manifest, disk.target)
     described = describe(chain) if chain is not None else None
-    if described is None:
-        return dataclasses.replace(merged, block_size=None)
+    if described is None:  # (its own checksums only: the chain's are not combined)
+        return dataclasses.replace(merged, block_size=None, blocks=())
     whole = tuple(described[o] for o in sorted(described))  # each block of the image, whole
     return dataclasses.replace(merged, checksums=whole, blocks=())
 

@@ -46,7 +46,6 @@ from pathlib import Path
 from agent.core.blocking import Filesystem
 from agent.core.errors import (
     BackupNotFoundError,
-    FilesystemHungError,
     PublishUndecidedError,
     RepositoryError,
     RetentionRefusedError,
@@ -215,13 +214,8 @@ class Repository:
     async def _dropping(self, domain: str) -> set[str]:
         """The backups an unfinished retention of ``domain`` drops (its intent)."""
         intent = self._domain_dir(domain) / INTENT_FILE
-        try:
-            drop = await self.fs.call("read the retention intent", _read_intent, intent)
-        except FilesystemHungError:
-            raise
-        except RepositoryError as exc:  # (retention itself says so; listing goes on)
-            log.warning("unreadable retention intent", domain=domain, error=str(exc))
-            return set()
+        # (unreadable: an error naming it, never the backups it drops shown as sound)
+        drop = await self.fs.call("read the retention intent", _read_intent, intent)
         return set(drop or ())
 
     async def latest(self, domain: str) -> Manifest | None:
