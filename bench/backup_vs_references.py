@@ -51,6 +51,25 @@ def agent_config(work: Path) -> Path:
     return config
 
 
+def random_domain(
+    conn: libvirt.virConnect, work: Path, size: int, registry: list[TestDomain]
+) -> TestDomain:
+    """A transient test domain whose qcow2 ``vda`` of ``size`` bytes is random data."""
+    td = make_domain(
+        conn,
+        work,
+        persistent=False,
+        disks=[DiskSpec("vda", size=size)],
+        start=False,
+        registry=registry,
+    )
+    # Re-create with a random-filled image (make_domain created it empty).
+    td.destroy()
+    fill_random(td.disk_paths["vda"], size)
+    td.recreate()
+    return td
+
+
 def sh(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
 
@@ -267,18 +286,7 @@ def main() -> None:
         registry: list[TestDomain] = []
         try:
             print(f"filling a {size / GiB:g} GiB disk with random data ...", flush=True)
-            td = make_domain(
-                conn,
-                work,
-                persistent=False,
-                disks=[DiskSpec("vda", size=size)],
-                start=False,
-                registry=registry,
-            )
-            # Re-create with a random-filled image (make_domain created it empty).
-            td.destroy()
-            fill_random(td.disk_paths["vda"], size)
-            td.recreate()
+            td = random_domain(conn, work, size, registry)
             if not args.running_guest:
                 # A backup of a paused domain is the same pull-mode export; what is paused
                 # is only the OS-less guest's spinning vCPU, which real idle guests lack.

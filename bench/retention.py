@@ -32,12 +32,12 @@ from bench.backup_vs_references import (
     MiB,
     agent_backup,
     agent_config,
-    fill_random,
     quiesce,
+    random_domain,
     sh,
 )
 from tests.testbed import daemon
-from tests.testbed.domains import DiskSpec, TestDomain, make_domain
+from tests.testbed.domains import TestDomain
 
 # Runs in a process of its own: the merge keep_last = 1 makes, its seconds and the
 # process's peak RSS (KiB) printed as JSON.
@@ -87,17 +87,7 @@ def main() -> None:
         registry: list[TestDomain] = []
         try:
             say(f"filling a {size / GiB:g} GiB disk with random data ...", flush=True)
-            td = make_domain(
-                conn,
-                work,
-                persistent=False,
-                disks=[DiskSpec("vda", size=size)],
-                start=False,
-                registry=registry,
-            )
-            td.destroy()
-            fill_random(td.disk_paths["vda"], size)
-            td.recreate()
+            td = random_domain(conn, work, size, registry)
             td.dom().suspend()  # (the OS-less guest's vCPU spins; see backup_vs_references)
             quiesce()
             results["full_s"], _, _ = agent_backup(config, td.name, "full")
