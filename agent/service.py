@@ -45,12 +45,13 @@ from agent.control.metrics import (
 )
 from agent.control.schedules import Schedules
 from agent.core.config import AgentConfig
-from agent.core.errors import AgentError, InventoryError
+from agent.core.errors import AgentError, ConfigError, InventoryError
 from agent.core.faults import Faults, from_environment
 from agent.core.logs import get_logger
 from agent.core.sdnotify import notify
 from agent.core.space import SpaceBook
 from agent.core.statelock import state_lock
+from agent.qemu.qemu_nbd import setpriv_problem
 from agent.repository.store import Repository
 from agent.virt.connection import ConnState, VirtConnection
 from agent.virt.domains import Domains
@@ -153,6 +154,7 @@ class Agent:
     async def _running(self, wait_ready: float | None) -> AsyncIterator[asyncio.Task[None]]:
         cfg = self.config
         log.info("agent starting", uri=cfg.libvirt.uri, state_dir=str(cfg.agent.state_dir))
+        await _check_setpriv(cfg.agent.setpriv)
         async with contextlib.AsyncExitStack() as stack:
             ledger = await Ledger.open(cfg.ledger_path)
             stack.push_async_callback(ledger.close)
@@ -162,7 +164,7 @@ class Agent:
             stack.push_async_callback(self.backups.close)
             stack.push_async_callback(self.dispatcher.close)
             if self._services:
-                self.urls = await stack.enter_async_context(serving(self._api_parts(), cfg.http))
+                self.urls = await stack.enter_async_context(serving(self._api_parts(), cfg))
             background = _Background()
             stack.push_async_callback(background.stop)
             connection = background.start(self.connection.run(), "libvirt-connection")
@@ -385,3 +387,15 @@ def _log_failure(task: asyncio.Task[None]) -> None:
         and task.get_name() != "libvirt-connection"
     ):
         log.error("background task failed", task=task.get_name(), error=repr(task.exception()))
+
+
+async def _check_setpriv(path: str) -> None:
+    """A missing setpriv is an error at start; going without one is said, once."""
+    problem = await asyncio.to_thread(setpriv_problem, path)
+    if problem is not None:
+        raise ConfigError(f"[agent] setpriv {problem}", key="agent.setpriv")
+    if not path:
+        log.warning(
+            "qemu-nbd runs without setpriv ([agent] setpriv is empty): with root's full "
+            "privileges, and it may outlive a killed agent"
+        )

@@ -82,7 +82,7 @@ def run(
     with agent_process(work, settings) as agent:
         # The agent was "down" at the last slot: it runs it once at start, for all ten.
         asyncio.run(_seed_slot(work / "state" / "jobs.sqlite"))
-        peak = _Peak(agent.url)
+        peak = _Peak(agent.url, agent.token)
         started = time.monotonic()
         agent.start()
         peak.start()
@@ -134,8 +134,9 @@ def _wait_all(agent: AgentProcess, count: int, state: str, timeout: float = 900)
 class _Peak:
     """The most jobs seen running at once (polled from the API in a thread)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, token: str) -> None:
         self._url = url
+        self._token = token
         self.value = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -150,7 +151,9 @@ class _Peak:
     def _poll(self) -> None:
         while not self._stop.wait(0.1):
             with contextlib.suppress(OSError, KeyError, TypeError):
-                _, data = http("GET", self._url + "/v1/jobs?state=running", timeout=5)
+                _, data = http(
+                    "GET", self._url + "/v1/jobs?state=running", token=self._token, timeout=5
+                )
                 self.value = max(self.value, len(data["jobs"]))
 
 

@@ -77,8 +77,9 @@ def point_in_time(before: bytes, writes: list[tuple[int, int]], restored: bytes)
     return None
 
 
-def submit(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    status, job = http("POST", url + "/v1/jobs", body)
+def submit(agent: AgentProcess, body: dict[str, Any]) -> dict[str, Any]:
+    """A job through the agent's API (with the token it made on its first start), once ended."""
+    status, job = agent.call("POST", "/v1/jobs", body)
     if status not in (200, 201):
         raise SystemExit(f"the agent refused {body}: {status} {job}")
     deadline = time.monotonic() + JOB_TIMEOUT
@@ -86,7 +87,7 @@ def submit(url: str, body: dict[str, Any]) -> dict[str, Any]:
         if time.monotonic() > deadline:
             raise SystemExit(f"job {job['id']} still {job['state']} after {JOB_TIMEOUT:g} s")
         time.sleep(0.1)
-        _, job = http("GET", f"{url}/v1/jobs/{job['id']}")
+        _, job = agent.call("GET", f"/v1/jobs/{job['id']}")
     if job["state"] != "succeeded":
         raise SystemExit(f"job {job['id']} {job['state']}: {job['error']}")
     return dict(job)
@@ -150,7 +151,7 @@ def _with_agent(td: TestDomain, agent: AgentProcess, work: Path) -> int:
         before = bytes(model)
         with Writer(td) as writer:
             time.sleep(0.3)  # the writer is busy before the backup begins
-            job = submit(agent.url, {"kind": "backup", "domain": td.name, "mode": mode})
+            job = submit(agent, {"kind": "backup", "domain": td.name, "mode": mode})
             time.sleep(0.3)
         for offset, byte in writer.writes:
             model[offset : offset + MiB] = bytes([byte]) * MiB
@@ -159,7 +160,7 @@ def _with_agent(td: TestDomain, agent: AgentProcess, work: Path) -> int:
     for job, before, writes in backups:
         name = f"{job['backup_id']}.raw"
         restore = {"kind": "restore", "domain": td.name, "backup": job["backup_id"], "disk": "vda"}
-        submit(agent.url, {**restore, "to": name, "format": "raw"})
+        submit(agent, {**restore, "to": name, "format": "raw"})
         restored = (work / "state" / "restores" / name).read_bytes()
         done = point_in_time(before, writes, restored)
         digest = hashlib.sha256(restored).hexdigest()[:16]
@@ -170,7 +171,7 @@ def _with_agent(td: TestDomain, agent: AgentProcess, work: Path) -> int:
             f"restored {job['backup_id']} (sha256 {digest}...): exactly the disk after "
             f"{done} of the {len(writes)} writes made around it: one point in time"
         )
-    verified = submit(agent.url, {"kind": "verify", "domain": td.name})
+    verified = submit(agent, {"kind": "verify", "domain": td.name})
     say(f"verify: {len(verified['result']['problems'])} problems in the repository")
     _, metrics = http("GET", agent.url + "/metrics")
     wanted = (

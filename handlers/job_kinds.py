@@ -36,7 +36,9 @@ log = get_logger("handlers.job_kinds")
 def job_runners(ctx: HandlerContext, config: AgentConfig) -> dict[JobKind, JobRunner]:
     return {
         JobKind.BACKUP: functools.partial(backup, ctx),
-        JobKind.RESTORE: functools.partial(restore, ctx, config.restore_path),
+        JobKind.RESTORE: functools.partial(
+            restore, ctx, config.restore_path, config.jobs.restore_mode
+        ),
         JobKind.VERIFY: functools.partial(verify, ctx),
         JobKind.RECONCILE: functools.partial(reconcile, ctx),
     }
@@ -93,7 +95,7 @@ def job_disks(
 
 
 async def restore(
-    ctx: HandlerContext, restore_dir: Path, job: Job, progress: Progress
+    ctx: HandlerContext, restore_dir: Path, mode: int, job: Job, progress: Progress
 ) -> JobOutcome:
     request = job.request
     assert request.backup is not None and request.to is not None  # checked at submission
@@ -111,7 +113,7 @@ async def restore(
         await asyncio.to_thread(_new_directory, dest)
         plan = [(t, dest / f"{t}.{fmt}") for t in targets]
     else:
-        await asyncio.to_thread(restore_dir.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(restore_dir.mkdir, mode=0o700, parents=True, exist_ok=True)
         plan = [(request.disk, dest)]
     sizes = {d.target: d.virtual_size for d in manifest.disks}
     total = sum(sizes[t] for t, _ in plan)
@@ -124,7 +126,7 @@ async def restore(
             progress(base + int(fraction * size), total)
 
         await ctx.backups.repository.restore(
-            domain, request.backup, target, path, fmt=fmt, progress=step
+            domain, request.backup, target, path, fmt=fmt, mode=mode, progress=step
         )
         done += size
         files.append({"target": target, "path": str(path), "format": fmt})
@@ -133,7 +135,7 @@ async def restore(
 
 def _new_directory(path: Path) -> None:
     try:
-        path.mkdir(parents=True)
+        path.mkdir(mode=0o700, parents=True)
     except FileExistsError as exc:
         raise JobError(f"{path} already exists; restores never overwrite", code="exists") from exc
 

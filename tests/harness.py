@@ -104,6 +104,13 @@ class RunningAgent:
     recorder: Recorder
 
 
+def api_headers(run: RunningAgent) -> dict[str, str]:
+    """The header the in-process agent's ``/v1`` API needs: its token, from the file the
+    agent made on start (``<state_dir>/api-token`` unless configured)."""
+    token = run.agent.config.token_path.read_text(encoding="utf-8").strip()
+    return {"Authorization": f"Bearer {token}"}
+
+
 @contextlib.asynccontextmanager
 async def running_agent(
     config: AgentConfig, connect_timeout: float | None = 30, faults: Faults | None = None

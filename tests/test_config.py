@@ -153,8 +153,20 @@ def test_retention_per_domain_values_are_checked(tmp_path: Path, text: str, mess
     ("text", "message"),
     [
         (
-            '[http]\nlisten = "0.0.0.0"\n',
-            "listen = '0.0.0.0' is not a loopback address: set token_file too",
+            '[jobs]\nrestore_file_mode = "0755"\n',
+            "[jobs] restore_file_mode: '0755' has execute bits: an image is never a program",
+        ),
+        (
+            '[jobs]\nrestore_file_mode = "rw-------"\n',
+            "[jobs] restore_file_mode: string should match pattern",
+        ),
+        (
+            '[http]\nallowed_hosts = ["evil/host"]\n',
+            "[http.allowed_hosts] 0: 'evil/host' is not a host name or an IP address (no port)",
+        ),
+        (
+            '[agent]\nsetpriv = "setpriv"\n',
+            "[agent] setpriv: must be an absolute path",
         ),
         (
             '[[schedules]]\nname = "a"\ncron = "61 * * * *"\n',
@@ -352,7 +364,7 @@ def test_render_round_trips_explicit_config(tmp_path: Path) -> None:
         agent=AgentSection(state_dir=tmp_path / "state", host_id="kvm-01"),
         libvirt=LibvirtSection(keepalive_interval=9, reconnect_max_delay=120.0),
         logging=LoggingSection(format="json"),
-        http=HttpSection(listen="::1", port=1234),
+        http=HttpSection(listen="::1", port=1234, token_file=str(tmp_path / "token")),
         repository=RepositorySection(path=str(tmp_path / "repo")),
         backup=BackupSection(scratch_dir=str(tmp_path / "scratch"), connections=2),
         retention=RetentionSection(keep_last=3),

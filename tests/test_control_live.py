@@ -5,6 +5,7 @@ kill -9 and SIGTERM of a real agent process, metrics, local schedules, readiness
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import signal
@@ -24,7 +25,7 @@ from agent.control.job_store import JobStore
 from agent.repository.store import Repository
 from agent.virt.events import LifecycleKind
 from tests.guest_model import Guest, MiB, agent_cli, assert_restores, config, started_guest
-from tests.harness import RunningAgent, lifecycle, running_agent
+from tests.harness import RunningAgent, api_headers, lifecycle, running_agent
 from tests.test_backup_live import flip_byte
 from tests.testbed.agent_process import agent_process
 from tests.testbed.daemon import live_processes_mentioning
@@ -42,9 +43,12 @@ class Api:
     def __init__(self, run: RunningAgent, session: aiohttp.ClientSession) -> None:
         self.url = run.agent.urls[0]
         self.session = session
+        self.headers = api_headers(run)
 
     async def call(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
-        async with self.session.request(method, self.url + path, json=body) as response:
+        async with self.session.request(
+            method, self.url + path, json=body, headers=self.headers
+        ) as response:
             if response.content_type == "application/json":
                 return response.status, await response.json()
             return response.status, await response.text()
@@ -507,15 +511,15 @@ async def _wait_finished(run: RunningAgent, job_id: str, timeout: float = 120) -
 async def test_operator_commands_talk_to_the_running_agent(
     domain_factory: DomainFactory, tmp_path: Path
 ) -> None:
-    token = "t" * 32
-    (tmp_path / "token").write_text(token + "\n")
-    settings = {"http": {"token_file": str(tmp_path / "token")}}
-    with agent_process(tmp_path, settings) as agent:
+    # No token configured: the agent makes one on its first start, the CLI reads it.
+    with agent_process(tmp_path, {}) as agent:
         td = await asyncio.to_thread(domain_factory, persistent=True, disks=ONE_DISK)
         await asyncio.to_thread(td.write_pattern, "vda", 0, 1 * MiB, 0x21)
         await asyncio.to_thread(agent.start)
-        # Without the token the API refuses; the CLI reads it from the configuration.
-        status, body = await asyncio.to_thread(agent.call, "GET", "/v1/jobs")
+        # Without the token the API refuses; the CLI reads the agent's token file.
+        status, body = await asyncio.to_thread(
+            functools.partial(agent.call, "GET", "/v1/jobs", token=False)
+        )
         assert status == 401 and body["error"]["code"] == "unauthorized"
         done = await asyncio.to_thread(agent_cli, agent.config, "backup", td.name, "--wait")
         assert done.returncode == 0, done.stderr
@@ -565,6 +569,8 @@ async def test_readyz_says_what_is_missing(tmp_path: Path, session: aiohttp.Clie
         assert body["checks"]["libvirt"] == "disconnected"
         assert body["checks"]["jobs"] == "not taking jobs"
         assert body["checks"]["state_store"] == "ok" and body["checks"]["repository"] == "ok"
-        async with session.post(url + "/v1/jobs", json={"kind": "reconcile", "domain": "x"}) as r:
+        async with session.post(
+            url + "/v1/jobs", json={"kind": "reconcile", "domain": "x"}, headers=api_headers(run)
+        ) as r:
             assert r.status == 503
             assert (await r.json())["error"]["code"] == "not-accepting-jobs"

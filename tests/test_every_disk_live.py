@@ -34,7 +34,7 @@ from tests.guest_model import (
     config_file,
     started_guest,
 )
-from tests.harness import RunningAgent, running_agent
+from tests.harness import RunningAgent, api_headers, running_agent
 from tests.test_backup_live import _backup_killed_at, _leftovers, flip_byte, wait_until_async
 from tests.testbed.agent_process import free_port
 from tests.testbed.daemon import live_processes_mentioning
@@ -57,11 +57,11 @@ def _allocated(path: Path) -> int:
 
 async def _job(run: RunningAgent, session: aiohttp.ClientSession, body: dict[str, Any]) -> Any:
     """Submit a job to the agent's API and wait for its end."""
-    url = run.agent.urls[0]
-    async with session.post(f"{url}/v1/jobs", json=body) as response:
+    url, headers = run.agent.urls[0], api_headers(run)
+    async with session.post(f"{url}/v1/jobs", json=body, headers=headers) as response:
         assert response.status == 201, await response.text()
     for _ in range(600):
-        async with session.get(f"{url}/v1/jobs/{body['id']}") as response:
+        async with session.get(f"{url}/v1/jobs/{body['id']}", headers=headers) as response:
             job = await response.json()
         if job["state"] in ("succeeded", "failed", "cancelled"):
             return job
@@ -267,7 +267,7 @@ async def test_a_writable_disk_left_out_makes_the_domain_partial(
         assert disk is not None and disk.excluded_reason == "shareable" and disk.writable
         result = await run.agent.backups.run(guest.td.uuid)
         assert [(x.target, x.reason) for x in result.excluded] == [("vdz", "shareable")]
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers=api_headers(run)) as session:
             url = run.agent.urls[0]
             async with session.get(f"{url}/v1/domains") as response:
                 domains = (await response.json())["domains"]

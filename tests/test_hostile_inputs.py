@@ -24,7 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +77,30 @@ BASE = settings(
 # -- the agent under attack ---------------------------------------------------------------
 
 
+# Files that change while the agent runs whatever it is sent (its log, SQLite's journal
+# and shared memory, the NATS server's store).
+_VOLATILE = re.compile(r"agent\.log|nats/.*|state/[a-z]+\.sqlite(-wal|-shm|-journal)?")
+
+
+def files_under(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` but the volatile ones: (size, mtime) of each."""
+    found = {}
+    for path in root.rglob("*"):
+        name = str(path.relative_to(root))
+        if not _VOLATILE.fullmatch(name):
+            st_ = path.lstat()
+            found[name] = (st_.st_size, st_.st_mtime_ns if path.is_file() else 0)
+    return found
+
+
 @dataclass
 class Setup:
     agent: AgentProcess
     nats: NatsServer
     tmp: Path
+    # Every file and directory once the agent is ready, bait outside restore_dir
+    # included: hostile input writes, moves and deletes nothing, anywhere.
+    baseline: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def repo(self) -> Path:
@@ -99,6 +118,7 @@ def setup(libvirtd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     tmp = tmp_path_factory.mktemp("hostile")
     token_file = tmp / "http-token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)  # one other users could read is refused
     with (
         NatsServer(tmp / "nats") as server,
         agent_process(
@@ -110,7 +130,10 @@ def setup(libvirtd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         ) as agent,
     ):
         agent.start()
-        yield Setup(agent, server, tmp)
+        for bait in ("passwd", "x", "b"):  # what a `to` of "../passwd" etc. would reach
+            (tmp / "state" / bait).write_text("bait\n")
+            (tmp / bait).write_text("bait\n")
+        yield Setup(agent, server, tmp, files_under(tmp))
 
 
 class Spot:
@@ -149,6 +172,12 @@ def assert_nothing_changed(s: Setup, log_from: int) -> None:
         assert db.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
     # /readyz creates the repository root (and removes its probe file): empty or absent.
     assert not s.repo.exists() or list(s.repo.iterdir()) == []
+    restores = s.tmp / "state" / "restores"
+    assert not restores.exists() or list(restores.iterdir()) == []
+    now = files_under(s.tmp)
+    changed = {k: (s.baseline.get(k), now.get(k)) for k in s.baseline.keys() | now.keys()}
+    changed = {k: v for k, v in changed.items() if v[0] != v[1] and k != "repo"}
+    assert not changed, f"hostile input changed files: {changed}"
     # Refused quietly: no error where requests arrive, no request put off for redelivery.
     # (Other components are left out: libvirtd and its domains are shared with other tests.)
     with s.agent.log.open("rb") as log:

@@ -25,6 +25,7 @@ from agent.backup.run import BackupResult
 from agent.chain.records import DiskChain
 from agent.cli.control import describe, status_rows
 from agent.control.api import ApiParts, make_app
+from agent.control.gate import Gate
 from agent.control.job_requests import JOB_ID_RE, Job, JobDisk, JobKind, JobRequest, JobState
 from agent.control.job_store import SCHEMA_VERSION, JobStore
 from agent.control.jobs import JobFailedError, JobOutcome, JobRunner, Jobs, Progress
@@ -1276,7 +1277,7 @@ async def test_domains_show_how_every_disk_is_backed_up_and_status_says_partial(
         metrics=Metrics(),
         backup=EXCLUDE,
     )
-    async with TestClient(TestServer(make_app(parts, ""))) as client:
+    async with TestClient(TestServer(make_app(parts, Gate(token=None, hosts=None)))) as client:
         response = await client.get("/v1/domains")
         assert response.status == 200
         body = await response.json()

@@ -195,6 +195,7 @@ class DiskCopies:
                 clients=settings.connections,
                 backing=_overlay(disk),
                 direct=not _overlay(disk),
+                setpriv=self._config.agent.setpriv,
             )
         )
         targets = await connect_many(settings.connections, socket_path=served)

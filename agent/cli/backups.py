@@ -148,7 +148,15 @@ def restore(
     for target, dest in plan:
         with ProgressBar(target) as bar:
             asyncio.run(
-                repository.restore(domain, backup_id, target, dest, fmt=fmt, progress=bar.fraction)
+                repository.restore(
+                    domain,
+                    backup_id,
+                    target,
+                    dest,
+                    fmt=fmt,
+                    mode=config.jobs.restore_mode,
+                    progress=bar.fraction,
+                )
             )
         print(f"restored {domain} {target} at {backup_id} to {dest} ({fmt})")
 

@@ -1,8 +1,11 @@
 """The operator's commands that talk to the running agent's HTTP API.
 
-``backup DOMAIN [--mode] [--wait]``, ``jobs``, ``cancel ID`` and ``status`` send the
-token from ``[http] token_file`` to the agent at ``[http] listen``/``port`` (a wildcard
-listen address is reached on loopback). A refused connection says so in one line.
+``backup DOMAIN [--mode] [--wait]``, ``jobs``, ``cancel ID`` and ``status`` talk to the
+agent on its Unix socket when ``[http] socket`` is set (its permissions are the access
+control), else at ``[http] listen``/``port`` (a wildcard listen address is reached on
+loopback) with the token the agent keeps in ``[http] token_file`` (by default
+``<state_dir>/api-token``, which root can read: no configuration needed). A refused
+connection says so in one line.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from urllib.parse import quote, urlencode
 import aiohttp
 
 from agent.cli.progress import ProgressBar
-from agent.control.api import read_token
+from agent.control.credentials import read_token
 from agent.core.config import AgentConfig
 from agent.core.errors import AgentError
 
@@ -43,24 +46,31 @@ def base_url(config: AgentConfig) -> str:
 
 class ApiClient:
     def __init__(self, config: AgentConfig) -> None:
-        self._url = base_url(config)
-        token = read_token(config.http)
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._socket = config.http.socket
+        if self._socket:
+            self._url, self._where = "http://localhost", f"unix:{self._socket}"
+            self._headers: dict[str, str] = {}
+        else:
+            self._url = self._where = base_url(config)
+            self._headers = {"Authorization": f"Bearer {read_token(config.token_path)}"}
 
     async def call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        connector = aiohttp.UnixConnector(path=self._socket) if self._socket else None
         try:
             async with (
-                aiohttp.ClientSession(timeout=_TIMEOUT, headers=self._headers) as session,
+                aiohttp.ClientSession(
+                    timeout=_TIMEOUT, headers=self._headers, connector=connector
+                ) as session,
                 session.request(method, self._url + path, json=body) as response,
             ):
                 data = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise AgentUnreachableError(
-                f"cannot reach the agent at {self._url}: {exc or type(exc).__name__}; "
+                f"cannot reach the agent at {self._where}: {exc or type(exc).__name__}; "
                 "is `backup-agent run` running?"
             ) from exc
         except ValueError as exc:
-            raise AgentUnreachableError(f"the agent at {self._url} sent no JSON") from exc
+            raise AgentUnreachableError(f"the agent at {self._where} sent no JSON") from exc
         if response.status >= 400:
             error = data.get("error", {}) if isinstance(data, dict) else {}
             raise AgentUnreachableError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -174,6 +175,9 @@ async def _run(config: AgentConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Whatever the agent or a verb makes (images, manifests, scratch, restores, sockets,
+    # the ledger) is root's alone, also outside systemd (whose unit sets the same).
+    os.umask(0o077)
     args = _parser().parse_args(argv)
     try:
         config = load_config(_config_path(args.config))

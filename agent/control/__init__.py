@@ -5,6 +5,8 @@
 ``jobs``          the job runner: queue, limits, cancellation, deadlines, shutdown
 ``job_store``     the durable job store
 ``api``           the HTTP API, ``/metrics``, ``/healthz``, ``/readyz``; ``openapi`` its document
+``gate``          what every request must pass first: ``Host``, token, media type
+``credentials``   the API's bearer token: made once, root-only, read by the agent and the CLI
 ``messages``      **where scheduler messages arrive**: NATS JetStream
 ``schedules``     local cron schedules
 ``metrics``       Prometheus metrics and the event-loop lag probe

@@ -2,10 +2,10 @@
 
 JSON in and out. Every error, including unknown routes, wrong methods and oversized
 bodies, is a JSON body ``{"error": {"code", "message", "field"?}}`` with a 4xx or 5xx
-status. ``/v1`` requires ``Authorization: Bearer <token>`` when ``[http] token_file``
-is set (compared in constant time); ``/metrics``, ``/healthz``, ``/readyz`` and
-``/v1/openapi.json`` do not. A request that is refused changes nothing: validation
-happens before the job store is touched.
+status. A request that is refused changes nothing: validation happens before the job
+store is touched.
+
+What every request must pass first (``Host``, token, media type): :mod:`agent.control.gate`.
 
 The API runs inside the agent's event loop (aiohttp ``AppRunner``); every handler only
 awaits non-blocking calls (the stores and the repository use worker threads).
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import stat
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -27,6 +27,8 @@ from aiohttp import web
 from agent.backup.plan import partial
 from agent.chain.checkpoints import Chains
 from agent.chain.records import CheckpointRecord, DiskChain
+from agent.control.credentials import ensure_token
+from agent.control.gate import ApiError, Gate, Handler, gate_middleware, tcp_gate
 from agent.control.job_requests import (
     JOB_ID_RE,
     MAX_REQUEST_BYTES,
@@ -38,7 +40,7 @@ from agent.control.jobs import Jobs
 from agent.control.metrics import CONTENT_TYPE, Metrics, chain_length, domain_coverage
 from agent.control.openapi import openapi_document
 from agent.core.blocking import Filesystem
-from agent.core.config import BackupSection, HttpSection
+from agent.core.config import AgentConfig, BackupSection
 from agent.core.errors import (
     AgentError,
     BackupNotFoundError,
@@ -61,9 +63,7 @@ from agent.virt.inventory import DomainInfo
 
 log = get_logger("api")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_PUBLIC: Final = frozenset({"/metrics", "/healthz", "/readyz", "/v1/openapi.json"})
 _READY_TIMEOUT: Final = 5.0
 
 
@@ -85,17 +85,6 @@ class ApiParts:
 
 
 _PARTS: Final = web.AppKey("parts", ApiParts)
-_TOKEN: Final = web.AppKey("token", str)
-
-
-class ApiError(Exception):
-    """An error response: ``status`` and the JSON error body."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.field = field
 
 
 def _error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:
@@ -148,20 +137,6 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         log.exception("unexpected error in request", path=request.path)
         return _error_response(500, "internal-error", "internal error; see the agent's log")
-
-
-@web.middleware
-async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = request.app[_TOKEN]
-    if token and request.path not in _PUBLIC:
-        given = request.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            value.strip().encode(errors="surrogatepass"), token.encode()
-        ):
-            reason = "missing bearer token" if not given else "wrong bearer token"
-            raise ApiError(401, "unauthorized", reason)
-    return await handler(request)
 
 
 # -- helpers --------------------------------------------------------------------------
@@ -435,10 +410,11 @@ async def _writable(repository: Repository) -> str:
     return "ok"
 
 
-def make_app(parts: ApiParts, token: str) -> web.Application:
-    app = web.Application(middlewares=[_errors, _auth], client_max_size=MAX_REQUEST_BYTES)
+def make_app(parts: ApiParts, gate: Gate) -> web.Application:
+    app = web.Application(
+        middlewares=[_errors, gate_middleware(gate)], client_max_size=MAX_REQUEST_BYTES
+    )
     app[_PARTS] = parts
-    app[_TOKEN] = token
     app.router.add_post("/v1/jobs", _post_job)
     app.router.add_get("/v1/jobs", _list_jobs)
     app.router.add_get("/v1/jobs/{job_id}", _get_job)
@@ -453,36 +429,23 @@ def make_app(parts: ApiParts, token: str) -> web.Application:
     return app
 
 
-def read_token(settings: HttpSection) -> str:
-    """The bearer token from ``[http] token_file`` ('' when unset); ConfigError if unusable."""
-    if not settings.token_file:
-        return ""
-    try:
-        token = Path(settings.token_file).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(
-            f"[http] token_file {settings.token_file}: cannot read it: {exc}",
-            key="http.token_file",
-        ) from exc
-    if len(token) < 16 or any(c.isspace() for c in token):
-        raise ConfigError(
-            f"[http] token_file {settings.token_file}: the token must be one word of at "
-            "least 16 characters",
-            key="http.token_file",
-        )
-    return token
-
-
 @contextlib.asynccontextmanager
-async def serving(parts: ApiParts, settings: HttpSection) -> AsyncIterator[list[str]]:
-    """The API listening on ``[http] listen``/``port`` inside the block; yields its URLs."""
-    token = await asyncio.to_thread(read_token, settings)
-    runner = web.AppRunner(
-        make_app(parts, token), access_log=None, handle_signals=False, shutdown_timeout=5.0
+async def serving(parts: ApiParts, config: AgentConfig) -> AsyncIterator[list[str]]:
+    """The API listening on ``[http] listen``/``port`` (and ``socket``) inside the block;
+    yields its URLs. The token is made on the first start (:mod:`agent.control.credentials`)."""
+    settings = config.http
+    # The default file (also when named explicitly, as `config` shows it) is made here.
+    default = config.agent.state_dir / "api-token"
+    token = await asyncio.to_thread(
+        ensure_token, config.token_path, made_here=config.token_path == default
     )
-    await runner.setup()
+    runners = [_runner(parts, tcp_gate(config, token))]
+    if settings.socket:
+        runners.append(_runner(parts, Gate(token=None, hosts=None)))
     try:
-        site = web.TCPSite(runner, settings.listen, settings.port)
+        for runner in runners:
+            await runner.setup()
+        site = web.TCPSite(runners[0], settings.listen, settings.port)
         try:
             await site.start()
         except OSError as exc:
@@ -490,11 +453,45 @@ async def serving(parts: ApiParts, settings: HttpSection) -> AsyncIterator[list[
                 f"[http] cannot listen on {settings.listen}:{settings.port}: {exc.strerror}",
                 key="http.port",
             ) from exc
-        urls = [_url(address) for address in runner.addresses]
-        log.info("API listening", urls=urls, token=bool(token))
+        urls = [_url(address) for address in runners[0].addresses]
+        if settings.socket:
+            await _start_unix(runners[1], Path(settings.socket))
+            urls.append(f"unix:{settings.socket}")
+        log.info("API listening", urls=urls)
         yield urls
     finally:
-        await runner.cleanup()
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
+def _runner(parts: ApiParts, gate: Gate) -> web.AppRunner:
+    return web.AppRunner(
+        make_app(parts, gate), access_log=None, handle_signals=False, shutdown_timeout=5.0
+    )
+
+
+async def _start_unix(runner: web.AppRunner, path: Path) -> None:
+    """The Unix socket listener, mode 0600 (and made under the agent's umask 077), so
+    only its owner (root) connects; a stale socket file of an earlier agent is replaced,
+    anything else in its place is an error."""
+
+    def clear() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise ConfigError(
+                    f"[http] socket {path}: something that is not a socket is there",
+                    key="http.socket",
+                )
+            path.unlink()
+
+    await asyncio.to_thread(clear)
+    try:
+        await web.UnixSite(runner, str(path)).start()
+        await asyncio.to_thread(os.chmod, path, 0o600)
+    except OSError as exc:
+        raise ConfigError(
+            f"[http] socket {path}: cannot listen there: {exc.strerror or exc}", key="http.socket"
+        ) from exc
 
 
 def _url(address: Any) -> str:

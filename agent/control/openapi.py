@@ -24,11 +24,13 @@ def _reply(description: str, schema: str) -> dict[str, Any]:
 
 def _errors(*statuses: int) -> dict[str, Any]:
     text = {
-        400: "Invalid request; error.field names what is wrong",
+        400: "Invalid request (error.field names what is wrong), or a Host header that "
+        "names no address of the agent (code host-not-allowed)",
         401: "Missing or wrong bearer token",
         404: "No such job, domain or backup",
         409: "The id belongs to a different request, or the job has ended",
         413: "Request body too large",
+        415: "The body is not application/json",
         503: "The agent is starting or stopping, or its store is unavailable",
     }
     return {str(s): _reply(text[s], "Error") for s in statuses}
@@ -230,7 +232,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "201": _reply("Job created", "Job"),
                         "200": _reply("A job with this id and request already exists", "Job"),
-                        **_errors(400, 401, 409, 413, 503),
+                        **_errors(400, 401, 409, 413, 415, 503),
                     },
                 },
                 "get": {

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import hashlib
-import ipaddress
 import json
+import re
 import socket
 import sys
 import tomllib
@@ -34,7 +34,6 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from agent.core.config_errors import describe, one_line, position
@@ -60,6 +59,15 @@ def _empty_or_absolute(value: str) -> str:
     return value
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9.-]+|\[?[0-9A-Fa-f:.]+\]?")
+
+
+def _host_name(value: str) -> str:
+    if not _HOST_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a host name or an IP address (no port)")
+    return value
+
+
 # Paths are written as TOML strings, so the Path conversion itself must stay lax.
 AbsolutePath = Annotated[Path, Field(strict=False), AfterValidator(_absolute_path)]
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -82,6 +90,13 @@ class AgentSection(BaseModel):
         default=300.0,
         description="Seconds start-up recovery may spend on one domain (its left-over "
         "libvirt job, checkpoint and files) before it is tried again later.",
+    )
+    setpriv: Annotated[str, AfterValidator(_empty_or_absolute)] = Field(
+        default="/usr/bin/setpriv",
+        description="setpriv (util-linux) the agent starts qemu-nbd through: with no "
+        "capabilities, no new privileges, and killed with the agent. Empty runs qemu-nbd "
+        "without it (full root privileges, may outlive a killed agent); a path that is "
+        "not an executable is an error at start.",
     )
 
 
@@ -146,18 +161,19 @@ class HttpSection(BaseModel):
     )
     token_file: Annotated[str, AfterValidator(_empty_or_absolute)] = Field(
         default="",
-        description="File holding the bearer token that /v1 requests must present; empty "
-        "means no token, allowed only when listening on a loopback address.",
+        description="File holding the bearer token every /v1 request must present; empty "
+        "means <state_dir>/api-token, made (mode 0600) on the agent's first start.",
     )
-
-    @model_validator(mode="after")
-    def _token_off_loopback(self) -> HttpSection:
-        # Anyone who can reach the port could start restores and backups.
-        if not self.token_file and not _is_loopback(self.listen):
-            raise ValueError(
-                f"listen = {self.listen!r} is not a loopback address: set token_file too"
-            )
-        return self
+    socket: Annotated[str, AfterValidator(_empty_or_absolute)] = Field(
+        default="",
+        description="Also serve the API on this Unix socket (mode 0600, no token: its "
+        "file permissions are the access control); empty means none.",
+    )
+    allowed_hosts: list[Annotated[str, AfterValidator(_host_name)]] = Field(
+        default_factory=list,
+        description="Host header names accepted besides the listen address, the address "
+        "a request arrived on and loopback names (e.g. this host's DNS name).",
+    )
 
 
 class JobsSection(BaseModel):
@@ -184,9 +200,27 @@ class JobsSection(BaseModel):
         description="Directory restore jobs write into (their 'to' is a name inside it); "
         "empty means <state_dir>/restores.",
     )
+    restore_file_mode: str = Field(
+        default="0600",
+        pattern=r"^0?[0-7]{3}$",
+        description="Permissions of the images restores write (octal; no execute bits); "
+        "0600 keeps a VM's data readable by root only.",
+    )
     keep_finished_days: Seconds = Field(
         default=30.0, description="Days finished jobs stay in the job store."
     )
+
+    @field_validator("restore_file_mode")
+    @classmethod
+    def _no_execute_bits(cls, value: str) -> str:
+        if int(value, 8) & 0o111:
+            raise ValueError(f"{value!r} has execute bits: an image is never a program")
+        return value
+
+    @property
+    def restore_mode(self) -> int:
+        """``restore_file_mode`` as a number."""
+        return int(self.restore_file_mode, 8)
 
 
 class NatsSection(BaseModel):
@@ -433,6 +467,13 @@ class AgentConfig(BaseModel):
         return Path("/run") / f"libvirt-backup-agent-{digest}"
 
     @property
+    def token_path(self) -> Path:
+        """The API's bearer token: ``http.token_file`` or ``<state_dir>/api-token``."""
+        if self.http.token_file:
+            return Path(self.http.token_file)
+        return self.agent.state_dir / "api-token"
+
+    @property
     def ledger_path(self) -> Path:
         """The checkpoint ledger's SQLite file."""
         return self.agent.state_dir / "ledger.sqlite"
@@ -464,17 +505,9 @@ class AgentConfig(BaseModel):
                 ),
                 "backup": self.backup.model_copy(update={"scratch_dir": str(self.scratch_path)}),
                 "jobs": self.jobs.model_copy(update={"restore_dir": str(self.restore_path)}),
+                "http": self.http.model_copy(update={"token_file": str(self.token_path)}),
             }
         )
-
-
-def _is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 def load_config(path: Path | None) -> AgentConfig:

@@ -4,10 +4,14 @@ The backup writes into repository images through it (qemu-nbd knows qcow2; the a
 only speaks NBD). An incremental overlay must be opened with its backing chain: qcow2
 allocates whole clusters, and a write covering part of one is completed from the
 backing file (with ``backing=False`` that would be zeroes). A full image has none.
-The process is stopped (SIGTERM, then SIGKILL) and reaped on every way out. If the
-agent itself dies (``kill -9``), the kernel stops qemu-nbd too: it is started through
-``setpriv --pdeathsig KILL`` (util-linux), so no orphan keeps serving, and keeping open,
-files the next agent removes.
+The process is stopped (SIGTERM, then SIGKILL) and reaped on every way out. It is
+started through ``setpriv`` (util-linux, ``[agent] setpriv``): with ``--pdeathsig
+KILL``, so that if the agent itself dies (``kill -9``) the kernel stops qemu-nbd too
+and no orphan keeps serving, and keeping open, files the next agent removes; and with
+no capabilities and no new privileges, so that a qemu-nbd subverted by what it parses
+is root only over files root owns (the repository's, all 0600 in 0700 directories),
+not over the host. An empty ``setpriv`` runs qemu-nbd without it, as the operator
+chose; a missing one is an error, never skipped in silence.
 
 qemu-nbd allocates a buffer for every request and frees it once done. glibc serves
 buffers above its mmap threshold (128 KiB at first) with a fresh mmap each time, whose
@@ -32,7 +36,6 @@ import ctypes
 import functools
 import json
 import os
-import shutil
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -44,8 +47,30 @@ from agent.core.shielding import to_completion
 log = get_logger("qemu_nbd")
 
 QEMU_NBD = "/usr/bin/qemu-nbd"
-# Sends qemu-nbd SIGKILL when the thread that started it ends (with the agent, if killed).
-_ORPHAN_GUARD = ["/usr/bin/setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
+SETPRIV = "/usr/bin/setpriv"
+# SIGKILL when the thread that started it ends (with the agent, if killed); no
+# capabilities, now or after exec; no new privileges (setuid binaries) ever.
+_GUARD_OPTIONS = (
+    "--pdeathsig=KILL",
+    "--no-new-privs",
+    "--inh-caps=-all",
+    "--ambient-caps=-all",
+    "--bounding-set=-all",
+    "--",
+)
+
+
+def setpriv_problem(path: str) -> str | None:
+    """Why ``path`` (``[agent] setpriv``) cannot guard qemu-nbd, or None ("" is fine:
+    the operator chose to go without)."""
+    if not path:
+        return None
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        return (
+            f'{path} is not an executable: install util-linux, or set [agent] setpriv = "" '
+            "to run qemu-nbd with root's full privileges (and outliving a killed agent)"
+        )
+    return None
 
 
 # Asynchronous I/O modes for direct I/O, in the order tried.
@@ -90,8 +115,10 @@ async def serve_image(
     backing: bool = False,
     direct: bool = True,
     timeout: float = 30.0,
+    setpriv: str = SETPRIV,
 ) -> AsyncIterator[Path]:
-    """Serve ``image`` (qcow2) on ``socket`` for up to ``clients`` connections at once.
+    """Serve ``image`` (qcow2) on ``socket`` for up to ``clients`` connections at once,
+    started through ``setpriv`` ("": without).
 
     With ``direct``, writes bypass the page cache (``--cache=none``, io_uring or else
     Linux AIO), which is what fast copies need; a filesystem without O_DIRECT gets the
@@ -100,7 +127,9 @@ async def serve_image(
     process = None
     for aio in await _direct_modes() if direct else []:
         try:
-            process = await _start(image, socket, clients, read_only, backing, aio, timeout)
+            process = await _start(
+                image, socket, clients, read_only, backing, aio, timeout, setpriv
+            )
             break
         except ImageError as exc:
             if not _refuses(aio, str(exc)):  # not the mode: say, no O_DIRECT here
@@ -110,7 +139,7 @@ async def serve_image(
                 _refused_aio.add(aio)
             log.info("qemu-nbd cannot use an I/O mode; trying the next", aio=aio, error=str(exc))
     if process is None:
-        process = await _start(image, socket, clients, read_only, backing, None, timeout)
+        process = await _start(image, socket, clients, read_only, backing, None, timeout, setpriv)
     try:
         yield socket
     finally:
@@ -153,12 +182,16 @@ async def _start(
     backing: bool,
     aio: str | None,
     timeout: float,
+    setpriv: str,
 ) -> asyncio.subprocess.Process:
     """qemu-nbd, once it serves the image; ``aio`` None: the page cache."""
+    problem = setpriv_problem(setpriv)
+    if problem is not None:
+        raise ImageError(f"cannot start qemu-nbd: [agent] setpriv {problem}", image=str(image))
     cache = ["--cache=none", f"--aio={aio}"] if aio else ["--cache=writeback"]
     pid_file = _pid_file(socket)
     args = [
-        *_ORPHAN_GUARD,
+        *([setpriv, *_GUARD_OPTIONS] if setpriv else []),
         QEMU_NBD,
         f"--socket={socket}",
         f"--pid-file={pid_file}",

@@ -2,13 +2,17 @@
 
 ``qemu-img convert`` of the backup's image reads its whole backing chain. The copy is
 written to ``<dest>.part`` and renamed to ``dest`` once complete and fsync'd; an existing
-``dest`` is refused, and a failed or cancelled restore leaves no ``.part`` behind.
+``dest`` is refused, and a failed or cancelled restore leaves no ``.part`` behind. The
+``.part`` is made 0600 before qemu-img writes into it (qemu-img keeps an existing file's
+mode) and given its final mode (``[jobs] restore_file_mode``) just before the rename: a
+VM's data is never readable by others while it is being written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,12 +27,18 @@ async def restore_image(
     dest: Path,
     *,
     fmt: str,
+    mode: int = 0o600,
     progress: Callable[[float], None] | None = None,
 ) -> None:
-    """Convert the qcow2 image ``source`` (with its chain) to ``dest`` in format ``fmt``;
-    ``progress`` gets the fraction done as qemu-img reports it."""
+    """Convert the qcow2 image ``source`` (with its chain) to ``dest`` in format ``fmt``,
+    with permissions ``mode``; ``progress`` gets the fraction done as qemu-img reports it."""
     part = dest.with_name(dest.name + ".part")
     await asyncio.to_thread(_prepare_destination, dest, part)
+    try:
+        await asyncio.to_thread(_make_private, part)
+    except BaseException:
+        await _clean_up(_unlink, part, qemu.timeout)
+        raise
     if progress is not None:
         progress(0.0)
     try:
@@ -36,7 +46,7 @@ async def restore_image(
         if progress is not None:
             args.insert(1, "-p")
         await qemu.run(args, source, long=True, progress=progress)
-        await asyncio.to_thread(_commit_file, part, dest)
+        await asyncio.to_thread(_commit_file, part, dest, mode)
     except BaseException:
         await _clean_up(_unlink, part, qemu.timeout)
         raise
@@ -54,7 +64,14 @@ def _prepare_destination(dest: Path, part: Path) -> None:
         part.unlink()
 
 
-def _commit_file(part: Path, dest: Path) -> None:
+def _make_private(part: Path) -> None:
+    with _os_errors("cannot create", part):
+        os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+
+
+def _commit_file(part: Path, dest: Path, mode: int) -> None:
+    with _os_errors("cannot set the mode of", part):
+        os.chmod(part, mode)
     _fsync(part)
     if dest.exists():
         raise RepositoryError(f"restore destination {dest} appeared meanwhile", path=str(dest))

@@ -412,9 +412,11 @@ class Repository:
         dest: Path,
         *,
         fmt: str = "qcow2",
+        mode: int = 0o600,
         progress: Callable[[float], None] | None = None,
     ) -> None:
-        """Write disk ``target`` as it was at ``backup_id`` to ``dest``, a standalone image.
+        """Write disk ``target`` as it was at ``backup_id`` to ``dest``, a standalone image
+        with permissions ``mode``.
 
         Written to ``<dest>.part`` and renamed when complete and fsync'd; an existing
         ``dest`` is refused. ``progress`` gets the fraction done as qemu-img reports it.
@@ -428,7 +430,7 @@ class Repository:
             have = ", ".join(d.target for d in manifest.disks)
             raise RepositoryError(f"backup {backup_id} has no disk {target!r} (it has {have})")
         source = self._backups_dir(domain) / backup_id / disk.image
-        await restore_image(self._qemu, source, dest, fmt=fmt, progress=progress)
+        await restore_image(self._qemu, source, dest, fmt=fmt, mode=mode, progress=progress)
 
     # -- verify -------------------------------------------------------------------------
 

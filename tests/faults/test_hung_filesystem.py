@@ -22,7 +22,7 @@ import pytest
 
 from agent.core.errors import AgentError, BackupError, FilesystemHungError
 from tests.guest_model import MiB, assert_restores, config, started_guest
-from tests.harness import running_agent
+from tests.harness import api_headers, running_agent
 from tests.testbed.domains import DiskSpec, DomainFactory
 from tests.testbed.fusefs import passthrough_mount
 
@@ -43,7 +43,10 @@ async def test_a_backup_on_a_hung_repository_fails_in_time_and_the_agent_keeps_a
         cfg = config(
             tmp_path, repository={"path": str(tmp_path / "mnt" / "repo"), "io_timeout": IO_TIMEOUT}
         )
-        async with running_agent(cfg) as run, aiohttp.ClientSession() as http:
+        async with (
+            running_agent(cfg) as run,
+            aiohttp.ClientSession(headers=api_headers(run)) as http,
+        ):
             guest = await started_guest(run, domain_factory, [DiskSpec("vda", "virtio")])
             backups, repo = run.agent.backups, run.agent.backups.repository
             url = run.agent.urls[0]

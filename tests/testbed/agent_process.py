@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -123,8 +124,21 @@ class AgentProcess:
             self.proc.kill()
             self.proc.wait(timeout=30)
 
-    def call(self, method: str, path: str, body: object | None = None) -> tuple[int, Any]:
-        return http(method, self.url + path, body)
+    @property
+    def token(self) -> str:
+        """The API token: ``[http] token_file``, else the one the agent made on its first
+        start in ``<state_dir>/api-token``."""
+        data = tomllib.loads(self.config.read_text(encoding="utf-8"))
+        path = data.get("http", {}).get("token_file") or str(
+            Path(data["agent"]["state_dir"]) / "api-token"
+        )
+        return Path(path).read_text(encoding="utf-8").strip()
+
+    def call(
+        self, method: str, path: str, body: object | None = None, *, token: bool = True
+    ) -> tuple[int, Any]:
+        """One request to the API, with the token (unless ``token`` is False)."""
+        return http(method, self.url + path, body, token=self.token if token else None)
 
     def wait_job(self, job_id: str, states: set[str], timeout: float = 120) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
