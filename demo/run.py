@@ -186,7 +186,8 @@ def _with_agent(td: TestDomain, agent: AgentProcess, work: Path) -> int:
             print(f"    {line}")
     say(
         "with an agent running, `backup-agent status`, `jobs` and `backup DOMAIN --wait` "
-        f"talk to it; its API is described at {agent.url}/v1/openapi.json"
+        f"talk to it; its API is described at {agent.url}/v1/openapi.json (with the "
+        "token in <state_dir>/api-token, as every /v1 route)"
     )
     status = agent.terminate()
     say(f"stopped the agent (SIGTERM, exit status {status})")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
+import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,13 @@ from agent.core.errors import ConfigError
 
 
 def test_the_default_token_is_made_once_root_only_and_read_back(tmp_path: Path) -> None:
-    path = tmp_path / "state" / "api-token"
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # eight starts at once
-        tokens = set(pool.map(lambda _: ensure_token(path, made_here=True), range(8)))
-    assert len(tokens) == 1
+    for round_ in range(30):  # eight starts at once, many times: none reads a half token
+        path = tmp_path / f"state-{round_}" / "api-token"
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            make = functools.partial(ensure_token, path, made_here=True)
+            tokens = set(pool.map(lambda _, make=make: make(), range(8)))
+        assert len(tokens) == 1
+        assert sorted(p.name for p in path.parent.iterdir()) == ["api-token"]  # no temporary
     [token] = tokens
     assert len(token) >= 32 and token.isascii() and " " not in token
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -41,8 +46,9 @@ def test_a_named_token_file_is_never_made(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "mode", "message"),
     [
-        ("a-good-long-token-1234\n", 0o644, r"other users may read it \(mode 0644\)"),
-        ("a-good-long-token-1234\n", 0o602, r"other users may read it \(mode 0602\)"),
+        ("a-good-long-token-1234\n", 0o644, r"group or others may read it \(mode 0644\)"),
+        ("a-good-long-token-1234\n", 0o602, r"group or others may read it \(mode 0602\)"),
+        ("a-good-long-token-1234\n", 0o640, r"group or others may read it \(mode 0640\)"),
         ("short\n", 0o600, "one word of at least 16 characters"),
         ("two words here, long enough\n", 0o600, "one word of at least 16 characters"),
         ("\n", 0o600, "one word of at least 16 characters"),
@@ -59,11 +65,27 @@ def test_a_token_file_others_may_read_or_a_bad_token_is_refused(
     assert caught.value.key == "http.token_file"
 
 
-def test_a_group_readable_token_file_is_allowed(tmp_path: Path) -> None:
+def test_a_token_file_someone_else_owns_or_a_planted_link_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "token"
-    path.write_text("shared-with-the-scheduler-group\n")
-    path.chmod(0o640)
-    assert read_token(path) == "shared-with-the-scheduler-group"
+    path.write_text("chosen-by-someone-else-1234\n")
+    path.chmod(0o600)
+    os.chown(path, 65534, 65534)  # nobody's: they chose the token
+    with pytest.raises(ConfigError, match=r"owned by uid 65534, not by this process's user"):
+        read_token(path)
+    # A link planted where the default token goes is not followed, nor replaced.
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    target = tmp_path / "elsewhere"
+    target.write_text("known-to-the-attacker-1234\n")
+    target.chmod(0o600)
+    (state / "api-token").symlink_to(target)
+    with pytest.raises(ConfigError, match="cannot read it: a symbolic link"):
+        ensure_token(state / "api-token", made_here=True)
+    assert (
+        state / "api-token"
+    ).is_symlink() and target.read_text() == "known-to-the-attacker-1234\n"
+    # An operator's named token file may be a link (to a secrets store, say).
+    assert read_token(state / "api-token") == "known-to-the-attacker-1234"
 
 
 @pytest.mark.parametrize(
@@ -73,13 +95,19 @@ def test_a_group_readable_token_file_is_allowed(tmp_path: Path) -> None:
         ("LOCALHOST", "localhost"),
         ("[::1]:8710", "::1"),
         ("[::1]", "::1"),
+        ("[0:0::1]", "::1"),  # one address, however it is written
+        ("[FD00:0::2]:1", "fd00::2"),
         ("127.0.0.1", "127.0.0.1"),
         ("evil.example:80", "evil.example"),
-        ("a:b:c", "a:b:c"),  # not host:port
-        ("", ""),
+        ("a:b:c", None),  # not host:port
+        ("[::1]evil.example", None),
+        ("[::1]:abc", None),
+        ("user@localhost", None),
+        ("localhost:8710/x", None),
+        ("", None),
     ],
 )
-def test_host_names_are_read_without_their_port(header: str, name: str) -> None:
+def test_host_names_are_read_without_their_port(header: str, name: str | None) -> None:
     assert _host_name(header) == name
 
 
@@ -96,10 +124,17 @@ def test_refusals_are_logged_once_per_interval(monkeypatch: pytest.MonkeyPatch) 
         refusals.refused("missing bearer token", request)
     clock[0] += 61
     refusals.refused("wrong bearer token", request)
-    assert [(line["why"], line["refused_since_last_line"]) for line in lines] == [
-        ("missing bearer token", 1),
-        ("wrong bearer token", 50),
+    refusals.refused("host-not-allowed", request)
+    refusals.flush()  # at shutdown: what is still uncounted
+    refusals.flush()  # (nothing more)
+    assert [
+        (line.get("why"), line["refused_since_last_line"], line["reasons"]) for line in lines
+    ] == [
+        ("missing bearer token", 1, {"missing bearer token": 1}),
+        ("wrong bearer token", 50, {"missing bearer token": 49, "wrong bearer token": 1}),
+        (None, 1, {"host-not-allowed": 1}),
     ]
+    assert lines[1]["remotes"] == {"127.0.0.1": 50}
 
 
 async def test_the_gate_checks_host_then_token_then_media_type() -> None:

@@ -86,3 +86,15 @@ async def test_a_missing_setpriv_is_an_error_naming_the_setting(tmp_path: Path) 
     assert not (tmp_path / "repo" / "vda.sock").exists()
     assert setpriv_problem(SETPRIV) is None
     assert setpriv_problem("") is None
+
+
+async def test_an_image_root_does_not_own_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    """Without capabilities root is an ordinary user before files it does not own: a
+    repository an operator gave to another user is refused, and the error says why."""
+    image = _image(tmp_path)
+    os.chown(image.parent, 65534, 65534)  # a directory nobody owns, 0700
+    with pytest.raises(ImageError, match=r"Permission denied .*\[agent\] setpriv"):
+        async with serve_image(image, tmp_path / "vda.sock", setpriv=SETPRIV):
+            raise AssertionError("qemu-nbd opened an image its capabilities do not reach")
+    async with serve_image(image, tmp_path / "vda.sock", setpriv=""):  # the way out
+        assert await _round_trip(tmp_path / "vda.sock") == b"\x5a" * 65536

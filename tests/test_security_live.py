@@ -24,6 +24,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -198,10 +199,20 @@ async def test_the_api_on_its_defaults_refuses_what_lacks_the_token_or_a_browser
         await asyncio.to_thread(_check_token_and_routes, agent, load_config(agent.config))
         await asyncio.to_thread(_check_forged_bodies, agent)
         await asyncio.to_thread(_check_hosts_and_cors, agent)
-        # Every refusal above (dozens, within a minute) made one log line, with its count.
+        # Every refusal above (dozens, within a minute) made one log line so far...
         refusals = await asyncio.to_thread(_refusal_lines, agent)
         assert len(refusals) == 1, refusals
         assert refusals[0]["why"] == "missing bearer token"
+        await asyncio.to_thread(agent.stop)
+    # ... and one more as the agent stopped, with the count of all the others, by reason.
+    refusals = await asyncio.to_thread(_refusal_lines, agent)
+    assert len(refusals) == 2, refusals
+    assert refusals[1]["refused_since_last_line"] >= 40, refusals[1]
+    assert set(refusals[1]["reasons"]) == {
+        "missing bearer token",
+        "wrong bearer token",
+        "host-not-allowed",
+    }
 
 
 def _check_token_and_routes(agent: AgentProcess, cfg: AgentConfig) -> None:
@@ -320,6 +331,7 @@ async def test_what_the_agent_writes_is_root_only(
             assert (("state", "run"), "s") in kinds, sorted(during)  # QEMU's NBD export
             assert any(p.suffix == ".qcow2" for p in during if "repo" in p.parts), sorted(during)
             await asyncio.to_thread(_assert_nobody_is_refused, during, canary)
+            await asyncio.to_thread(_assert_made_root_only, during, cfg)
 
             # Then a backup that succeeds (through the CLI: no token configured) and a
             # restore through the API: the repository's images and manifests, the restore.
@@ -361,12 +373,19 @@ def _assert_nobody_is_refused(paths: Mapping[Path, str], canary: Path) -> None:
     assert not read, f"nobody got these (not EACCES): {read}"
 
 
+# QEMU's NBD export of a backup (made by QEMU, not the agent): <backup id>.sock
+_QEMU_EXPORT = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}\.sock")
+
+
 def _assert_made_root_only(paths: Mapping[Path, str], cfg: AgentConfig) -> None:
-    """What the agent made itself has no permission for group or others (umask 077)."""
+    """What the agent (and the qemu-img and qemu-nbd it runs) made has no permission for
+    group or others (umask 077). libvirt's scratch files and QEMU's export socket are
+    libvirt's doing: kept from others by the directories they are in (checked above)."""
+    theirs = {p for p in paths if p.parent == cfg.scratch_path or _QEMU_EXPORT.fullmatch(p.name)}
     open_to_others = {
         str(path): f"{stat.S_IMODE(path.lstat().st_mode):04o}"
         for path in paths
-        if path.lstat().st_mode & 0o077 and path.parent != cfg.scratch_path  # libvirt's
+        if path.lstat().st_mode & 0o077 and path not in theirs
     }
     assert not open_to_others, open_to_others
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import stat
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from agent.backup.plan import partial
 from agent.chain.checkpoints import Chains
 from agent.chain.records import CheckpointRecord, DiskChain
 from agent.control.credentials import ensure_token
-from agent.control.gate import ApiError, Gate, Handler, gate_middleware, tcp_gate
+from agent.control.gate import ApiError, Gate, Handler, RefusalLog, gate_middleware, tcp_gate
 from agent.control.job_requests import (
     JOB_ID_RE,
     MAX_REQUEST_BYTES,
@@ -411,10 +412,16 @@ async def _writable(repository: Repository) -> str:
 
 
 def make_app(parts: ApiParts, gate: Gate) -> web.Application:
+    refusals = RefusalLog()
     app = web.Application(
-        middlewares=[_errors, gate_middleware(gate)], client_max_size=MAX_REQUEST_BYTES
+        middlewares=[_errors, gate_middleware(gate, refusals)], client_max_size=MAX_REQUEST_BYTES
     )
     app[_PARTS] = parts
+
+    async def flush_refusals(_: web.Application) -> None:
+        refusals.flush()  # what the last minute refused, counted before the agent stops
+
+    app.on_cleanup.append(flush_refusals)
     app.router.add_post("/v1/jobs", _post_job)
     app.router.add_get("/v1/jobs", _list_jobs)
     app.router.add_get("/v1/jobs/{job_id}", _get_job)
@@ -472,19 +479,11 @@ def _runner(parts: ApiParts, gate: Gate) -> web.AppRunner:
 
 async def _start_unix(runner: web.AppRunner, path: Path) -> None:
     """The Unix socket listener, mode 0600 (and made under the agent's umask 077), so
-    only its owner (root) connects; a stale socket file of an earlier agent is replaced,
-    anything else in its place is an error."""
-
-    def clear() -> None:
-        with contextlib.suppress(FileNotFoundError):
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise ConfigError(
-                    f"[http] socket {path}: something that is not a socket is there",
-                    key="http.socket",
-                )
-            path.unlink()
-
-    await asyncio.to_thread(clear)
+    only its owner (root) connects. Its directory must be one that only root may write
+    in (else another user could put their own socket there first). A stale socket of an
+    earlier agent is replaced; a live one (another agent answers on it), or anything
+    else in its place, is an error."""
+    await asyncio.to_thread(_clear_socket_path, path)
     try:
         await web.UnixSite(runner, str(path)).start()
         await asyncio.to_thread(os.chmod, path, 0o600)
@@ -492,6 +491,38 @@ async def _start_unix(runner: web.AppRunner, path: Path) -> None:
         raise ConfigError(
             f"[http] socket {path}: cannot listen there: {exc.strerror or exc}", key="http.socket"
         ) from exc
+
+
+def _clear_socket_path(path: Path) -> None:
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"[http] socket {path}: {why}", key="http.socket")
+
+    try:
+        parent = path.parent.stat()
+    except OSError as exc:
+        raise refuse(f"its directory cannot be used: {exc.strerror or exc}") from exc
+    if parent.st_uid not in (0, os.geteuid()) or parent.st_mode & 0o022:
+        raise refuse(
+            f"its directory {path.parent} may be written by other users (owner uid "
+            f"{parent.st_uid}, mode {stat.S_IMODE(parent.st_mode):04o}): choose one only "
+            "root may write in"
+        )
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise refuse("something that is not a socket is there")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)  # nobody listens: an earlier agent's, left behind
+        return
+    finally:
+        probe.close()
+    raise refuse("another process listens on it (another agent?)")
 
 
 def _url(address: Any) -> str:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
@@ -62,34 +64,59 @@ class Gate:
 
 class RefusalLog:
     """Refused requests, logged without flooding: the first at once, then at most one
-    line per minute with how many were refused meanwhile."""
+    line per minute, with how many were refused since the last line by reason and by
+    remote address (``refused_since_last_line``, ``reasons``, ``remotes``: the ten
+    commonest); what is still uncounted is logged by :meth:`flush` (at shutdown)."""
 
     def __init__(self, every: float = _REFUSALS_LOGGED_EVERY) -> None:
         self._every = every
         self._last = -every
-        self._count = 0
+        self._reasons: Counter[str] = Counter()
+        self._remotes: Counter[str] = Counter()
 
     def refused(self, why: str, request: web.Request) -> None:
-        self._count += 1
+        self._reasons[why] += 1
+        self._remotes[request.remote or "?"] += 1
         now = time.monotonic()
-        if now - self._last < self._every:
-            return
+        if now - self._last >= self._every:
+            self._line(why=why, path=request.path, remote=request.remote)
+            self._last = now
+
+    def flush(self) -> None:
+        if self._reasons:
+            self._line()
+
+    def _line(self, **latest: str | None) -> None:
         log.warning(
             "API request refused",
-            why=why,
-            path=request.path,
-            remote=request.remote,
-            refused_since_last_line=self._count,
+            **latest,
+            refused_since_last_line=sum(self._reasons.values()),
+            reasons=dict(self._reasons.most_common(10)),
+            remotes=dict(self._remotes.most_common(10)),
         )
-        self._last, self._count = now, 0
+        self._reasons.clear()
+        self._remotes.clear()
 
 
-def _host_name(header: str) -> str:
-    """The name in a ``Host`` header, without its port, lower case."""
-    if header.startswith("["):
-        return header[1 : header.find("]")].lower() if "]" in header else header.lower()
-    name, colon, port = header.rpartition(":")
-    return (name if colon and port.isdigit() else header).lower()
+_HOST: Final = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9.-]+))(?::\d{1,5})?")
+
+
+def _host_name(header: str) -> str | None:
+    """The name in a ``Host`` header (``name``, ``a.b.c.d``, ``[v6]``, each with an
+    optional ``:port``), lower case, an IP address in its normal form; None if the
+    header is anything else."""
+    found = _HOST.fullmatch(header)
+    if found is None:
+        return None
+    return normal(found["v6"] or found["name"])
+
+
+def normal(name: str) -> str:
+    """A host name lower case, an IP address as :mod:`ipaddress` writes it."""
+    try:
+        return str(ipaddress.ip_address(name.strip("[]")))
+    except ValueError:
+        return name.lower()
 
 
 def _loopback(name: str) -> bool:
@@ -104,13 +131,13 @@ def _loopback(name: str) -> bool:
 def _arrived_on(request: web.Request) -> str | None:
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
     if isinstance(sockname, tuple) and sockname and isinstance(sockname[0], str):
-        return sockname[0].lower()
+        return normal(sockname[0])
     return None
 
 
-def gate_middleware(gate: Gate) -> Middleware:
-    """The middleware that lets through only what passes ``gate`` (its own refusal log)."""
-    refusals = RefusalLog()
+def gate_middleware(gate: Gate, refusals: RefusalLog) -> Middleware:
+    """The middleware that lets through only what passes ``gate``, logging refusals in
+    ``refusals``."""
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -123,7 +150,10 @@ def gate_middleware(gate: Gate) -> Middleware:
 def _check(gate: Gate, refusals: RefusalLog, request: web.Request) -> None:
     if gate.hosts is not None:
         name = _host_name(request.headers.get("Host", ""))
-        if not (_loopback(name) or name in gate.hosts or name == _arrived_on(request)):
+        allowed = name is not None and (
+            _loopback(name) or name in gate.hosts or name == _arrived_on(request)
+        )
+        if not allowed:
             refusals.refused("host-not-allowed", request)
             shown = request.headers.get("Host", "")[:100] or "(none)"
             raise ApiError(
@@ -149,7 +179,7 @@ def _check(gate: Gate, refusals: RefusalLog, request: web.Request) -> None:
 
 def tcp_gate(config: AgentConfig, token: str) -> Gate:
     """The TCP listener's gate: the token, and the names ``Host`` may give."""
-    hosts = {name.lower().strip("[]") for name in config.http.allowed_hosts}
+    hosts = {normal(name) for name in config.http.allowed_hosts}
     if config.http.listen not in ("0.0.0.0", "::"):
-        hosts.add(config.http.listen.lower())
+        hosts.add(normal(config.http.listen))
     return Gate(token=token, hosts=frozenset(hosts))

@@ -219,6 +219,17 @@ async def _start(
     errors = asyncio.create_task(_tail(process))
     try:
         await _wait_until_serving(process, pid_file, image, timeout, errors)
+    except ImageError as exc:
+        await to_completion(_stop(process, timeout))
+        if setpriv and "Permission denied" in str(exc):
+            raise ImageError(
+                f"{exc} (qemu-nbd runs with no capabilities through [agent] setpriv: root "
+                "then reads and writes only what root owns or its modes allow; the "
+                "repository's directories and images must be root's, or set "
+                '[agent] setpriv = "")',
+                image=str(image),
+            ) from exc
+        raise
     except BaseException:
         await to_completion(_stop(process, timeout))
         raise
