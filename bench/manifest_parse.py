@@ -1,19 +1,24 @@
 """Benchmark: reading the manifest of a 100 GiB disk's full backup, this tree against a
 git revision, interleaved in one run.
 
-    .venv/bin/python -m bench.manifest_parse [--against REV] [--runs N]
+    .venv/bin/python -m bench.manifest_parse [--against REV] [--runs N] [--manifest-version V]
 
 The manifest: a full backup of a fully allocated 100 GiB disk copied with the default
-``request_size`` of 2 MiB gets one checksum range per request, 51,200 ranges (XXH3-128,
-manifest version 2), beside a second, empty disk; about 9 MB of JSON. Each side reads
-the same file with its own code (``REV`` in a temporary git worktree, in a process of
-its own), alternating, and the medians are printed with their ratio. Without
+``request_size`` of 2 MiB gets one checksum range per request, 51,200 ranges (window
+sums, manifest version 4), beside a second, empty disk; about 9 MB of JSON. Each side
+reads the same file with its own code (``REV`` in a temporary git worktree, in a process
+of its own), alternating, and the medians are printed with their ratio. Without
 ``--against`` only this tree is timed.
+
+A revision from before window sums refuses version 4: with ``--against`` the file is
+written as version 3 (the same shape; plain XXH3-128 ranges, as version 3 wrote them),
+which this tree still reads, unless ``--manifest-version`` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -21,7 +26,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from agent.repository.manifest import DiskManifest, Manifest, RangeChecksum, digest_of
+from agent.repository.manifest import (
+    MANIFEST_VERSION,
+    DiskManifest,
+    Manifest,
+    RangeChecksum,
+    digest_of,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,11 +53,13 @@ for _ in range(int(sys.argv[2])):
 """
 
 
-def _write_manifest(directory: Path) -> int:
-    """The 100 GiB disk's manifest, written by this tree's code; its size in bytes."""
+def _write_manifest(directory: Path, version: int = MANIFEST_VERSION) -> int:
+    """The 100 GiB disk's manifest, written by this tree's code; its size in bytes. As
+    ``version`` 3: the same document without version 4's fields, its ranges named plain
+    XXH3-128 (digests of the same length: any 32 hex digits parse)."""
     size, step = 100 << 30, 2 << 20
     checksums = tuple(
-        RangeChecksum(offset, step, digest_of(offset.to_bytes(8, "little")))
+        RangeChecksum(offset, step, digest_of(offset.to_bytes(8, "little"), offset))
         for offset in range(0, size, step)
     )
     manifest = Manifest(
@@ -65,6 +78,15 @@ def _write_manifest(directory: Path) -> int:
         ),
     )
     text = manifest.to_json()
+    if version != MANIFEST_VERSION:
+        assert version == 3, version
+        data = json.loads(text)
+        data["version"] = version
+        for disk in data["disks"]:
+            del disk["point_digest"]  # (version 4's)
+            for checksum in disk["checksums"]:
+                checksum["algorithm"] = "xxh3-128"
+        text = json.dumps(data, indent=2) + "\n"  # (the writer's layout: version first)
     (directory / "manifest.json").write_text(text)
     return len(text)
 
@@ -88,12 +110,22 @@ def main() -> None:
     parser.add_argument("--against", metavar="REV", help="a git revision to compare with")
     parser.add_argument("--runs", type=int, default=5, help="reads per side and round")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the sides")
+    parser.add_argument(
+        "--manifest-version",
+        type=int,
+        choices=[3, MANIFEST_VERSION],
+        help=f"the file's version (default: 3 with --against, else {MANIFEST_VERSION})",
+    )
     args = parser.parse_args()
+    version = args.manifest_version or (3 if args.against else MANIFEST_VERSION)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "20261125T183301Z-1a2b3c"
         directory.mkdir()
-        size = _write_manifest(directory)
-        print(f"manifest: 51,200 ranges of a 100 GiB disk, {size / 1e6:.1f} MB of JSON")
+        size = _write_manifest(directory, version)
+        print(
+            f"manifest (version {version}): 51,200 ranges of a 100 GiB disk, "
+            f"{size / 1e6:.1f} MB of JSON"
+        )
         sides = {"this tree": REPO}
         if args.against:
             other = Path(tmp) / "against"

@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     args = parser.parse_args()
     size = int(args.size_gib * GiB) // (64 * MiB) * (64 * MiB)
-    say = (lambda *_: None) if args.json else print
+    say = (lambda *_, **__: None) if args.json else print
     daemon.ensure_libvirtd()
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     conn = libvirt.open(daemon.URI)

@@ -427,9 +427,9 @@ def _point(backup_id: str, *disks: DiskManifest) -> Manifest:
 
 def test_layer_on_gives_the_digests_of_the_parents_blocks_or_makes_the_disk_standalone() -> None:
     b0_id, b1_id = "20260101T000000Z-000000", "20260102T000000Z-000000"
-    data = RangeChecksum(0, BLOCK, digest_of(b"\x01" * BLOCK))
-    other = RangeChecksum(BLOCK, BLOCK, digest_of(b"\x02" * BLOCK))
-    zero = RangeChecksum(0, BLOCK, digest_of(bytes(BLOCK)))
+    data = RangeChecksum(0, BLOCK, digest_of(b"\x01" * BLOCK, 0))
+    other = RangeChecksum(BLOCK, BLOCK, digest_of(b"\x02" * BLOCK, BLOCK))
+    zero = RangeChecksum(0, BLOCK, digest_of(bytes(BLOCK), 0))
     b0 = _point(
         b0_id,
         _raw_disk("vdb", (data,), None, BLOCK),

@@ -27,7 +27,7 @@ def _length(offset: int, size: int = SIZE) -> int:
 def _block(offset: int, fill: int, size: int = SIZE) -> RangeChecksum:
     """The checksum of block ``offset`` filled with byte ``fill`` (0: a block of zeroes)."""
     length = _length(offset, size)
-    return RangeChecksum(offset, length, digest_of(bytes([fill]) * length))
+    return RangeChecksum(offset, length, digest_of(bytes([fill]) * length, offset))
 
 
 def _disk(
@@ -79,10 +79,14 @@ def _backing(index: int, target: str = "vdb") -> str:
 # --- zero_digest -----------------------------------------------------------------------
 
 
-def test_zero_digest_is_the_checksum_of_zeroes_of_that_length() -> None:
-    assert zero_digest(BLOCK) == digest_of(bytes(BLOCK))
-    assert zero_digest(MiB) == digest_of(bytes(MiB)) != zero_digest(BLOCK)
-    assert zero_digest(4096) == zero_digest(4096) == digest_of(bytes(4096))
+def test_zero_digest_is_the_checksum_of_zeroes_of_any_length_anywhere() -> None:
+    """A window sum of zeroes is 0: one digest for every length and place."""
+    assert zero_digest(BLOCK) == digest_of(bytes(BLOCK), 0) == "0" * 32
+    assert zero_digest(MiB) == digest_of(bytes(MiB), 3 * BLOCK) == zero_digest(BLOCK)
+    assert zero_digest(4096) == digest_of(bytes(4096), BLOCK + 12_345) == zero_digest(MiB)
+    # Not the checksum of anything else: one byte that is not zero, at either end.
+    assert digest_of(bytes(4095) + b"\x01", 0) != zero_digest(4096)
+    assert digest_of(b"\x01" + bytes(BLOCK - 1), BLOCK) != zero_digest(BLOCK)
 
 
 # --- disk_chain ------------------------------------------------------------------------
@@ -165,20 +169,24 @@ def test_a_chain_that_does_not_describe_its_blocks_gives_none() -> None:
     sha = RangeChecksum(BLOCK, BLOCK, "f" * 64, "sha256")
     assert describe([top, _disk([sha])]) is None
     assert describe([_disk([_block(0, 1), sha])]) is None
+    # Nor plain XXH3-128 (versions 2 and 3): not a window sum, which the copy compares.
+    plain = RangeChecksum(BLOCK, BLOCK, "f" * 32, "xxh3-128")
+    assert describe([top, _disk([plain])]) is None
+    assert describe([_disk([_block(0, 1), plain])]) is None
 
 
 PIECE = 64 << 10
 
 
 def _piece(offset: int, length: int, fill: int) -> RangeChecksum:
-    return RangeChecksum(offset, length, digest_of(bytes([fill]) * length))
+    return RangeChecksum(offset, length, digest_of(bytes([fill]) * length, offset))
 
 
 def test_a_block_written_in_part_is_described_by_blocks_not_by_its_pieces() -> None:
     # Block 0 was 0x01; a piece of it is 0x02 now: the pieces' checksums say nothing of
     # the rest of the block, ``blocks`` says what all of it holds.
     now = b"\x01" * PIECE + b"\x02" * PIECE + b"\x01" * (BLOCK - 2 * PIECE)
-    whole = RangeChecksum(0, BLOCK, digest_of(now))
+    whole = RangeChecksum(0, BLOCK, digest_of(now, 0))
     top = _disk([_piece(PIECE, PIECE, 2)], backing=_backing(0), blocks=(whole,))
     below = _disk([_block(0, 1), _block(BLOCK, 1)])
     assert describe([top, below]) == {0: whole, BLOCK: _block(BLOCK, 1)}
@@ -238,14 +246,14 @@ def test_describe_gives_what_replaying_the_layers_oldest_first_leaves(
             else:
                 disk[offset][piece * PIECE : (piece + 1) * PIECE] = bytes([fill]) * PIECE
                 checksums.append(_piece(offset + piece * PIECE, PIECE, fill))
-                blocks.append(RangeChecksum(offset, length, digest_of(bytes(disk[offset]))))
+                blocks.append(RangeChecksum(offset, length, digest_of(bytes(disk[offset]), offset)))
         chain.insert(0, _disk(checksums, blocks=tuple(blocks)))
     described = describe(chain)
     if not layers:
         assert described is None
         return
     assert described == {
-        o: RangeChecksum(o, _length(o), digest_of(bytes(data)))
+        o: RangeChecksum(o, _length(o), digest_of(bytes(data), o))
         for o, data in disk.items()
         if any(data)
     }

@@ -379,7 +379,7 @@ def test_only_the_pieces_that_changed_are_written_and_the_layers_read_as_now(
     size = len(new)
     starts = range(0, size, block)
     # The previous point's digests: its blocks that are not zero.
-    previous = {o: digest_of(old[o : o + block]) for o in starts if any(old[o : o + block])}
+    previous = {o: digest_of(old[o : o + block], o) for o in starts if any(old[o : o + block])}
     # The block status of now: zero where it reads so (if the export says; a block
     # device says everything is data).
     allocation = [
@@ -407,11 +407,11 @@ def test_only_the_pieces_that_changed_are_written_and_the_layers_read_as_now(
     expected = [w for o in starts for w in _changed_runs(old[o : o + block], new[o : o + block], o)]
     assert sorted(layer.writes) == expected
     assert [(c.offset, c.length, c.digest) for c in checksums] == [
-        (o, n, digest_of(new[o : o + n])) for o, n, _ in expected
+        (o, n, digest_of(new[o : o + n], o)) for o, n, _ in expected
     ]
     # Each block written in part: what all of it holds now.
     whole = {(o, min(block, size - o)) for o in starts}
     parts = sorted({o - o % block for o, n, _ in expected if (o - o % block, n) not in whole})
     assert [(c.offset, c.length, c.digest) for c in in_part] == [
-        (o, min(block, size - o), digest_of(new[o : o + block])) for o in parts
+        (o, min(block, size - o), digest_of(new[o : o + block], o)) for o in parts
     ]

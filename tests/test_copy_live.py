@@ -153,7 +153,7 @@ async def _split_copy(sockdir: Path, *, on_data_plane: bool) -> None:
     assert covered == sorted(covered)
     assert all(length <= request_size for _, length in covered)
     for c in checksums:
-        assert c.digest == digest_of(bytes(expected[c.offset : c.offset + c.length])), c
+        assert c.digest == digest_of(bytes(expected[c.offset : c.offset + c.length]), c.offset), c
     assert sum(length for _, length in covered) == sum(r.length for r in runs)
 
     # Every read the source saw was at most read_size, over several connections, and
@@ -390,7 +390,7 @@ def _raw_disk(
 def _blocks_of(data: bytes) -> dict[int, str]:
     """The digest of each block of ``data`` that is not all zeroes."""
     return {
-        o: digest_of(data[o : o + BLOCK])
+        o: digest_of(data[o : o + BLOCK], o)
         for o in range(0, len(data), BLOCK)
         if any(data[o : o + BLOCK])
     }
@@ -462,7 +462,7 @@ async def test_a_disk_read_whole_writes_only_what_changed_on_top_of_the_previous
     ]
     assert [(c.offset, c.length) for c in second] == [(o, n) for o, n, _ in written]
     for c in second:
-        assert c.digest == digest_of(now[c.offset : c.offset + c.length]), c
+        assert c.digest == digest_of(now[c.offset : c.offset + c.length], c.offset), c
     assert [(h["start"], h["end"] - h["start"], h["kind"]) for h in _alone(overlay)] == written
     # Read through its backing, the layer is the disk now, byte for byte.
     _run(QEMU_IMG, "compare", "-q", "-f", "qcow2", "-F", "raw", overlay, source)

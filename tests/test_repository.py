@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -92,9 +93,10 @@ def _flip_byte(path: Path, offset: int) -> None:
         file.write(bytes([byte[0] ^ 0xFF]))
 
 
-def _sha(pattern: int, length: int) -> str:
-    """The checksum new backups record for ``length`` bytes of ``pattern``."""
-    return digest_of(bytes([pattern]) * length)
+def _sha(pattern: int, length: int, offset: int) -> str:
+    """The checksum new backups record for ``length`` bytes of ``pattern`` written at
+    ``offset`` in the disk (a window sum: where the bytes are counts)."""
+    return digest_of(bytes([pattern]) * length, offset)
 
 
 def _edit_manifest(directory: Path, edit: Callable[[dict[str, Any]], None]) -> None:
@@ -182,7 +184,7 @@ class Builder:
             virtual_size=SIZES[target],
             bytes_copied=sum(length for _, length, _ in writes),
             backing=backing,
-            checksums=tuple(RangeChecksum(o, n, _sha(p, n)) for o, n, p in writes),
+            checksums=tuple(RangeChecksum(o, n, _sha(p, n, o)) for o, n, p in writes),
         )
 
 
@@ -548,11 +550,38 @@ async def test_verify_finds_a_flipped_byte_in_the_layer_that_holds_it(tmp_path: 
 def _as_version_1(writes: dict[str, list[Write]]) -> Callable[[dict[str, Any]], None]:
     def edit(data: dict[str, Any]) -> None:
         data["version"] = 1
-        del data["excluded"]  # (version 3's fields)
+        del data["excluded"]  # (version 3's fields, and 4's)
         for disk in data["disks"]:
-            del disk["block_size"], disk["blocks"]
+            del disk["block_size"], disk["blocks"], disk["point_digest"]
             disk["checksums"] = [
                 {"offset": o, "length": n, "sha256": hashlib.sha256(bytes([p]) * n).hexdigest()}
+                for o, n, p in writes[disk["target"]]
+            ]
+
+    return edit
+
+
+def _as_plain_xxh3(
+    version: int, writes: dict[str, list[Write]]
+) -> Callable[[dict[str, Any]], None]:
+    """A manifest as versions 2 and 3 wrote it: each range's plain XXH3-128, whatever its
+    place in the disk, without version 4's fields (``version`` 2: nor version 3's)."""
+
+    def edit(data: dict[str, Any]) -> None:
+        data["version"] = version
+        if version < 3:
+            del data["excluded"]
+        for disk in data["disks"]:
+            del disk["point_digest"]
+            if version < 3:
+                del disk["block_size"], disk["blocks"]
+            disk["checksums"] = [
+                {
+                    "offset": o,
+                    "length": n,
+                    "algorithm": "xxh3-128",
+                    "digest": xxhash.xxh3_128_hexdigest(bytes([p]) * n),
+                }
                 for o, n, p in writes[disk["target"]]
             ]
 
@@ -583,10 +612,10 @@ async def test_retention_rewrites_a_version_1_manifest_readably(tmp_path: Path) 
     assert await repo.apply_retention(DOMAIN, 4) == ids[:1]
     rewritten = await repo.backup(DOMAIN, ids[1])
     assert rewritten.version == MANIFEST_VERSION and rewritten.merged_from == (ids[0],)
-    # b0's ranges, merged in, keep (or are hashed again with) their XXH3 digests; b1's
-    # SHA-256 ones stay where no range hashed again covers them.
+    # b0's ranges, merged in, keep (or are updated with) their window sums; b1's SHA-256
+    # ones stay where no range given a new checksum covers them.
     algorithms = {c.algorithm for d in rewritten.disks for c in d.checksums}
-    assert "xxh3-128" in algorithms and algorithms <= {"sha256", "xxh3-128"}
+    assert "xxh3-128-w64k" in algorithms and algorithms <= {"sha256", "xxh3-128-w64k"}
     assert [m.backup_id for m in await repo.backups(DOMAIN)] == ids[1:]
     assert await repo.verify(DOMAIN) == []
     assert await _assert_all_restore(repo, builder, tmp_path) == ids[1:]
@@ -670,7 +699,7 @@ async def test_verify_reads_compressed_clusters_through_qemu(tmp_path: Path) -> 
         await _restored(builder.repo, b0.backup_id, "vda", tmp_path / "o.raw")
         == (builder.points[b0.backup_id]["vda"])
     )
-    wrong = _sha(0x33, 1000)
+    wrong = _sha(0x33, 1000, MiB + 7)
     _edit_manifest(image.parent, lambda d: d["disks"][0]["checksums"][1].update(digest=wrong))
     problems = await builder.repo.verify(DOMAIN)
     assert [(p.offset, p.length) for p in problems] == [(MiB + 7, 1000)]
@@ -715,13 +744,15 @@ async def test_retention_refuses_to_merge_corrupt_data(tmp_path: Path) -> None:
 
 
 async def test_retention_rereads_what_it_merges_not_the_disk(tmp_path: Path) -> None:
-    """Of the bottom image (b0's vda) only the ranges the merge hashes again are reread:
+    """Of the bottom image (b0's vda, its checksums plain XXH3-128 as version 3 wrote
+    them: no window sums to update) only the ranges the merge hashes again are reread:
     one overwritten in part, corrupt, refuses the merge; one no layer above touches,
     corrupt, is not baked in either (its checksum moves into the merged manifest, where
     verify still finds it) and does not stop retention. b1's vdb, which no merge reads
     (vdb was copied whole at b2), is dropped whatever it holds."""
     builder = await _five(tmp_path / "repo")
     repo, ids = builder.repo, builder.ids
+    _edit_manifest(_backups_dir(repo.root) / ids[0], _as_plain_xxh3(3, FIVE[0][0]))
     bottom = _backups_dir(repo.root) / ids[0] / "vda.qcow2"
     # [0, 1 MiB): b1 wrote [64 KiB, 128 KiB) over it, so the rest is hashed again.
     _flip_byte(bottom, _host_offset(bottom, 300 * KiB))
@@ -743,6 +774,57 @@ async def test_retention_rereads_what_it_merges_not_the_disk(tmp_path: Path) -> 
     assert await repo.apply_retention(DOMAIN, 2) == ids[:3]
     [problem] = await repo.verify(DOMAIN)
     assert (problem.backup_id, problem.target, problem.offset) == (ids[3], "vda", 3 * MiB)
+    # The range hashed again has a window sum from now on; the one moved keeps its own.
+    merged = (await repo.backup(DOMAIN, ids[3])).disk("vda")
+    assert merged is not None
+    assert [(c.offset, c.algorithm) for c in merged.checksums] == [
+        (0, "xxh3-128-w64k"),
+        (MiB, "xxh3-128-w64k"),  # (b2's, b3's: written as window sums)
+        (2 * MiB, "xxh3-128-w64k"),
+        (3 * MiB, "xxh3-128"),
+    ]
+
+
+async def test_retention_updates_a_window_sum_from_the_windows_that_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A window sum of the bottom image overwritten in part is not hashed again: the
+    merge reads, of its range, only the 64 KiB windows the layers above touch (in the
+    bottom image before, in the merged one after). Corrupt bytes in the rest of the range
+    are not read, so they do not stop retention; nor are they baked in: the updated
+    checksum is still that of what was written, and verify finds them."""
+    from agent.repository.verify import Verifier  # noqa: PLC0415 - its reads, counted
+
+    builder = await _five(tmp_path / "repo")
+    repo, ids = builder.repo, builder.ids
+    bottom = _backups_dir(repo.root) / ids[0] / "vda.qcow2"
+    reads: list[tuple[str, int, int]] = []
+    real = Verifier.digests
+
+    async def counted(
+        self: Verifier, path: Path, extents: Any, ranges: Any, algorithm: str
+    ) -> list[str]:
+        reads.extend((f"{path.parent.name}/{path.name}", o, n) for o, n in ranges)
+        return await real(self, path, extents, ranges, algorithm)
+
+    monkeypatch.setattr(Verifier, "digests", counted)
+    # [0, 1 MiB): b1 wrote [64 KiB, 128 KiB) and [200000, 205000) over it; 300 KiB is in
+    # a window nothing above touches.
+    _flip_byte(bottom, _host_offset(bottom, 300 * KiB))
+    assert await repo.apply_retention(DOMAIN, 2) == ids[:3]
+    windows = [(64 * KiB, 64 * KiB), (192 * KiB, 64 * KiB)]
+    assert sorted(reads) == sorted(
+        (f"{backup_id}/vda.qcow2", o, n) for backup_id in (ids[0], ids[3]) for o, n in windows
+    )
+    merged = (await repo.backup(DOMAIN, ids[3])).disk("vda")
+    assert merged is not None
+    [first] = [c for c in merged.checksums if c.offset == 0]
+    assert (first.length, first.algorithm) == (MiB, "xxh3-128-w64k")
+    assert first.digest == digest_of(builder.points[ids[3]]["vda"][:MiB], 0)
+    [problem] = await repo.verify(DOMAIN)
+    assert (problem.backup_id, problem.target) == (ids[3], "vda")
+    assert (problem.offset, problem.length) == (0, MiB)
+    assert "checksum mismatch" in problem.message
 
 
 async def test_retention_survives_a_crash_at_every_step(tmp_path: Path) -> None:
@@ -984,7 +1066,10 @@ def _manifest() -> Manifest:
                 4 * MiB,
                 65536,
                 "../20261124T183301Z-0a0b0c/vda.qcow2",
-                (RangeChecksum(0, 65536, _sha(1, 65536)), RangeChecksum(MiB, 512, _sha(2, 512))),
+                (
+                    RangeChecksum(0, 65536, _sha(1, 65536, 0)),
+                    RangeChecksum(MiB, 512, _sha(2, 512, MiB)),
+                ),
             ),
             DiskManifest("vdb", "vdb.qcow2", "full", "disk-added", 2 * MiB, 0, None, ()),
         ),
@@ -997,12 +1082,12 @@ def test_manifest_json_round_trip() -> None:
     text = manifest.to_json()
     assert Manifest.from_json(text, path="m.json") == manifest
     data = json.loads(text)
-    assert (data["format"], data["version"]) == ("libvirt-backup-agent/backup", 3)
+    assert (data["format"], data["version"]) == ("libvirt-backup-agent/backup", 4)
     assert data["disks"][0]["checksums"][1] == {
         "offset": MiB,
         "length": 512,
-        "digest": _sha(2, 512),
-        "algorithm": "xxh3-128",
+        "digest": _sha(2, 512, MiB),
+        "algorithm": "xxh3-128-w64k",
     }
 
 
@@ -1029,7 +1114,7 @@ _DELETE = object()
         (_set("domain", _DELETE), "domain: missing"),
         (_set("disks.0.virtual_size", "4M"), "disks[0].virtual_size: wrong type"),
         (_set("version", True), "version: wrong type"),
-        (_set("version", 4), "version: unsupported"),
+        (_set("version", 5), "version: unsupported"),
         (_set("version", 1), "disks[0].checksums[0].sha256: missing"),  # 2's shape
         (_set("format", "something/else"), "format"),
         (_set("disks.0.checksums.1.digest", "xyz"), "disks[0].checksums[1].digest"),
@@ -1056,11 +1141,11 @@ def test_malformed_manifest_names_the_field(
 
 _XXH3_128_RE = re.compile(r"[0-9a-f]{32}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_DIGEST_RE = {"sha256": _SHA256_RE, "xxh3-128": _XXH3_128_RE}
+_DIGEST_RE = {"sha256": _SHA256_RE, "xxh3-128": _XXH3_128_RE, "xxh3-128-w64k": _XXH3_128_RE}
 
 
 def _well_formed_checksum(value: object, virtual_size: int) -> RangeChecksum | None:
-    """``value`` as a checksum if it is exactly what a version 2 manifest may hold
+    """``value`` as a checksum if it is exactly what a manifest (version 2 on) may hold
     (offset, length, algorithm, digest, nothing else), else None: the parser's quick
     path before pydantic replaced it, kept here as the specification."""
     if type(value) is not dict or len(value) != 4:
@@ -1079,8 +1164,8 @@ def _well_formed_checksum(value: object, virtual_size: int) -> RangeChecksum | N
 
 
 def _parsed_checksum(value: object, virtual_size: int) -> RangeChecksum | None:
-    """``value`` as the one checksum of a disk of ``virtual_size`` in a version 2
-    manifest read by Manifest.from_json, or None if the manifest is refused."""
+    """``value`` as the one checksum of a disk of ``virtual_size`` in a manifest of the
+    current version read by Manifest.from_json, or None if the manifest is refused."""
     data = json.loads(_manifest().to_json())
     data["disks"] = [{**data["disks"][1], "virtual_size": virtual_size, "checksums": [value]}]
     try:
@@ -1096,7 +1181,9 @@ _CHECKSUM_VALUES = st.one_of(
     st.booleans(),
     st.none(),
     st.floats(0, 10),
-    st.sampled_from(["xxh3-128", "sha256", "md5", "a" * 32, "a" * 64, "A" * 32, "x"]),
+    st.sampled_from(
+        ["xxh3-128-w64k", "xxh3-128", "sha256", "md5", "a" * 32, "a" * 64, "A" * 32, "x"]
+    ),
     st.lists(st.integers(), max_size=1),
 )
 
@@ -1111,7 +1198,7 @@ _CHECKSUM_VALUES = st.one_of(
             {
                 "offset": st.one_of(st.integers(-1, 4 * MiB), st.just(True)),
                 "length": st.one_of(st.integers(0, 4 * MiB), st.just(1.0)),
-                "algorithm": st.sampled_from(["xxh3-128", "sha256", "crc32"]),
+                "algorithm": st.sampled_from(["xxh3-128-w64k", "xxh3-128", "sha256", "crc32"]),
                 "digest": st.sampled_from(["0" * 32, "f" * 64, "F" * 32, "0" * 31]),
             },
             optional={"colour": st.just("blue")},
@@ -1135,6 +1222,8 @@ _GOOD = {"offset": 0, "length": 512, "algorithm": "xxh3-128", "digest": "0" * 32
     [
         {},
         {"algorithm": "sha256", "digest": "f" * 64},
+        {"algorithm": "xxh3-128-w64k"},
+        {"algorithm": "xxh3-128-w64k", "digest": "f" * 64},  # a window sum has 32 digits
         {"offset": -1},
         {"offset": True},
         {"length": 0},
@@ -1154,7 +1243,12 @@ def test_the_quick_checksum_path_near_misses(change: dict[str, Any]) -> None:
     if change.get("digest", "") is None:
         del value["digest"]
     parsed = _parsed_checksum(value, 4 * MiB)
-    assert (parsed is not None) == (change in ({}, {"algorithm": "sha256", "digest": "f" * 64}))
+    accepted: list[dict[str, Any]] = [
+        {},
+        {"algorithm": "sha256", "digest": "f" * 64},
+        {"algorithm": "xxh3-128-w64k"},
+    ]
+    assert (parsed is not None) == (change in accepted)
     assert _well_formed_checksum(value, 4 * MiB) == parsed
 
 
@@ -1178,8 +1272,9 @@ async def test_verify_reports_a_range_the_overlay_does_not_hold(tmp_path: Path) 
     b3 = builder.ids[3]
     # Zeros claimed written at 3 MiB, which b3 never wrote: reading through the chain (or
     # the bare layer as zeros) would wrongly accept it; the bytes must be in this layer.
-    claim = {"offset": 3 * MiB + 4096, "length": 4096, "digest": _sha(0, 4096)}
-    claim["algorithm"] = "xxh3-128"
+    # (The checksum new backups record: that of zeroes, which the bytes read as.)
+    claim = {"offset": 3 * MiB + 4096, "length": 4096, "digest": _sha(0, 4096, 3 * MiB + 4096)}
+    claim["algorithm"] = "xxh3-128-w64k"
     _edit_manifest(
         _backups_dir(builder.repo.root) / b3,
         lambda d: d["disks"][0]["checksums"].append(claim),
@@ -1200,9 +1295,9 @@ def _v3_manifest() -> Manifest:
     block 0 written whole, two pieces of the short last block, which ``blocks`` says."""
     last = 2 * BLOCK
     checksums = (
-        RangeChecksum(0, BLOCK, _sha(1, BLOCK)),
-        RangeChecksum(last, PIECE, _sha(0, PIECE)),  # a piece that became zeroes
-        RangeChecksum(last + 4 * PIECE, 2 * PIECE, _sha(3, 2 * PIECE)),
+        RangeChecksum(0, BLOCK, _sha(1, BLOCK, 0)),
+        RangeChecksum(last, PIECE, _sha(0, PIECE, last)),  # a piece that became zeroes
+        RangeChecksum(last + 4 * PIECE, 2 * PIECE, _sha(3, 2 * PIECE, last + 4 * PIECE)),
     )
     vdb = DiskManifest(
         "vdb",
@@ -1214,7 +1309,7 @@ def _v3_manifest() -> Manifest:
         "../20261124T183301Z-0a0b0c/vdb.qcow2",
         checksums,
         block_size=BLOCK,
-        blocks=(RangeChecksum(last, MiB, _sha(3, MiB)),),  # what the last block holds now
+        blocks=(RangeChecksum(last, MiB, _sha(3, MiB, last)),),  # what the last block holds now
     )
     excluded = (ExcludedDisk("hdc", "device-cdrom"), ExcludedDisk("vdc", "excluded-by-config"))
     return replace(_manifest(), disks=(_manifest().disks[0], vdb), excluded=excluded)
@@ -1231,7 +1326,7 @@ def test_manifest_version_3_round_trips_excluded_disks_block_size_and_blocks() -
     text = manifest.to_json()
     assert Manifest.from_json(text, path="m.json") == manifest
     data = json.loads(text)
-    assert data["version"] == MANIFEST_VERSION == 3
+    assert data["version"] == MANIFEST_VERSION == 4
     assert data["excluded"] == [
         {"target": "hdc", "reason": "device-cdrom"},
         {"target": "vdc", "reason": "excluded-by-config"},
@@ -1239,7 +1334,12 @@ def test_manifest_version_3_round_trips_excluded_disks_block_size_and_blocks() -
     assert [d["block_size"] for d in data["disks"]] == [None, BLOCK]
     assert data["disks"][0]["blocks"] == []
     assert data["disks"][1]["blocks"] == [
-        {"offset": 2 * BLOCK, "length": MiB, "digest": _sha(3, MiB), "algorithm": "xxh3-128"}
+        {
+            "offset": 2 * BLOCK,
+            "length": MiB,
+            "digest": _sha(3, MiB, 2 * BLOCK),
+            "algorithm": "xxh3-128-w64k",
+        }
     ]
     summary = manifest.summary()
     assert summary["excluded"] == data["excluded"]
@@ -1357,7 +1457,7 @@ def _as_version_2(data: dict[str, Any]) -> None:
     data["version"] = 2
     del data["excluded"]
     for disk in data["disks"]:
-        del disk["block_size"], disk["blocks"]
+        del disk["block_size"], disk["blocks"], disk["point_digest"]
 
 
 def test_a_version_2_manifest_still_reads() -> None:
@@ -1372,12 +1472,24 @@ def test_a_version_2_manifest_still_reads() -> None:
 async def test_a_repository_written_with_version_2_manifests_lists_and_verifies(
     tmp_path: Path,
 ) -> None:
+    """As the agent wrote them before window sums: plain XXH3-128 ranges, still verified."""
     builder = await _five(tmp_path / "repo")
-    for backup_id in builder.ids:
-        _edit_manifest(_backups_dir(builder.repo.root) / backup_id, _as_version_2)
+    for backup_id, (writes, _) in zip(builder.ids, FIVE, strict=True):
+        _edit_manifest(_backups_dir(builder.repo.root) / backup_id, _as_plain_xxh3(2, writes))
     repo = Repository(tmp_path / "repo")
-    assert [m.backup_id for m in await repo.backups(DOMAIN)] == builder.ids
+    manifests = await repo.backups(DOMAIN)
+    assert [m.backup_id for m in manifests] == builder.ids
+    assert {m.version for m in manifests} == {2}
+    assert {c.algorithm for m in manifests for d in m.disks for c in d.checksums} == {"xxh3-128"}
     assert await repo.verify(DOMAIN) == []
+    image = _backups_dir(repo.root) / builder.ids[1] / "vda.qcow2"
+    _flip_byte(image, _host_offset(image, 64 * KiB + 100))
+    [problem] = await repo.verify(DOMAIN)
+    assert (problem.backup_id, problem.offset, problem.length) == (
+        builder.ids[1],
+        64 * KiB,
+        64 * KiB,
+    )
 
 
 def test_version_3_fields_are_unknown_in_a_version_1_manifest() -> None:
@@ -1406,8 +1518,19 @@ def test_a_compact_manifest_is_read_by_the_model_of_its_version() -> None:
     compact = json.dumps(json.loads(v3.to_json()), separators=(",", ":"))
     assert Manifest.from_json(compact, path="m.json") == v3
     data = json.loads(compact)
-    data["version"] = 4
-    with pytest.raises(RepositoryError, match=r"version: unsupported \(this agent reads 1 to 3\)"):
+    data["version"] = 3  # (plain XXH3-128 ranges, as 3 wrote them)
+    for disk in data["disks"]:
+        for checksum in [*disk["checksums"], *disk["blocks"]]:
+            checksum["algorithm"] = "xxh3-128"
+    with pytest.raises(RepositoryError, match=r"disks\[0\]\.point_digest: unknown field"):
+        Manifest.from_json(json.dumps(data, separators=(",", ":")), path="m.json")
+    for disk in data["disks"]:
+        del disk["point_digest"]  # (version 4's)
+    older = Manifest.from_json(json.dumps(data, separators=(",", ":")), path="m.json")
+    assert older.version == 3 and older.excluded == v3.excluded
+    assert {c.algorithm for d in older.disks for c in [*d.checksums, *d.blocks]} == {"xxh3-128"}
+    data["version"] = 5
+    with pytest.raises(RepositoryError, match=r"version: unsupported \(this agent reads 1 to 4\)"):
         Manifest.from_json(json.dumps(data, separators=(",", ":")), path="m.json")
 
 
@@ -1437,12 +1560,12 @@ class _Layers:
             command = command or f"write -q -P {fill:#x} {offset} {length}"
             _run(QEMU_IO, "-f", "qcow2", "-c", command, staging / image)
             self.content[offset : offset + length] = bytes([fill]) * length
-            checksums.append(RangeChecksum(offset, length, _sha(fill, length)))
+            checksums.append(RangeChecksum(offset, length, _sha(fill, length, offset)))
             start = offset - offset % BLOCK
             if (offset, length) != (start, min(BLOCK, RAW_SIZE - start)):
                 parts.add(start)
         blocks = tuple(
-            RangeChecksum(o, n, digest_of(bytes(self.content[o : o + n])))
+            RangeChecksum(o, n, digest_of(bytes(self.content[o : o + n]), o))
             for o in sorted(parts)
             for n in [min(BLOCK, RAW_SIZE - o)]
         )
@@ -1518,9 +1641,9 @@ async def test_retention_merges_a_chain_of_layers_into_an_image_that_describes_i
     assert (disk.mode, disk.backing, disk.block_size, disk.blocks) == ("full", None, BLOCK, ())
     # Every block that is not zero at that point, whole, its newest checksum; nothing else.
     assert _blocks_of(merged) == {
-        0: _sha(0x31, BLOCK),
-        BLOCK: _sha(0x41, BLOCK),
-        last: digest_of(now_last),
+        0: _sha(0x31, BLOCK, 0),
+        BLOCK: _sha(0x41, BLOCK, BLOCK),
+        last: digest_of(now_last, last),
     }
     assert [c.length for c in disk.checksums] == [BLOCK, BLOCK, MiB]
     assert await layers.assert_all_restore(tmp_path) == ids[1:]
@@ -1533,7 +1656,11 @@ async def test_retention_merges_a_chain_of_layers_into_an_image_that_describes_i
     described = describe(chain)
     assert described is not None
     block_1 = b"\x41" * PIECE + b"\x52" * PIECE + b"\x41" * (BLOCK - 2 * PIECE)
-    expected = {0: _sha(0x51, BLOCK), BLOCK: digest_of(block_1), last: digest_of(now_last)}
+    expected = {
+        0: _sha(0x51, BLOCK, 0),
+        BLOCK: digest_of(block_1, BLOCK),
+        last: digest_of(now_last, last),
+    }
     assert {o: c.digest for o, c in described.items()} == expected
     # Merged again: the newest point, standalone, describes the same blocks, whole.
     assert await repo.apply_retention(DOMAIN, 1) == ids[1:2]
@@ -1556,6 +1683,6 @@ async def test_a_merged_chain_that_did_not_describe_its_blocks_no_longer_claims_
     merged = await repo.backup(DOMAIN, ids[1])
     assert (merged.disks[0].backing, merged.disks[0].block_size) == (None, None)
     # Its own checksums still hold for what it wrote (verify reads them in the image).
-    assert _blocks_of(merged) == {BLOCK: _sha(0x41, BLOCK)}
+    assert _blocks_of(merged) == {BLOCK: _sha(0x41, BLOCK, BLOCK)}
     assert await layers.assert_all_restore(tmp_path) == ids[1:]
     assert await repo.verify(DOMAIN) == []

@@ -7,17 +7,23 @@ bottom image only)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from agent.core.errors import RepositoryError
 from agent.repository.store import Repository
+from agent.repository.windows import window_digest
 from tests.guest_model import KiB, MiB, assert_restores, config, started_guest
 from tests.harness import running_agent
 from tests.test_backup_live import flip_byte
 from tests.testbed.domains import DiskSpec, DomainFactory
 
 pytestmark = pytest.mark.libvirt
+
+REPO = Path(__file__).resolve().parents[1]
 
 # (offset, length, pattern) written before each of five backups: the full's data, then
 # an incremental each; the second one overwrites part of the full's first 2 MiB range.
@@ -124,3 +130,52 @@ async def test_damage_retention_finds_breaks_the_chain_and_the_job_says_so(
             done = await run.agent.backups.run(healthy.td.uuid)
             assert done.retention_refused is None
         assert len(await repo.backups(healthy.td.name)) == 2
+
+
+async def test_each_point_keeps_its_digest_and_restore_checks_it(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    """Every point of a qcow2 disk and of a raw one (stored as what changed) records the
+    digest of the whole disk as the guest held it; the documented command recomputes it
+    from a restore; a merge keeps it; and a restore whose result does not match it (a
+    byte rotted in the merged image) fails, leaving nothing behind."""
+    cfg = config(tmp_path, retention={"keep_last": 2})
+    async with running_agent(cfg) as run:
+        guest = await started_guest(
+            run, domain_factory, [DiskSpec("vda"), DiskSpec("vdb", format="raw")]
+        )
+        name, repo = guest.td.name, run.agent.backups.repository
+        digests: dict[tuple[str, str], str] = {}
+        writes = [(0, 3 * MiB, 0xC0), (1 * MiB, 64 * KiB, 0xC1), (9 * MiB, 200 * KiB, 0xC2)]
+        for offset, length, pattern in writes:
+            for target in ("vda", "vdb"):
+                await guest.write(target, offset, length, pattern)
+            result = await run.agent.backups.run(guest.td.uuid)
+            held = guest.snapshot()
+            for target in ("vda", "vdb"):
+                disk = next(d for d in result.disks if d.target == target)
+                assert disk.point_digest == window_digest(held[target], 0), (target, result)
+                digests[(result.backup_id, target)] = disk.point_digest
+            for manifest in await repo.backups(name):  # merged ones keep theirs
+                for disk in manifest.disks:
+                    assert disk.point_digest == digests[(manifest.backup_id, disk.target)]
+        oldest = (await repo.backups(name))[0]
+        assert oldest.merged_from, "retention merged"
+        for target in ("vda", "vdb"):
+            restored = tmp_path / f"{target}.raw"
+            await repo.restore(name, oldest.backup_id, target, restored, fmt="raw")
+            shown = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, str(REPO / "scripts" / "point-digest"), str(restored)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            )
+            assert shown.stdout.strip() == digests[(oldest.backup_id, target)]
+        image = tmp_path / "repo" / name / "backups" / oldest.backup_id / "vda.qcow2"
+        await asyncio.to_thread(flip_byte, image, 2 * MiB + 5)
+        dest = tmp_path / "rotten.qcow2"
+        with pytest.raises(RepositoryError, match="digest"):
+            await repo.restore(name, oldest.backup_id, "vda", dest)
+        assert not dest.exists() and not dest.with_name(dest.name + ".part").exists()

@@ -43,6 +43,7 @@ from agent.nbd.client import NbdClient
 from agent.nbd.wire import STATE_DIRTY, STATE_ZERO, Extent
 from agent.repository.blocks import zero_digest
 from agent.repository.manifest import RangeChecksum, digest_of
+from agent.repository.windows import WINDOW, window_sum
 
 T = TypeVar("T")
 
@@ -83,6 +84,55 @@ def runs_to_copy(allocation: Sequence[Extent], dirty: Sequence[Extent] | None) -
                 _append(runs, Run(lo, hi - lo, bool(e.flags & STATE_ZERO)))
             index += 1
     return runs
+
+
+def aligned(runs: Sequence[Run], size: int, window: int = WINDOW) -> list[Run]:
+    """``runs`` (sorted, disjoint) widened to whole windows (the last cut at the disk's
+    end, ``size``): a window any run touches is read whole, unless zero runs cover all
+    of it (then it is written as zeroes). So every checksum's range starts and ends on a
+    window, and a point's digest is the sum of its ranges' (:mod:`agent.repository.windows`).
+    What a window holds beyond its runs is read from the export as it is at this point:
+    on an increment, the bytes that did not change, written again unchanged."""
+    out: list[Run] = []
+    current: list[int] | None = None  # [window index, bytes of zero runs in it, any data]
+
+    def flush() -> None:
+        assert current is not None
+        start = current[0] * window
+        length = min(size, start + window) - start
+        _append(out, Run(start, length, not current[2] and current[1] == length))
+
+    for run in runs:
+        start, end = run.offset, run.offset + run.length
+        first, last = start // window, (end - 1) // window
+        if current is not None and current[0] != first:
+            flush()
+            current = None
+        if current is None:
+            current = [first, 0, 0]
+        in_first = min(end, (first + 1) * window) - start
+        current[1] += in_first if run.zero else 0
+        current[2] |= not run.zero
+        if first == last:
+            continue
+        flush()
+        if last > first + 1:  # whole windows, all of them this run's
+            _append(out, Run((first + 1) * window, (last - first - 1) * window, run.zero))
+        in_last = end - last * window
+        current = [last, in_last if run.zero else 0, int(not run.zero)]
+    if current is not None:
+        flush()
+    return out
+
+
+@dataclass
+class PointSums:
+    """What a copy changes in the point's digest: the terms of the windows it wrote,
+    as they were before (``old``: read from the layer being written, through its
+    backing; 0 on a standalone image) and as written (``new``)."""
+
+    old: int = 0
+    new: int = 0
 
 
 def blocks_to_read(allocation: Sequence[Extent], size: int, block: int) -> list[Run]:
@@ -195,6 +245,8 @@ async def copy_runs(
     progress: Callable[[int], None] | None = None,
     previous: Mapping[int, str] | None = None,
     blocks: list[RangeChecksum] | None = None,
+    sums: PointSums | None = None,
+    read_old: bool = False,
 ) -> list[RangeChecksum]:
     """Copy ``runs`` from ``sources`` to ``targets`` (each: one export, one or more connections).
 
@@ -202,7 +254,10 @@ async def copy_runs(
     digest of each block the previous point holds, by offset; a block not in it is
     zero), ``runs`` are whole blocks (:func:`blocks_to_read`), and only the pieces whose
     content differs are written; the digest of each block written only in part is
-    appended to ``blocks`` (a block written whole has its checksum). A failure of any
+    appended to ``blocks`` (a block written whole has its checksum). ``sums`` gets the
+    old and new terms of what is written (runs must be whole windows, :func:`aligned`);
+    with ``read_old`` the old bytes are read from the target first (an increment, whose
+    target reads its parent's data where it has none of its own). A failure of any
     worker cancels the others and is raised; nothing is retried here.
     """
     sinks = [targets] if isinstance(targets, NbdClient) else list(targets)
@@ -212,7 +267,10 @@ async def copy_runs(
         raise ValueError(f"blocks of up to {max(r.length for r in runs)} bytes, requests {size}")
     # Buffers as large as the largest data chunk: an incremental's scattered 64 KiB
     # runs need no 2 MiB buffers (whose zeroing alone costs page faults).
-    longest = max((r.length for r in runs if not r.zero or previous is not None), default=0)
+    # (With read_old a zero run's old bytes are read too.)
+    longest = max(
+        (r.length for r in runs if not r.zero or previous is not None or read_old), default=0
+    )
     workers = (_Workers if previous is None else _BlockWorkers)(
         sources,
         sinks,
@@ -223,8 +281,12 @@ async def copy_runs(
         limit=limit,
         progress=progress,
         previous=previous,
+        read_old=read_old,
     )
     await together([workers.work(index) for index in range(max(1, in_flight))])
+    if sums is not None:
+        sums.old += workers.old_sum
+        sums.new += workers.new_sum
     workers.checksums.sort(key=lambda c: c.offset)
     if blocks is not None:
         blocks += sorted(workers.blocks, key=lambda c: c.offset)
@@ -247,8 +309,12 @@ class _Workers:
         limit: RateLimit | None,
         progress: Callable[[int], None] | None,
         previous: Mapping[int, str] | None = None,
+        read_old: bool = False,
     ) -> None:
         self._previous = previous
+        self._read_old = read_old
+        self.old_sum = 0
+        self.new_sum = 0
         self._sources = sources
         self._sinks = sinks
         self._pending = pending
@@ -265,9 +331,14 @@ class _Workers:
         source = self._sources[index % len(self._sources)]
         target = self._sinks[index % len(self._sinks)]
         buffer = memoryview(bytearray(self._buffer_size))
+        old = memoryview(bytearray(self._buffer_size if self._read_old else 0))
         for run in self._pending:  # a shared iterator: each chunk goes to exactly one worker
             if self._limit is not None:
                 await self._limit.take(run.length)
+            if self._read_old:  # what the point's digest loses: the parent's bytes here
+                was = old[: run.length]
+                await target.read_into(run.offset, was)
+                self.old_sum += window_sum(was, run.offset)
             if run.zero:
                 await target.write_zeroes(run.offset, run.length, punch_hole=self._punch_holes)
                 digest = zero_digest(run.length)
@@ -276,8 +347,9 @@ class _Workers:
                 await self._read(view, run.offset, source)
                 # XXH3 hashes a 2 MiB chunk in about a tenth of a millisecond: on the
                 # copy's own loop, cheaper than any hop to a worker thread.
-                digest = digest_of(view)
+                digest = digest_of(view, run.offset)
                 await target.write(run.offset, view)
+            self.new_sum += int(digest, 16)
             self.checksums.append(RangeChecksum(run.offset, run.length, digest))
             if self._progress is not None:
                 self._progress(run.length)
@@ -317,7 +389,7 @@ class _BlockWorkers(_Workers):
                 digest = zero_digest(run.length)
             else:
                 await self._read(view, run.offset, source)
-                digest = digest_of(view)
+                digest = digest_of(view, run.offset)
             before = self._previous.get(run.offset)
             if digest != (before or zero_digest(run.length)):
                 if run.zero:
@@ -342,10 +414,13 @@ class _BlockWorkers(_Workers):
         changed: list[tuple[int, int, bool]] = []  # (start, end, zero) within the block
         for start in range(0, run.length, PIECE):
             end = min(start + PIECE, run.length)
-            now = digest_of(view[start:end])
-            then = zero_digest(end - start) if was is None else digest_of(was[start:end])
+            at = run.offset + start
+            now = digest_of(view[start:end], at)
+            then = zero_digest(end - start) if was is None else digest_of(was[start:end], at)
             if now == then:
                 continue
+            self.old_sum += int(then, 16)
+            self.new_sum += int(now, 16)
             zero = now == zero_digest(end - start)
             if changed and changed[-1][1] == start and changed[-1][2] == zero:
                 changed[-1] = (changed[-1][0], end, zero)
@@ -358,7 +433,8 @@ class _BlockWorkers(_Workers):
                 self.checksums.append(RangeChecksum(offset, length, zero_digest(length)))
             else:
                 await target.write(offset, view[start:end])
-                self.checksums.append(RangeChecksum(offset, length, digest_of(view[start:end])))
+                digest_written = digest_of(view[start:end], offset)
+                self.checksums.append(RangeChecksum(offset, length, digest_written))
         if [(start, end) for start, end, _ in changed] != [(0, run.length)]:
             # Written in part (or, were the layer below not what its manifest says, not
             # at all): what the block holds now is said beside the pieces' checksums.

@@ -19,8 +19,10 @@ import contextlib
 from collections.abc import Mapping
 
 from agent.backup.copy import (
+    PointSums,
     RateLimit,
     Run,
+    aligned,
     blocks_to_read,
     copy_runs,
     runs_to_copy,
@@ -42,6 +44,7 @@ from agent.qemu.qemu_nbd import serve_image
 from agent.repository.blocks import BLOCK, zero_digest
 from agent.repository.manifest import DiskManifest, Manifest, RangeChecksum
 from agent.repository.store import Repository
+from agent.repository.windows import ZERO, updated
 
 # A disk's staged image: its name, its backing (an increment's parent) and connections
 # to the qemu-nbd that serves it.
@@ -132,12 +135,15 @@ class DiskCopies:
                 raise _resized(disk, job, exported, size)
             image, backing, targets = opened
             runs = await _runs(sources[0], contexts, size if previous is not None else None)
+            if previous is None:  # (blocks are whole windows already)
+                runs = aligned(runs, size)
             if _overlay(disk):  # written through the page cache
                 runs = table_openers_first(runs)
             tally.expect(sum(r.length for r in runs))
             blocks: list[RangeChecksum] = []
+            sums = PointSums()
             checksums = await self._copy_runs(
-                disk, sources, targets, runs, limit, tally, previous, blocks
+                disk, sources, targets, runs, limit, tally, previous, blocks, sums
             )
         if previous is None:
             copied = sum(r.length for r in runs)
@@ -154,6 +160,7 @@ class DiskCopies:
             checksums=tuple(checksums),
             block_size=BLOCK if previous is not None else None,
             blocks=tuple(blocks),
+            point_digest=_point_digest(disk, parent, sums),
         )
 
     async def _connect_export(
@@ -212,6 +219,7 @@ class DiskCopies:
         tally: Tally,
         previous: Mapping[int, str] | None,
         blocks: list[RangeChecksum],
+        sums: PointSums,
     ) -> list[RangeChecksum]:
         settings = self._config.backup
         checksums = await copy_runs(
@@ -227,6 +235,10 @@ class DiskCopies:
             progress=tally.add,
             previous=previous,
             blocks=blocks,
+            sums=sums,
+            # An increment's old bytes, read through its parent (a layered disk's blocks
+            # read those they compare anyway).
+            read_old=_overlay(disk) and previous is None,
         )
         # The target advertises multi-conn whenever there are several connections:
         # one flush covers the writes completed on all of them.
@@ -241,6 +253,17 @@ def _resized(disk: DiskPlan, job: Job, exported: int, size: int) -> BackupError:
         code="disk-resized",
         domain=job.domain,
     )
+
+
+def _point_digest(disk: DiskPlan, parent: Manifest | None, sums: PointSums) -> str | None:
+    """The point's digest: the parent's (0 for a standalone image) minus what the copy
+    overwrote, plus what it wrote; None if the parent's is not known."""
+    if not _overlay(disk):
+        return updated(ZERO, sums.old, sums.new)
+    below = parent.disk(disk.target) if parent is not None else None
+    if below is None or below.point_digest is None:
+        return None
+    return updated(below.point_digest, sums.old, sums.new)
 
 
 def _overlay(disk: DiskPlan) -> bool:

@@ -30,20 +30,15 @@ from agent.repository.manifest import (
     DiskManifest,
     Manifest,
     RangeChecksum,
-    digest_of,
 )
+from agent.repository.windows import ZERO
 
 BLOCK: Final = 2 << 20  # bytes per compared block: one checksum per 2 MiB, as a full's
 
-_ZEROES: dict[int, str] = {}
-
 
 def zero_digest(length: int) -> str:
-    """The checksum of ``length`` zero bytes (cached: there are two lengths per disk)."""
-    digest = _ZEROES.get(length)
-    if digest is None:
-        digest = _ZEROES[length] = digest_of(bytes(length))
-    return digest
+    """The checksum of ``length`` zero bytes: 0, whatever the length (a window sum)."""
+    return ZERO
 
 
 def disk_chain(

@@ -8,63 +8,95 @@ manifest must still have a checksum for every byte any of them recorded, so that
 - a range of the newest image is kept as it is;
 - a range of an older image that no newer range touches is kept as it is (the merged
   image holds those bytes unchanged);
-- an older range that newer ones overwrite in part is hashed again, whole, from the
-  merged image (``rehash``; the newer ranges inside it are then left out, it covers
-  them): the cost of a merge follows what changed, not the disk, and the number of
-  checksums does not grow with every merge (ranges are never cut into pieces).
+- an older range that newer ones overwrite in part (a :class:`Partial`) keeps its extent
+  and gets a new checksum. A window sum (:mod:`agent.repository.windows`) is updated:
+  minus the terms of the 64 KiB windows that changed, read from the older image before
+  the merge, plus their terms in the merged image; so a merge reads what changed (and
+  at most a window more at each end of a change), never the rest of the older range.
+  A range with an older algorithm (plain XXH3-128, SHA-256) is hashed again, whole, from
+  the merged image, and from then on has a window sum. The newer ranges inside it are
+  left out (it covers them): the number of checksums does not grow with every merge.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from agent.repository.manifest import RangeChecksum
+from agent.repository.windows import ALGORITHM, WINDOW
+
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """An older range that newer ones overwrite in part: ``layer`` (its index in the
+    layers, newest first) wrote it; ``windows`` are the runs of its 64 KiB windows (cut
+    to the range) that newer ranges touch, in order, adjacent ones joined."""
+
+    checksum: RangeChecksum
+    layer: int
+    windows: tuple[tuple[int, int], ...]
+
+    @property
+    def updatable(self) -> bool:
+        """A window sum, updated from the windows that changed; else hashed whole."""
+        return self.checksum.algorithm == ALGORITHM
 
 
 def combine(
     layers: Sequence[Sequence[RangeChecksum]],
-) -> tuple[list[RangeChecksum], list[tuple[int, int, str]]]:
+) -> tuple[list[RangeChecksum], list[Partial]]:
     """``layers``' checksums (newest first; within one layer no two overlap) as those the
-    merged image keeps, and the ``(offset, length, algorithm)`` ranges to hash again."""
+    merged image keeps as they are, and the older ranges overwritten in part."""
     kept: list[RangeChecksum] = []
-    rehash: list[tuple[int, int, str]] = []
+    partial: list[Partial] = []
     covered = _Intervals()
-    for layer in layers:
+    for index, layer in enumerate(layers):
         for checksum in layer:
             start, end = checksum.offset, checksum.offset + checksum.length
             free = covered.uncovered(start, end)
             if free == [(start, end)]:
                 kept.append(checksum)
             elif free:
-                rehash.append((checksum.offset, checksum.length, checksum.algorithm))
+                windows = _windows(start, end, _complement(start, end, free))
+                partial.append(Partial(checksum, index, windows))
         for checksum in layer:  # (after the layer: its own ranges do not overlap)
             covered.add(checksum.offset, checksum.offset + checksum.length)
     again = _Intervals()
-    for offset, length, _ in rehash:
-        again.add(offset, offset + length)
-    # A kept range inside those hashed again says nothing they do not.
+    for p in partial:
+        again.add(p.checksum.offset, p.checksum.offset + p.checksum.length)
+    # A kept range inside those given a new checksum says nothing they do not.
     kept = [c for c in kept if again.uncovered(c.offset, c.offset + c.length)]
     kept.sort(key=lambda c: c.offset)
-    rehash.sort()
-    return kept, rehash
+    partial.sort(key=lambda p: p.checksum.offset)
+    return kept, partial
 
 
-def overwritten_in_part(
-    newer: Sequence[Sequence[RangeChecksum]], older: Sequence[RangeChecksum]
-) -> list[RangeChecksum]:
-    """The ranges of ``older`` that ranges of ``newer`` overwrite in part: what a merge
-    hashes again from the older image's bytes (:func:`combine`)."""
-    covered = _Intervals()
-    for layer in newer:
-        for checksum in layer:
-            covered.add(checksum.offset, checksum.offset + checksum.length)
-    found = []
-    for checksum in older:
-        start, end = checksum.offset, checksum.offset + checksum.length
-        if covered.uncovered(start, end) not in ([], [(start, end)]):
-            found.append(checksum)
-    return found
+def _complement(start: int, end: int, free: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``[start, end)`` outside ``free`` (sorted, disjoint, inside it)."""
+    parts, position = [], start
+    for lo, hi in free:
+        if lo > position:
+            parts.append((position, lo))
+        position = hi
+    if position < end:
+        parts.append((position, end))
+    return parts
+
+
+def _windows(
+    start: int, end: int, touched: Sequence[tuple[int, int]]
+) -> tuple[tuple[int, int], ...]:
+    """The windows of ``[start, end)`` that ``touched`` reaches, cut to it, joined."""
+    runs: list[tuple[int, int]] = []
+    for first, last in touched:
+        lo, hi = max(start, first // WINDOW * WINDOW), min(end, -(-last // WINDOW) * WINDOW)
+        if runs and lo <= runs[-1][1]:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], hi))
+        else:
+            runs.append((lo, hi))
+    return tuple(runs)
 
 
 class _Intervals:

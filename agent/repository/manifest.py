@@ -4,8 +4,10 @@
 fields refused (a newer writer must bump :data:`MANIFEST_VERSION`), and every error names
 the file and the field's path (``disks[0].checksums[3].digest: invalid value ...``).
 
-The file's shape is checked by pydantic models (:class:`_ManifestV3`, :class:`_ManifestV2`,
-:class:`_ManifestV1`, one per version: version 3 lists the disks left out of the backup
+The file's shape is checked by pydantic models (:class:`_ManifestV4`,
+:class:`_ManifestV3`, :class:`_ManifestV2`, :class:`_ManifestV1`, one per version:
+version 4 has the same shape as 3 and its checksums are window sums
+(:mod:`agent.repository.windows`), version 3 lists the disks left out of the backup
 (``excluded``) and a disk's ``block_size``, version 2 names each range's checksum
 algorithm, version 1 holds SHA-256 digests); the rules across fields (a range within the
 disk, a digest as long as its algorithm's, a mode's backing file, unique targets, whole
@@ -43,18 +45,20 @@ from pydantic import (
 from pydantic_core import ErrorDetails, core_schema
 
 from agent.core.errors import RepositoryError
+from agent.repository.windows import ALGORITHM, WindowDigest, window_digest
 
 MANIFEST_FORMAT: Final = "libvirt-backup-agent/backup"
-# 3: excluded disks, block_size; 2: per-range checksum algorithm (XXH3-128); 1: SHA-256
-MANIFEST_VERSION: Final = 3
-CHECKSUM: Final = "xxh3-128"
+# 4: window sums (xxh3-128-w64k); 3: excluded disks, block_size; 2: per-range checksum
+# algorithm (XXH3-128); 1: SHA-256
+MANIFEST_VERSION: Final = 4
+CHECKSUM: Final = ALGORITHM
 MANIFEST_FILE: Final = "manifest.json"
 
 BACKUP_ID_RE: Final = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
 NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 BACKING_RE: Final = re.compile(r"\.\./(?P<id>[^/]+)/(?P<image>[^/]+)")
 # The checksum algorithms manifests may name, and how many hex digits their digests have.
-_DIGEST_LENGTHS: Final = {"sha256": 64, "xxh3-128": 32}
+_DIGEST_LENGTHS: Final = {"sha256": 64, "xxh3-128": 32, ALGORITHM: 32}
 _MODES: Final = ("full", "incremental")
 
 
@@ -71,10 +75,13 @@ class RangeChecksum:
     """The checksum (``algorithm``, hex ``digest``) of the bytes written at
     ``[offset, offset + length)`` into one image.
 
-    New backups use XXH3-128: it finds corruption as surely as SHA-256 and costs a
-    hundredth of its CPU, which on a busy host is what a full backup is short of. (A
-    checksum next to the data cannot stop anyone able to rewrite both anyway.)
-    Manifests of version 1 carry SHA-256, and are still verified with it.
+    New backups use a sum of XXH3-128 terms over the range's 64 KiB windows
+    (:mod:`agent.repository.windows`): XXH3 finds corruption as surely as SHA-256 and
+    costs a hundredth of its CPU, which on a busy host is what a full backup is short
+    of, and a sum can be updated when a merge overwrites part of the range. (A checksum
+    next to the data cannot stop anyone able to rewrite both anyway.) Manifests of
+    versions 2 and 3 carry plain XXH3-128 of each range, those of version 1 SHA-256;
+    both are still verified with theirs.
     """
 
     offset: int
@@ -83,8 +90,10 @@ class RangeChecksum:
     algorithm: str = CHECKSUM
 
 
-def new_digest(algorithm: str) -> Digest:
-    """A fresh incremental hash object for ``algorithm``."""
+def new_digest(algorithm: str, offset: int = 0) -> Digest:
+    """A fresh incremental hash object for ``algorithm``, of bytes from ``offset`` on."""
+    if algorithm == ALGORITHM:
+        return WindowDigest(offset)
     if algorithm == "xxh3-128":
         return xxhash.xxh3_128()
     if algorithm == "sha256":
@@ -92,9 +101,10 @@ def new_digest(algorithm: str) -> Digest:
     raise RepositoryError(f"unknown checksum algorithm {algorithm!r}")
 
 
-def digest_of(data: bytes | memoryview) -> str:
-    """The checksum new backups record for ``data`` (:data:`CHECKSUM`)."""
-    return xxhash.xxh3_128_hexdigest(data)
+def digest_of(data: bytes | bytearray | memoryview, offset: int) -> str:
+    """The checksum new backups record for ``data``, the bytes at ``offset`` in the disk
+    (:data:`CHECKSUM`)."""
+    return window_digest(data, offset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +123,13 @@ class DiskManifest:
     chain, the newest for each block, describe every block of the disk that is not all
     zeroes. Such an image is ``full`` (all of the disk was read) and may still have a
     backing: the previous point, which holds what did not change.
+
+    ``point_digest`` is the window sum (:mod:`agent.repository.windows`) of the whole
+    disk at this point, as a restore of it reads (None where it is not known: a backup
+    of version 3 or older, or one on such a parent). A full's is the sum of its ranges'
+    checksums; an increment's, its parent's minus the old terms of the windows it
+    wrote, plus their new terms; a merge keeps it (the point's bytes do not change).
+    ``restore`` checks it before it reports success.
     """
 
     target: str
@@ -125,6 +142,7 @@ class DiskManifest:
     checksums: tuple[RangeChecksum, ...]
     block_size: int | None = None
     blocks: tuple[RangeChecksum, ...] = ()
+    point_digest: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +345,13 @@ class _DiskV3(_DiskV2):
         return dataclasses.replace(parsed, block_size=self.block_size, blocks=self.blocks)
 
 
+class _DiskV4(_DiskV3):
+    point_digest: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] | None
+
+    def parsed(self) -> DiskManifest:
+        return dataclasses.replace(super().parsed(), point_digest=self.point_digest)
+
+
 class _Excluded(_Strict):
     target: _Name
     reason: Annotated[str, Field(min_length=1)]
@@ -404,7 +429,18 @@ class _ManifestV3(_ManifestV2):
         return dataclasses.replace(super().parsed(), excluded=excluded)
 
 
-_MODELS: Final[dict[int, type[_ManifestV2]]] = {1: _ManifestV1, 2: _ManifestV2, 3: _ManifestV3}
+class _ManifestV4(_ManifestV3):
+    VERSION: ClassVar[int] = 4  # window sums, and each disk's point_digest
+
+    disks: tuple[_DiskV4, ...]
+
+
+_MODELS: Final[dict[int, type[_ManifestV2]]] = {
+    1: _ManifestV1,
+    2: _ManifestV2,
+    3: _ManifestV3,
+    4: _ManifestV4,
+}
 _VERSION_RE: Final = re.compile(r'"version": (\d+),')
 
 
@@ -423,7 +459,7 @@ def _validated(text: str) -> _ManifestV2:
     """The document validated by its version's model (raises _FieldError, ValueError)."""
     # The writer puts the version first: a guess of the model, which checks it anyway.
     guess = _VERSION_RE.search(text[:200])
-    model = _MODELS.get(int(guess.group(1)) if guess else MANIFEST_VERSION, _ManifestV3)
+    model = _MODELS.get(int(guess.group(1)) if guess else MANIFEST_VERSION, _ManifestV4)
     try:
         return model.model_validate_json(text)
     except ValidationError as exc:

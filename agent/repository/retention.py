@@ -14,9 +14,13 @@ the job from the intent):
    (logged; the repository's listing names it). Unfinished, every kept backup still
    restores (those it drops are hidden from listings: see below).
 1. verify what the merges read (:meth:`Retention.preflight`: every layer they commit, and
-   the ranges of a bottom image they hash again): corrupt data is never baked into a new
-   base, nor a checksum taken of it.
-2. write ``retention.json`` (the ids to drop) atomically. Before it nothing has changed.
+   the ranges of a bottom image with an older checksum algorithm that they hash again
+   whole): corrupt data is never baked into a new base, nor a checksum taken of it. And
+   read, of every older range the layers above overwrite in part, the windows that
+   change (:mod:`.coverage`): their terms, summed, are what step 4 takes out of its
+   checksum (once the merge has run they are gone from the images).
+2. write ``retention.json`` (the ids to drop, and those sums) atomically. Before it
+   nothing has changed.
 3. per kept backup that depends on a dropped one, per such disk: commit its chain into
    the bottom image B (a dropped one; ``-d`` leaves every layer above as it was, so the
    kept image reads the same throughout: where a layer above has data it is read, and
@@ -28,7 +32,8 @@ the job from the intent):
    same data written again).
 4. write the new manifest (``parent`` null, those disks' ``backing`` null, ``merged_from``,
    and checksums covering every range any layer of the chain recorded: :mod:`.coverage`,
-   ranges partly overwritten hashed again, whole, from the merged image) and rename it over the
+   a range partly overwritten updated from the windows that changed, read in the merged
+   image, or hashed again whole if its algorithm is an older one) and rename it over the
    old one: this commits the merge of that backup.
 5. per dropped backup, newest first: rename to ``.dropped-<id>`` (it vanishes from
    listings at once, never half-deleted), then delete. Nothing kept refers to it any more
@@ -61,7 +66,7 @@ from agent.core.blocking import Filesystem
 from agent.core.errors import RepositoryError
 from agent.core.faults import Faults
 from agent.repository.blocks import describe, disk_chain
-from agent.repository.coverage import combine, overwritten_in_part
+from agent.repository.coverage import Partial, combine
 from agent.repository.layers import QemuImg
 from agent.repository.layout import (
     DROPPED_PREFIX,
@@ -80,12 +85,14 @@ from agent.repository.listing import Damage, Listing, read_listing
 from agent.repository.manifest import (
     BACKING_RE,
     BACKUP_ID_RE,
+    CHECKSUM,
     MANIFEST_FILE,
     DiskManifest,
     Manifest,
     RangeChecksum,
 )
 from agent.repository.verify import LayerInfoReader, Problem, Verifier
+from agent.repository.windows import MODULUS, as_hex, updated
 
 _T = TypeVar("_T")
 
@@ -128,16 +135,21 @@ class Retention:
         self._layer_info = layer_info
         self._faults = faults
 
-    async def preflight(self, manifests: Sequence[Manifest], drop: Sequence[str]) -> list[Problem]:
+    async def preflight(
+        self, manifests: Sequence[Manifest], drop: Sequence[str]
+    ) -> tuple[list[Problem], dict[str, str]]:
         """What is wrong in what the merges of dropping ``drop`` read (step 1): every
-        layer they commit, whole, and of each bottom image the ranges they hash again.
-        Not the rest of a bottom image: it is not rewritten, and its checksums stay in
-        the merged manifest, where verify finds any damage as before. So this costs
-        what changed too, never the disk."""
+        layer they commit, whole, and of each bottom image the ranges with an older
+        algorithm they hash again; and the sums of the windows that change of every
+        older range overwritten in part (by :func:`_sum_key`). Not the rest of a bottom
+        image: it is not rewritten, and its checksums stay in the merged manifest, where
+        verify finds any damage as before. So this costs what changed too, never the
+        disk."""
         by_id = {m.backup_id: m for m in manifests}
         dropped = set(drop)
         verifier = Verifier(self._qemu, self._layer_info)
         problems: list[Problem] = []
+        sums: dict[str, str] = {}
         for manifest in manifests:
             if manifest.backup_id in dropped or not _depends_on(manifest, dropped):
                 continue
@@ -147,21 +159,40 @@ class Retention:
                 layers = self._layers(manifest, disk, by_id)
                 for path, layer in layers[:-1]:
                     problems += await verifier.disk(path.parent, path.parent.name, layer)
-                path, bottom = layers[-1]
-                reread = overwritten_in_part(
-                    [d.checksums for _, d in layers[:-1]], bottom.checksums
-                )
-                if bottom.block_size is None and reread:
-                    found, _ = await verifier.standalone(path, reread)
+                if disk.block_size is not None:  # (merged by its blocks: .blocks)
+                    continue
+                _, partial = combine([d.checksums for _, d in layers])
+                bottom, _ = layers[-1]
+                whole = [
+                    p.checksum for p in partial if not p.updatable and p.layer == len(layers) - 1
+                ]
+                if whole:
+                    found, _ = await verifier.standalone(bottom, whole)
                     problems += [
-                        Problem(path.parent.name, disk.target, path, c.offset, c.length, message)
-                        for c, message in found
+                        Problem(bottom.parent.name, disk.target, bottom, c.offset, c.length, why)
+                        for c, why in found
                     ]
-        return problems
+                for index, (path, _) in enumerate(layers):
+                    mine = [p for p in partial if p.updatable and p.layer == index]
+                    if not mine:
+                        continue
+                    try:
+                        extents = await self._qemu.layer_map(path)
+                        old = await _window_sums(verifier, path, mine, extents)
+                    except RepositoryError as exc:
+                        first = mine[0].windows[0][0]
+                        problems.append(
+                            Problem(path.parent.name, disk.target, path, first, None, str(exc))
+                        )
+                        continue
+                    for p, value in zip(mine, old, strict=True):
+                        sums[_sum_key(path, p.checksum)] = value
+        return problems, sums
 
     async def run(self, drop: Sequence[str]) -> None:
         """Steps 3-6; idempotent, so a redo after a crash at any point finishes the job."""
         backups_dir = self._backups_dir
+        sums = await self._io("read the retention intent", _read_sums, self._intent)
         listing = await self._io("read manifests", read_listing, backups_dir)
         damaged = undropped_damage(listing, drop)
         if damaged:  # (the repository checks first, and says so; see its docstring)
@@ -180,7 +211,7 @@ class Retention:
         need = sum(_above_bottom(m, d, by_id) for m in merges for d in m.disks)
         async with self._reserve(need):
             for manifest in merges:
-                await self._merge_backup(manifest, by_id, drop)
+                await self._merge_backup(manifest, by_id, drop, sums)
         # Newest first: a dropped backup still listed after a crash keeps its whole chain
         # (only older backups), so every listed backup restores at every moment.
         for backup_id in reversed(drop):
@@ -192,7 +223,11 @@ class Retention:
         await self._io("remove the retention intent", _remove_durably, self._intent)
 
     async def _merge_backup(
-        self, manifest: Manifest, by_id: dict[str, Manifest], drop: Sequence[str]
+        self,
+        manifest: Manifest,
+        by_id: dict[str, Manifest],
+        drop: Sequence[str],
+        sums: dict[str, str],
     ) -> None:
         directory = self._backups_dir / manifest.backup_id
         merge_dir = self._backups_dir / f"{MERGE_PREFIX}{manifest.backup_id}"
@@ -211,7 +246,7 @@ class Retention:
                 # (a disk's blocks along its chain: CPU work, off the loop)
                 disks.append(await asyncio.to_thread(_merged_disk, disk, manifest, by_id))
             else:
-                disks.append(await self._covered(live, disk, layers))
+                disks.append(await self._covered(live, disk, layers, sums))
         merged = dataclasses.replace(
             manifest,
             parent=None if manifest.parent in drop else manifest.parent,
@@ -270,15 +305,37 @@ class Retention:
         self._faults(f"retention:replaced:{backup_id}:{disk.target}")
 
     async def _covered(
-        self, live: Path, disk: DiskManifest, layers: list[tuple[Path, DiskManifest]]
+        self,
+        live: Path,
+        disk: DiskManifest,
+        layers: list[tuple[Path, DiskManifest]],
+        sums: dict[str, str],
     ) -> DiskManifest:
-        """The merged disk's manifest: a checksum for every range of the chain (step 4)."""
-        kept, rehash = combine([d.checksums for _, d in layers])
+        """The merged disk's manifest: a checksum for every range of the chain (step 4).
+        A range overwritten in part is updated with the windows that changed: minus their
+        sum before the merge (``sums``, taken by :meth:`preflight`), plus their sum in
+        the merged image; without a sum (an older algorithm, an intent written by an
+        earlier version) it is hashed again whole."""
+        kept, partial = combine([d.checksums for _, d in layers])
         verifier = Verifier(self._qemu, self._layer_info)
-        extents = await self._qemu.layer_map(live) if rehash else []
-        for offset, length, algorithm in rehash:
-            digest = await verifier.digest(live, extents, offset, length, algorithm)
-            kept.append(RangeChecksum(offset, length, digest, algorithm))
+        extents = await self._qemu.layer_map(live) if partial else []
+        olds = [sums.get(_sum_key(layers[p.layer][0], p.checksum)) for p in partial]
+        # Those with an old sum: the new one of their windows; the others hashed whole.
+        update = [p for p, old in zip(partial, olds, strict=True) if p.updatable and old]
+        whole = [p for p, old in zip(partial, olds, strict=True) if not (p.updatable and old)]
+        news = iter(await _window_sums(verifier, live, update, extents))
+        hashed = iter(
+            await verifier.digests(
+                live, extents, [(p.checksum.offset, p.checksum.length) for p in whole], CHECKSUM
+            )
+        )
+        for p, old in zip(partial, olds, strict=True):
+            c = p.checksum
+            if p.updatable and old:
+                digest = updated(c.digest, int(old, 16), int(next(news), 16))
+            else:
+                digest = next(hashed)
+            kept.append(RangeChecksum(c.offset, c.length, digest, CHECKSUM))
         kept.sort(key=lambda c: c.offset)
         return dataclasses.replace(disk, backing=None, checksums=tuple(kept))
 
@@ -286,6 +343,21 @@ class Retention:
         if self._fs is None:
             return await asyncio.to_thread(fn, *args)
         return await self._fs.call(what, fn, *args)
+
+
+def _sum_key(image: Path, checksum: RangeChecksum) -> str:
+    """Where a range's old window sum is kept in the intent: ``<backup>/<image>@<offset>``."""
+    return f"{image.parent.name}/{image.name}@{checksum.offset}"
+
+
+async def _window_sums(
+    verifier: Verifier, image: Path, partials: Sequence[Partial], extents: Sequence[Any]
+) -> list[str]:
+    """For each of ``partials``, the sum of the terms of its windows in ``image`` (with
+    these extents): all of them read in one batch."""
+    ranges = [(start, end - start) for p in partials for start, end in p.windows]
+    found = iter(await verifier.digests(image, extents, ranges, CHECKSUM) if ranges else [])
+    return [as_hex(sum(int(next(found), 16) for _ in p.windows) % MODULUS) for p in partials]
 
 
 @contextlib.asynccontextmanager
@@ -382,9 +454,30 @@ def _merged_from(
     return tuple(dict.fromkeys([*ids, *manifest.merged_from]))
 
 
-def _write_intent(path: Path, drop: Sequence[str]) -> None:
-    intent = {"format": INTENT_FORMAT, "version": INTENT_VERSION, "drop": list(drop)}
+def _write_intent(path: Path, drop: Sequence[str], sums: dict[str, str] | None = None) -> None:
+    intent = {
+        "format": INTENT_FORMAT,
+        "version": INTENT_VERSION,
+        "drop": list(drop),
+        "window_sums": dict(sums or {}),  # (read by this version on; others ignore it)
+    }
     _write_durably(path, json.dumps(intent, indent=2) + "\n")
+
+
+def _read_sums(path: Path) -> dict[str, str]:
+    """The window sums the intent keeps ({} without any: hashed whole, then)."""
+    with _os_errors("cannot read", path), contextlib.suppress(FileNotFoundError):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise RepositoryError(f"retention intent {path} is malformed: {exc}") from exc
+        sums = data.get("window_sums", {}) if isinstance(data, dict) else {}
+        if isinstance(sums, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and len(v) == 32 for k, v in sums.items()
+        ):
+            return sums
+        raise RepositoryError(f"retention intent {path}: malformed window_sums", path=str(path))
+    return {}
 
 
 def _read_intent(path: Path) -> list[str] | None:

@@ -430,7 +430,15 @@ class Repository:
             have = ", ".join(d.target for d in manifest.disks)
             raise RepositoryError(f"backup {backup_id} has no disk {target!r} (it has {have})")
         source = self._backups_dir(domain) / backup_id / disk.image
-        await restore_image(self._qemu, source, dest, fmt=fmt, mode=mode, progress=progress)
+        await restore_image(
+            self._qemu,
+            source,
+            dest,
+            fmt=fmt,
+            mode=mode,
+            progress=progress,
+            expected=disk.point_digest,
+        )
 
     # -- verify -------------------------------------------------------------------------
 
@@ -479,7 +487,8 @@ class Repository:
                     path=str(first.path),
                 )
             drop, _ = plan(manifests, keep_last)
-            if problems := await self._retention(domain).preflight(manifests, drop):
+            problems, sums = await self._retention(domain).preflight(manifests, drop)
+            if problems:
                 # Kept, and named from now on: the next backups of those disks are full.
                 await self.mark_damaged(problems)
                 raise RetentionRefusedError(
@@ -488,7 +497,7 @@ class Repository:
                     path=str(problems[0].image),
                 )
             intent = self._domain_dir(domain) / INTENT_FILE
-            await self.fs.call("write the retention intent", _write_intent, intent, drop)
+            await self.fs.call("write the retention intent", _write_intent, intent, drop, sums)
             self._faults("retention:intent-written")
             await self._retention(domain).run(drop)
             return drop

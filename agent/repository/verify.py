@@ -18,6 +18,7 @@ What is found is a list of :class:`Problem`, with what a listing found damaged
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import os
 import tempfile
@@ -38,8 +39,10 @@ from agent.repository.manifest import (
     RangeChecksum,
     new_digest,
 )
+from agent.repository.windows import WindowDigest
 
 _CHUNK: Final = 1 << 20  # bytes read (or zeros hashed) per step when checking a range
+_BATCH: Final = 64 << 20  # bytes of data hashed per thread call (many small ranges at once)
 _FALLBACK_CHUNK: Final = 64 << 20  # bound on one temporary raw file of a compressed extent
 
 LayerInfoReader = Callable[[Path], Awaitable[_LayerInfo]]
@@ -141,11 +144,12 @@ class Verifier:
         except RepositoryError as exc:
             return [Problem(backup_id, disk.target, path, None, None, str(exc))]
         overlay = info.backing is not None
-        for checksum in disk.checksums:
-            if message := await self._check_range(path, extents, checksum, overlay=overlay):
-                problems.append(
-                    Problem(backup_id, disk.target, path, checksum.offset, checksum.length, message)
-                )
+        for checksum, message in await self._check_ranges(
+            path, extents, disk.checksums, overlay=overlay
+        ):
+            problems.append(
+                Problem(backup_id, disk.target, path, checksum.offset, checksum.length, message)
+            )
         return problems
 
     async def structure(
@@ -194,59 +198,109 @@ class Verifier:
         """The ``checksums`` that do not match the standalone image ``path``, each with
         what is wrong, and the image's extents (for :meth:`digest`)."""
         extents = await self._qemu.layer_map(path)
-        found = []
-        for checksum in checksums:
-            if message := await self._check_range(path, extents, checksum, overlay=False):
-                found.append((checksum, message))
-        return found, extents
+        return await self._check_ranges(path, extents, checksums, overlay=False), extents
 
     async def digest(
         self, path: Path, extents: Sequence[_Extent], offset: int, length: int, algorithm: str
     ) -> str:
         """The checksum of ``[offset, offset + length)`` of the standalone image ``path``;
         RepositoryError if it cannot be read."""
-        try:
-            return await self._digest(path, extents, offset, length, algorithm, overlay=False)
-        except _UnreadableError as exc:
-            raise RepositoryError(f"{path} [{offset}, {offset + length}): {exc}") from exc
+        [found] = await self.digests(path, extents, [(offset, length)], algorithm)
+        return found
 
-    async def _digest(
+    async def digests(
         self,
         path: Path,
         extents: Sequence[_Extent],
-        offset: int,
-        length: int,
+        ranges: Sequence[tuple[int, int]],
         algorithm: str,
+    ) -> list[str]:
+        """The checksums of ``ranges`` (offset, length) of the standalone image ``path``,
+        in order; RepositoryError if one cannot be read."""
+        found = await self._digests(path, extents, ranges, [algorithm] * len(ranges), False)
+        digests = []
+        for (offset, length), result in zip(ranges, found, strict=True):
+            if isinstance(result, _UnreadableError):
+                raise RepositoryError(f"{path} [{offset}, {offset + length}): {result}")
+            digests.append(result)
+        return digests
+
+    async def _check_ranges(
+        self,
+        path: Path,
+        extents: Sequence[_Extent],
+        checksums: Sequence[RangeChecksum],
         *,
         overlay: bool,
-    ) -> str:
-        digest = new_digest(algorithm)
-        for piece in _pieces(extents, offset, length, overlay=overlay):
-            if piece.zero or piece.host is not None:
-                await asyncio.to_thread(_hash_local, path, piece, digest)
-            else:
-                await self._hash_via_qemu(path, piece, digest)
-        return digest.hexdigest()
+    ) -> list[tuple[RangeChecksum, str]]:
+        """The ``checksums`` the layer's bytes do not match, each with why."""
+        ranges = [(c.offset, c.length) for c in checksums]
+        algorithms = [c.algorithm for c in checksums]
+        found = await self._digests(path, extents, ranges, algorithms, overlay)
+        wrong = []
+        for checksum, result in zip(checksums, found, strict=True):
+            where = f"{path} [{checksum.offset}, {checksum.offset + checksum.length})"
+            if isinstance(result, _UnreadableError):
+                wrong.append((checksum, f"{where}: {result}"))
+            elif result != checksum.digest:
+                wrong.append(
+                    (checksum, f"{where}: checksum mismatch (data differs from what was written)")
+                )
+        return wrong
 
-    async def _check_range(
-        self, path: Path, extents: Sequence[_Extent], checksum: RangeChecksum, *, overlay: bool
-    ) -> str | None:
-        """Why the range's bytes in this layer do not match the checksum, or None."""
-        where = f"{path} [{checksum.offset}, {checksum.offset + checksum.length})"
-        try:
-            found = await self._digest(
-                path,
-                extents,
-                checksum.offset,
-                checksum.length,
-                checksum.algorithm,
-                overlay=overlay,
-            )
-        except _UnreadableError as exc:
-            return f"{where}: {exc}"
-        if found != checksum.digest:
-            return f"{where}: checksum mismatch (data differs from what was written)"
-        return None
+    async def _digests(
+        self,
+        path: Path,
+        extents: Sequence[_Extent],
+        ranges: Sequence[tuple[int, int]],
+        algorithms: Sequence[str],
+        overlay: bool,
+    ) -> list[str | _UnreadableError]:
+        """Each range's checksum, or why it cannot be read. Ranges whose bytes are all in
+        the file (or zero) are hashed in batches of about :data:`_BATCH` bytes, each one
+        thread call with the file opened once: a merge checks hundreds of small ranges,
+        and a thread hop and an open each cost more than hashing 64 KiB."""
+        results: list[str | _UnreadableError | None] = [None] * len(ranges)
+        batch: list[tuple[int, list[_Piece], Digest]] = []
+        size = 0
+        starts = [e.start for e in extents]
+        for index, ((offset, length), algorithm) in enumerate(zip(ranges, algorithms, strict=True)):
+            try:
+                pieces = _pieces(extents, offset, length, overlay=overlay, starts=starts)
+            except _UnreadableError as exc:
+                results[index] = exc
+                continue
+            digest = new_digest(algorithm, offset)
+            if all(p.zero or p.host is not None for p in pieces):
+                batch.append((index, pieces, digest))
+                size += sum(p.length for p in pieces if not p.zero)
+                if size >= _BATCH:
+                    results = await self._hash_batch(path, batch, results)
+                    batch, size = [], 0
+                continue
+            try:
+                for piece in pieces:
+                    if piece.zero or piece.host is not None:
+                        await asyncio.to_thread(_hash_local, path, piece, digest)
+                    else:
+                        await self._hash_via_qemu(path, piece, digest)
+                results[index] = digest.hexdigest()
+            except _UnreadableError as exc:
+                results[index] = exc
+        if batch:
+            results = await self._hash_batch(path, batch, results)
+        assert all(r is not None for r in results)
+        return [r for r in results if r is not None]
+
+    async def _hash_batch(
+        self,
+        path: Path,
+        batch: list[tuple[int, list[_Piece], Digest]],
+        results: list[str | _UnreadableError | None],
+    ) -> list[str | _UnreadableError | None]:
+        for index, result in await asyncio.to_thread(_hash_many, path, batch):
+            results[index] = result
+        return results
 
     async def _hash_via_qemu(self, path: Path, piece: _Piece, digest: Digest) -> None:
         # Clusters without a host offset (compressed) are decoded by qemu-img: the extent is
@@ -280,11 +334,20 @@ class _UnreadableError(Exception):
     """A checksum range cannot be read from the layer; the message says why."""
 
 
-def _pieces(extents: Sequence[_Extent], offset: int, length: int, *, overlay: bool) -> list[_Piece]:
-    """How to read ``[offset, offset + length)`` of one layer, extent by extent."""
+def _pieces(
+    extents: Sequence[_Extent],
+    offset: int,
+    length: int,
+    *,
+    overlay: bool,
+    starts: Sequence[int] | None = None,
+) -> list[_Piece]:
+    """How to read ``[offset, offset + length)`` of one layer, extent by extent
+    (``starts``: the extents' starts, to find the first one by bisection)."""
     pieces: list[_Piece] = []
     position, end = offset, offset + length
-    for extent in extents:
+    first = max(0, bisect.bisect_right(starts, offset) - 1) if starts is not None else 0
+    for extent in extents[first:]:
         extent_end = extent.start + extent.length
         if extent_end <= position:
             continue
@@ -304,20 +367,44 @@ def _pieces(extents: Sequence[_Extent], offset: int, length: int, *, overlay: bo
     raise _UnreadableError(f"qemu-img map does not cover offset {position}")
 
 
-def _hash_local(path: Path, piece: _Piece, digest: Digest) -> None:
+def _hash_many(
+    path: Path, batch: list[tuple[int, list[_Piece], Digest]]
+) -> list[tuple[int, str | _UnreadableError]]:
+    """Each range of ``batch`` (its pieces all zero or in the file) hashed, the file
+    opened once."""
+    results: list[tuple[int, str | _UnreadableError]] = []
+    with _os_errors("cannot read", path), path.open("rb") as file:
+        for index, pieces, digest in batch:
+            try:
+                for piece in pieces:
+                    _hash_piece(file.fileno(), path, piece, digest)
+                results.append((index, digest.hexdigest()))
+            except _UnreadableError as exc:
+                results.append((index, exc))
+    return results
+
+
+def _hash_piece(fd: int, path: Path, piece: _Piece, digest: Digest) -> None:
+    if piece.zero and isinstance(digest, WindowDigest):
+        digest.zeros(piece.length)  # (whole windows of zeroes add nothing: not hashed)
+        return
     if piece.zero:
         zeros = bytes(min(_CHUNK, piece.length))
         for start in range(0, piece.length, _CHUNK):
             digest.update(zeros[: min(_CHUNK, piece.length - start)])
         return
     assert piece.host is not None
+    for start in range(0, piece.length, _CHUNK):
+        size = min(_CHUNK, piece.length - start)
+        data = os.pread(fd, size, piece.host + start)
+        if len(data) != size:
+            raise _UnreadableError(f"{path} ends inside a data cluster (file truncated?)")
+        digest.update(data)
+
+
+def _hash_local(path: Path, piece: _Piece, digest: Digest) -> None:
     with _os_errors("cannot read", path), path.open("rb") as file:
-        for start in range(0, piece.length, _CHUNK):
-            size = min(_CHUNK, piece.length - start)
-            data = os.pread(file.fileno(), size, piece.host + start)
-            if len(data) != size:
-                raise _UnreadableError(f"{path} ends inside a data cluster (file truncated?)")
-            digest.update(data)
+        _hash_piece(file.fileno(), path, piece, digest)
 
 
 def _hash_file(path: Path, skip: int, length: int, digest: Digest) -> None:
