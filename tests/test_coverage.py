@@ -12,6 +12,7 @@ from agent.repository.coverage import combine
 from agent.repository.manifest import RangeChecksum, digest_of
 from agent.repository.windows import ALGORITHM, WINDOW, updated, window_sum
 
+KIB, MIB = 1 << 10, 1 << 20
 UNIT = 16 << 10  # ranges start and end on 16 KiB: windows (64 KiB) are cut at their edges
 SIZE = 24 * UNIT
 
@@ -137,3 +138,21 @@ def test_an_older_range_overwritten_in_part_is_updated_from_the_windows_touched(
         (full[0], 1, ((65536, 131072), (2 * mib - 65536, 2 * mib)), True),
         (full[1], 1, ((2 * mib, 2 * mib + 65536),), False),  # an older algorithm: whole
     ]
+
+
+def test_a_range_inside_one_that_gets_a_new_checksum_is_left_out() -> None:
+    """full [0, 2 MiB), then [0, 256 KiB), then [64 KiB, 128 KiB): only the full's range
+    gets a new checksum (it covers the others' bytes); merged again and again, the
+    checksums do not pile up."""
+    full = [RangeChecksum(0, 2 * MIB, "a" * 32)]
+    first = [RangeChecksum(0, 256 * KIB, "b" * 32)]
+    second = [RangeChecksum(64 * KIB, 64 * KIB, "c" * 32)]
+    kept, partial = combine([second, first, full])
+    assert kept == []
+    assert [(p.checksum, p.layer) for p in partial] == [(full[0], 2)]
+    assert partial[0].windows == ((0, 256 * KIB),)
+    # What a merge proves it wrote: every range of the layers above no newer one touches.
+    kept, partial = combine([second, first], all_newest=True)
+    assert kept == second and [p.checksum for p in partial] == first
+    _, partial = combine([second, first, full], all_newest=True)
+    assert [p.checksum for p in partial] == [*full, *first]  # nested ones too

@@ -1686,3 +1686,33 @@ async def test_a_merged_chain_that_did_not_describe_its_blocks_no_longer_claims_
     assert _blocks_of(merged) == {BLOCK: _sha(0x41, BLOCK, BLOCK)}
     assert await layers.assert_all_restore(tmp_path) == ids[1:]
     assert await repo.verify(DOMAIN) == []
+
+
+async def test_the_merge_proves_what_a_middle_layer_wrote_where_nothing_newer_did(
+    tmp_path: Path,
+) -> None:
+    """A chain of four (full [0, 1 MiB); [0, 256 KiB); [64 KiB, 128 KiB); elsewhere)
+    merged at once: the second image's range is overwritten in part by the third. A byte
+    of it that nothing newer overwrote, rotted in the merged image right after the
+    commit (at the crash point between commit and proof), is caught by the proof:
+    retention fails naming it and nothing is linked in place."""
+    builder = Builder(Repository(tmp_path / "repo"))
+    for writes in (
+        [(0, MiB, 0x31)],
+        [(0, 256 * KiB, 0x32)],
+        [(64 * KiB, 64 * KiB, 0x33)],
+        [(3 * MiB, 64 * KiB, 0x34)],
+    ):
+        await builder.backup({"vda": writes})
+    ids = builder.ids
+    bottom = _backups_dir(builder.repo.root) / ids[0] / "vda.qcow2"
+
+    def rot(point: str) -> None:
+        if point.startswith("retention:merged:"):
+            _flip_byte(bottom, _host_offset(bottom, 200 * KiB))  # the second's, untouched
+
+    repo = Repository(tmp_path / "repo", faults=rot)
+    with pytest.raises(RepositoryError, match="did not write what its layers hold"):
+        await repo.apply_retention(DOMAIN, 1)
+    kept = _backups_dir(repo.root) / ids[3] / "vda.qcow2"
+    assert _run(QEMU_IMG, "info", "-U", "--output=json", kept).count('"backing-filename"') == 1

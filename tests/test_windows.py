@@ -194,7 +194,8 @@ def test_a_copy_leaves_the_digest_of_the_disk_it_writes(seed: int, layered: bool
             if now[o : o + WINDOW] != parent[o : o + WINDOW]
         ]
         runs = aligned(dirty, size)
-        kwargs = {"read_old": True, "request_size": 2 * WINDOW}
+        # (any request size the configuration allows: 4 KiB multiples from 64 KiB)
+        kwargs = {"read_old": True, "request_size": rng.choice([2 * WINDOW, 409600, WINDOW])}
 
     async def copy() -> None:
         await copy_runs(

@@ -44,7 +44,7 @@ from agent.qemu.qemu_nbd import serve_image
 from agent.repository.blocks import BLOCK, zero_digest
 from agent.repository.manifest import DiskManifest, Manifest, RangeChecksum
 from agent.repository.store import Repository
-from agent.repository.windows import ZERO, updated
+from agent.repository.windows import ZERO, as_hex, updated
 
 # A disk's staged image: its name, its backing (an increment's parent) and connections
 # to the qemu-nbd that serves it.
@@ -141,7 +141,10 @@ class DiskCopies:
                 runs = table_openers_first(runs)
             tally.expect(sum(r.length for r in runs))
             blocks: list[RangeChecksum] = []
-            sums = PointSums()
+            # None: the parent's digest is not known, nor will this point's be (a disk
+            # read in full sums all its blocks: it needs none).
+            known = previous is not None or _parent_digest(disk, parent, size) is not None
+            sums = PointSums() if known else None
             checksums = await self._copy_runs(
                 disk, sources, targets, runs, limit, tally, previous, blocks, sums
             )
@@ -160,7 +163,11 @@ class DiskCopies:
             checksums=tuple(checksums),
             block_size=BLOCK if previous is not None else None,
             blocks=tuple(blocks),
-            point_digest=_point_digest(disk, parent, sums),
+            point_digest=(
+                as_hex(sums.whole)
+                if previous is not None and sums is not None
+                else _point_digest(disk, parent, size, sums)
+            ),
         )
 
     async def _connect_export(
@@ -219,7 +226,7 @@ class DiskCopies:
         tally: Tally,
         previous: Mapping[int, str] | None,
         blocks: list[RangeChecksum],
-        sums: PointSums,
+        sums: PointSums | None,
     ) -> list[RangeChecksum]:
         settings = self._config.backup
         checksums = await copy_runs(
@@ -238,7 +245,7 @@ class DiskCopies:
             sums=sums,
             # An increment's old bytes, read through its parent (a layered disk's blocks
             # read those they compare anyway).
-            read_old=_overlay(disk) and previous is None,
+            read_old=sums is not None and _overlay(disk) and previous is None,
         )
         # The target advertises multi-conn whenever there are several connections:
         # one flush covers the writes completed on all of them.
@@ -255,15 +262,26 @@ def _resized(disk: DiskPlan, job: Job, exported: int, size: int) -> BackupError:
     )
 
 
-def _point_digest(disk: DiskPlan, parent: Manifest | None, sums: PointSums) -> str | None:
-    """The point's digest: the parent's (0 for a standalone image) minus what the copy
-    overwrote, plus what it wrote; None if the parent's is not known."""
+def _parent_digest(disk: DiskPlan, parent: Manifest | None, size: int) -> str | None:
+    """The digest of the point the disk's image sits on: 0 for a standalone image; None
+    where the parent's is not known (a backup of manifest version 3 or older)."""
     if not _overlay(disk):
-        return updated(ZERO, sums.old, sums.new)
+        return ZERO
     below = parent.disk(disk.target) if parent is not None else None
-    if below is None or below.point_digest is None:
+    if below is None or below.virtual_size != size:  # (resized: the chain would say so)
         return None
-    return updated(below.point_digest, sums.old, sums.new)
+    return below.point_digest
+
+
+def _point_digest(
+    disk: DiskPlan, parent: Manifest | None, size: int, sums: PointSums | None
+) -> str | None:
+    """The point's digest: the parent's minus what the copy overwrote, plus what it
+    wrote; None if the parent's is not known."""
+    start = _parent_digest(disk, parent, size)
+    if start is None or sums is None:
+        return None
+    return updated(start, sums.old, sums.new)
 
 
 def _overlay(disk: DiskPlan) -> bool:

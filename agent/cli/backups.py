@@ -124,7 +124,14 @@ def _print_table(listing: Listing, entries: Sequence[dict[str, Any]]) -> None:
 
 
 def restore(
-    config: AgentConfig, domain: str, backup_id: str, disk: str | None, to: Path, fmt: str
+    config: AgentConfig,
+    domain: str,
+    backup_id: str,
+    disk: str | None,
+    to: Path,
+    fmt: str,
+    *,
+    check_digest: bool = True,
 ) -> None:
     repository = Repository(config.repository_path, state_dir=config.agent.state_dir)
     domain = _in_repository(repository, domain)
@@ -156,6 +163,7 @@ def restore(
                     fmt=fmt,
                     mode=config.jobs.restore_mode,
                     progress=bar.fraction,
+                    check_digest=check_digest,
                 )
             )
         print(f"restored {domain} {target} at {backup_id} to {dest} ({fmt})")

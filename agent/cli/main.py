@@ -115,6 +115,12 @@ def _repository_verbs(verbs: Any, config_help: str) -> None:
         help="the image file (with --disk or one disk), else a directory",
     )
     rs.add_argument("--format", choices=["qcow2", "raw"], default="qcow2")
+    rs.add_argument(
+        "--no-digest-check",
+        action="store_true",
+        help="do not compare the result with the point's digest (after `verify` found "
+        "the backup sound: see the README, 'A digest of each whole point')",
+    )
     rs.add_argument("--config", type=Path, metavar="FILE", help=config_help)
     vf = verbs.add_parser("verify", help="re-read backups and check them against their manifests")
     vf.add_argument("domain", metavar="DOMAIN", help="domain name")
@@ -210,7 +216,15 @@ def _dispatch(args: argparse.Namespace, config: AgentConfig) -> int:
     elif args.verb == "backups":
         cli_backups.list_backups(config, args.domain, args.json)
     elif args.verb == "restore":
-        cli_backups.restore(config, args.domain, args.backup, args.disk, args.to, args.format)
+        cli_backups.restore(
+            config,
+            args.domain,
+            args.backup,
+            args.disk,
+            args.to,
+            args.format,
+            check_digest=not args.no_digest_check,
+        )
     elif args.verb == "verify":
         return cli_backups.verify(config, args.domain, args.backup)
     elif args.verb == "checkpoints":

@@ -5,6 +5,8 @@ Code that must survive a crash at any step calls ``faults("point")`` between ste
 nothing. Tests pass a hook that raises :class:`SimulatedCrash` at a chosen point, or
 start a real agent process with ``BACKUP_AGENT_CRASH_AT=<point>`` set, which makes that
 process kill itself with SIGKILL when it reaches the point, so nothing gets to clean up.
+A point ending in ``*`` is a prefix: the first point reached that starts with it (e.g.
+``retention:merged:*``, whose points name a backup id the test cannot know beforehand).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def from_environment() -> Faults:
         return no_faults
 
     def crash_at(point: str, /) -> None:
-        if point == target:
+        if point == target or (target.endswith("*") and point.startswith(target[:-1])):
             os.kill(os.getpid(), signal.SIGKILL)
 
     return crash_at

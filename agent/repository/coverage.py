@@ -45,10 +45,15 @@ class Partial:
 
 
 def combine(
-    layers: Sequence[Sequence[RangeChecksum]],
+    layers: Sequence[Sequence[RangeChecksum]], *, all_newest: bool = False
 ) -> tuple[list[RangeChecksum], list[Partial]]:
-    """``layers``' checksums (newest first; within one layer no two overlap) as those the
-    merged image keeps as they are, and the older ranges overwritten in part."""
+    """``layers``' checksums (newest first) as those the merged image keeps as they are,
+    and the older ranges overwritten in part. A range inside another one that gets a new
+    checksum is left out (the outer one covers its bytes), so nested ranges never pile
+    up; with ``all_newest`` every range no newer one touches, and every range overwritten
+    in part, is returned all the same (what a merge proves it wrote). A merged image may
+    hold ranges that overlap (those kept beside an updated one): each is checked against
+    the newer layers on its own."""
     kept: list[RangeChecksum] = []
     partial: list[Partial] = []
     covered = _Intervals()
@@ -63,14 +68,23 @@ def combine(
                 partial.append(Partial(checksum, index, windows))
         for checksum in layer:  # (after the layer: its own ranges do not overlap)
             covered.add(checksum.offset, checksum.offset + checksum.length)
+    # Widest first: a range inside one already taken says nothing it does not.
+    partial.sort(key=lambda p: (p.checksum.offset, -p.checksum.length, p.layer))
+    # In offset order, a range lies inside one taken before it iff one of them reaches
+    # as far as it does.
     again = _Intervals()
+    outer: list[Partial] = []
+    reach = -1
     for p in partial:
-        again.add(p.checksum.offset, p.checksum.offset + p.checksum.length)
-    # A kept range inside those given a new checksum says nothing they do not.
-    kept = [c for c in kept if again.uncovered(c.offset, c.offset + c.length)]
+        start, end = p.checksum.offset, p.checksum.offset + p.checksum.length
+        if end > reach or all_newest:
+            outer.append(p)
+            again.add(start, end)
+            reach = end
+    if not all_newest:
+        kept = [c for c in kept if again.uncovered(c.offset, c.offset + c.length)]
     kept.sort(key=lambda c: c.offset)
-    partial.sort(key=lambda p: p.checksum.offset)
-    return kept, partial
+    return kept, outer
 
 
 def _complement(start: int, end: int, free: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -77,9 +78,10 @@ async def image_digest(qemu: QemuImg, path: Path, fmt: str) -> str:
     if fmt == "raw":
         segments = await asyncio.to_thread(_raw_segments, path)
     else:
-        segments = [
-            (e.start, e.length, e.host if e.data else None) for e in await qemu.layer_map(path)
-        ]
+        extents = await qemu.layer_map(path)
+        if any(e.data and e.host is None for e in extents):  # (qemu-img convert: never)
+            raise RepositoryError(f"{path}: compressed clusters; cannot check its digest")
+        segments = [(e.start, e.length, e.host if e.data else None) for e in extents]
     return await asyncio.to_thread(_digest_segments, path, segments)
 
 
@@ -91,8 +93,10 @@ def _raw_segments(path: Path) -> list[tuple[int, int, int | None]]:
         while position < size:
             try:
                 data = os.lseek(fd, position, os.SEEK_DATA)
-            except OSError:  # (ENXIO: only a hole is left)
-                data = size
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                data = size  # only a hole is left
             if data > position:
                 segments.append((position, data - position, None))
             if data >= size:

@@ -54,8 +54,10 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -98,6 +100,7 @@ _T = TypeVar("_T")
 
 INTENT_FORMAT: Final = "libvirt-backup-agent/retention"
 INTENT_VERSION: Final = 1
+_HEX32: Final = re.compile(r"[0-9a-f]{32}")
 
 
 def plan(manifests: Sequence[Manifest], keep_last: int) -> tuple[list[str], list[Manifest]]:
@@ -161,7 +164,7 @@ class Retention:
                     problems += await verifier.disk(path.parent, path.parent.name, layer)
                 if disk.block_size is not None:  # (merged by its blocks: .blocks)
                     continue
-                _, partial = combine([d.checksums for _, d in layers])
+                _, partial = await asyncio.to_thread(combine, [d.checksums for _, d in layers])
                 bottom, _ = layers[-1]
                 whole = [
                     p.checksum for p in partial if not p.updatable and p.layer == len(layers) - 1
@@ -241,7 +244,7 @@ class Retention:
             live = directory / disk.image
             # Header without backing: replaced before a crash; its content is already right.
             if (await self._layer_info(live)).backing is not None:
-                await self._commit(layers, merge_dir, manifest.backup_id, disk)
+                await self._commit(layers, merge_dir, manifest.backup_id, disk, sums)
             if disk.block_size is not None:
                 # (a disk's blocks along its chain: CPU work, off the loop)
                 disks.append(await asyncio.to_thread(_merged_disk, disk, manifest, by_id))
@@ -282,6 +285,7 @@ class Retention:
         merge_dir: Path,
         backup_id: str,
         disk: DiskManifest,
+        sums: dict[str, str],
     ) -> None:
         """The kept image's chain committed into its bottom image, checked, linked in place
         of the kept image (step 3)."""
@@ -291,18 +295,58 @@ class Retention:
         await asyncio.to_thread(_fsync, bottom)
         self._faults(f"retention:merged:{backup_id}:{disk.target}")
         # The proof: what the layers above wrote (the newest of each range) is in it now.
-        written, _ = combine([d.checksums for _, d in layers[:-1]])
-        found, _ = await Verifier(self._qemu, self._layer_info).standalone(bottom, written)
-        if found:
+        written, middle = await asyncio.to_thread(
+            functools.partial(combine, [d.checksums for _, d in layers[:-1]], all_newest=True)
+        )
+        verifier = Verifier(self._qemu, self._layer_info)
+        found, extents = await verifier.standalone(bottom, written)
+        wrong = [message for _, message in found]
+        wrong += await self._prove_partials(verifier, bottom, extents, layers, middle, sums)
+        if wrong:
             raise RepositoryError(
                 f"retention: merging {disk.target} of {backup_id} into {bottom} did not "
-                f"write what its layers hold ({len(found)} range(s); first: {found[0][1]})",
+                f"write what its layers hold ({len(wrong)} range(s); first: {wrong[0]})",
                 path=str(bottom),
             )
         linked = merge_dir / disk.image
         await self._io("link the merged image", _link_or_copy, bottom, linked)
         await self._io("replace a merged image", _replace_file, linked, live)
         self._faults(f"retention:replaced:{backup_id}:{disk.target}")
+
+    async def _prove_partials(
+        self,
+        verifier: Verifier,
+        merged: Path,
+        extents: Sequence[Any],
+        layers: list[tuple[Path, DiskManifest]],
+        partials: Sequence[Partial],
+        sums: dict[str, str],
+    ) -> list[str]:
+        """Of each range of a middle layer that newer ones overwrite in part, whether the
+        windows no newer range touches hold in ``merged`` what the layer wrote: their
+        terms sum to its checksum minus the old terms of the others (a window sum with
+        its sum kept), or (else) they read as in the layer itself. Costs what the layers
+        above wrote, as the rest of the proof."""
+        wrong = []
+        for p in partials:
+            c = p.checksum
+            untouched = _untouched(p)
+            if not untouched:
+                continue
+            path = layers[p.layer][0]
+            old = sums.get(_sum_key(path, c)) if p.updatable else None
+            got = await _sum_of(verifier, merged, extents, untouched)
+            if old is not None:
+                expected = (int(c.digest, 16) - int(old, 16)) % MODULUS
+            else:
+                mine = await self._qemu.layer_map(path)
+                expected = await _sum_of(verifier, path, mine, untouched)
+            if got != expected:
+                wrong.append(
+                    f"{merged} [{c.offset}, {c.offset + c.length}): what {path} wrote there "
+                    "(outside what newer layers overwrote) is not in the merged image"
+                )
+        return wrong
 
     async def _covered(
         self,
@@ -316,7 +360,7 @@ class Retention:
         sum before the merge (``sums``, taken by :meth:`preflight`), plus their sum in
         the merged image; without a sum (an older algorithm, an intent written by an
         earlier version) it is hashed again whole."""
-        kept, partial = combine([d.checksums for _, d in layers])
+        kept, partial = await asyncio.to_thread(combine, [d.checksums for _, d in layers])
         verifier = Verifier(self._qemu, self._layer_info)
         extents = await self._qemu.layer_map(live) if partial else []
         olds = [sums.get(_sum_key(layers[p.layer][0], p.checksum)) for p in partial]
@@ -346,8 +390,31 @@ class Retention:
 
 
 def _sum_key(image: Path, checksum: RangeChecksum) -> str:
-    """Where a range's old window sum is kept in the intent: ``<backup>/<image>@<offset>``."""
-    return f"{image.parent.name}/{image.name}@{checksum.offset}"
+    """Where a range's old window sum is kept in the intent:
+    ``<backup>/<image>@<offset>+<length>`` (a merged image may hold two ranges that
+    begin at one offset)."""
+    return f"{image.parent.name}/{image.name}@{checksum.offset}+{checksum.length}"
+
+
+def _untouched(partial: Partial) -> list[tuple[int, int]]:
+    """The runs of ``partial``'s range outside its windows that changed."""
+    runs, position = [], partial.checksum.offset
+    for start, end in partial.windows:
+        if start > position:
+            runs.append((position, start))
+        position = end
+    end = partial.checksum.offset + partial.checksum.length
+    if position < end:
+        runs.append((position, end))
+    return runs
+
+
+async def _sum_of(
+    verifier: Verifier, image: Path, extents: Sequence[Any], runs: Sequence[tuple[int, int]]
+) -> int:
+    """The sum of the terms of ``runs`` (window-aligned but at a range's edges) in ``image``."""
+    found = await verifier.digests(image, extents, [(a, b - a) for a, b in runs], CHECKSUM)
+    return sum(int(digest, 16) for digest in found) % MODULUS
 
 
 async def _window_sums(
@@ -473,7 +540,8 @@ def _read_sums(path: Path) -> dict[str, str]:
             raise RepositoryError(f"retention intent {path} is malformed: {exc}") from exc
         sums = data.get("window_sums", {}) if isinstance(data, dict) else {}
         if isinstance(sums, dict) and all(
-            isinstance(k, str) and isinstance(v, str) and len(v) == 32 for k, v in sums.items()
+            isinstance(k, str) and isinstance(v, str) and _HEX32.fullmatch(v)
+            for k, v in sums.items()
         ):
             return sums
         raise RepositoryError(f"retention intent {path}: malformed window_sums", path=str(path))

@@ -414,9 +414,11 @@ class Repository:
         fmt: str = "qcow2",
         mode: int = 0o600,
         progress: Callable[[float], None] | None = None,
+        check_digest: bool = True,
     ) -> None:
         """Write disk ``target`` as it was at ``backup_id`` to ``dest``, a standalone image
-        with permissions ``mode``.
+        with permissions ``mode``, checked against the point's digest (unless not
+        ``check_digest``; a backup that recorded none is not).
 
         Written to ``<dest>.part`` and renamed when complete and fsync'd; an existing
         ``dest`` is refused. ``progress`` gets the fraction done as qemu-img reports it.
@@ -437,7 +439,7 @@ class Repository:
             fmt=fmt,
             mode=mode,
             progress=progress,
-            expected=disk.point_digest,
+            expected=disk.point_digest if check_digest else None,
         )
 
     # -- verify -------------------------------------------------------------------------

@@ -347,7 +347,8 @@ def _pieces(
     pieces: list[_Piece] = []
     position, end = offset, offset + length
     first = max(0, bisect.bisect_right(starts, offset) - 1) if starts is not None else 0
-    for extent in extents[first:]:
+    for index in range(first, len(extents)):  # (no slice: that copies the list each time)
+        extent = extents[index]
         extent_end = extent.start + extent.length
         if extent_end <= position:
             continue

@@ -114,7 +114,8 @@ class WindowDigest:
         while length:
             room = WINDOW - self._position % WINDOW
             take = min(room, length)
-            if self._current is None and take == room:
+            if self._current is None and take == room:  # whole windows: skipped at once
+                take = length - (length - room) % WINDOW
                 self._position += take
             else:
                 self.update(_zeroes(take))

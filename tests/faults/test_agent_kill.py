@@ -75,6 +75,15 @@ class Case:
         """[retention] keep_last = 1: each backup's retention drops the one before."""
         return bool(self.settings.get("retention", {}).get("keep_last") == 1)
 
+    @property
+    def listed_at_kill(self) -> int:
+        """Backup directories the repository lists when the agent dies: the first
+        backup's, and the killed one's once published, unless retention dropped the first
+        (renamed away) already."""
+        if self.point.startswith(("retention:dropped:", "retention:deleted:")):
+            return 1
+        return 2 if self.published else 1
+
 
 CASES = [
     # Mid-copy: a bandwidth limit keeps the copy of 16 MiB going for a while, so that
@@ -89,14 +98,26 @@ CASES = [
     Case("backup:ended", job_left=False, published=False),
     Case("backup:published", job_left=False, published=True),
     Case("backup:marked", job_left=False, published=True),
-    # keep_last = 1 with a backup before: the crashed backup's retention drops it.
-    Case(
-        "retention:intent-written",
-        job_left=False,
-        published=True,
-        settings={"retention": {"keep_last": 1}},
-        # Enough to merge that finishing the retention outlasts the agent's start.
-        first_mib=48,
+    # keep_last = 1 with a backup before: the crashed backup's retention drops it, and
+    # the agent dies at each step of it (a step of a disk's merge: the first disk's;
+    # the other is not merged yet).
+    *(
+        Case(
+            point,
+            job_left=False,
+            published=True,
+            settings={"retention": {"keep_last": 1}},
+            # Enough to merge that finishing the retention outlasts the agent's start.
+            first_mib=48,
+        )
+        for point in (
+            "retention:intent-written",
+            "retention:merged:*",
+            "retention:replaced:*",
+            "retention:manifest-replaced:*",
+            "retention:dropped:*",
+            "retention:deleted:*",
+        )
     ),
 ]
 
@@ -229,7 +250,7 @@ def _what_the_kill_left(case: Case, cfg: AgentConfig, td: TestDomain, before: se
     new = _libvirt_checkpoints(td) - before
     assert len(new) == 1, f"the killed backup's checkpoint should be in libvirt: {new}"
     published = list((cfg.repository_path / td.name / "backups").glob("[0-9]*"))
-    assert len(published) == (2 if case.published else 1), published
+    assert len(published) == case.listed_at_kill, published
     return new.pop()
 
 
