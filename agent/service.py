@@ -32,7 +32,7 @@ from agent.chain.checkpoints import Chains
 from agent.chain.ledger import Ledger
 from agent.control.api import ApiParts, serving
 from agent.control.dispatch import Dispatcher, HandlerContext, Routes
-from agent.control.job_requests import Job
+from agent.control.job_requests import Job, JobKind
 from agent.control.job_store import JobStore
 from agent.control.jobs import JobOutcome, Jobs
 from agent.control.messages import SchedulerMessages
@@ -49,7 +49,7 @@ from agent.core.errors import AgentError, ConfigError, InventoryError
 from agent.core.faults import Faults, from_environment
 from agent.core.logs import get_logger
 from agent.core.sdnotify import notify
-from agent.core.space import SpaceBook
+from agent.core.space import SpaceBook, size_and_free
 from agent.core.statelock import state_lock
 from agent.qemu.qemu_nbd import setpriv_problem
 from agent.repository.store import Repository
@@ -61,6 +61,8 @@ from handlers import default_routes
 from handlers.job_kinds import job_disks, job_runners
 
 log = get_logger("service")
+
+_GAUGES_EVERY = 15.0  # seconds between refreshes of the gauges read from disk
 
 
 class Agent:
@@ -170,6 +172,7 @@ class Agent:
             connection = background.start(self.connection.run(), "libvirt-connection")
             background.start(self.recovery.run(), "recovery")
             background.start(watch_loop_lag(self.metrics), "loop-lag")
+            background.start(self._refresh_gauges(), "gauges")
             if self._services:
                 stack.push_async_callback(self._stop_jobs)
                 background.start(self._take_jobs(background), "take-jobs")
@@ -311,6 +314,7 @@ class Agent:
                 nats=self._nats_connected,
                 recovering=lambda: self._recovering().keys(),
                 coverage=self._coverage,
+                metrics=self.metrics,
             )
         )
 
@@ -329,9 +333,11 @@ class Agent:
             self.metrics.chain_length.labels(domain=domain).set(chain_length(backups))
             newest = max(b.completed_at for b in backups)
             self.metrics.last_success.labels(domain=domain).set(newest)
+            self.metrics.backed_up.add(domain)
 
     async def _metrics_from_repository(self) -> None:
-        """At start: each domain's last backup and chain, so a restart loses no series."""
+        """At start: each domain's last backup and chain, so a restart loses no series;
+        and the backup jobs the job store holds, oldest first, for the failure gauges."""
         try:
             names = set(await self.chains.ledger.domains())
         except AgentError:
@@ -339,6 +345,31 @@ class Agent:
         names |= {info.name for info in self.domains.all().values()}
         for name in sorted(names):
             await self._count_chain(name)
+        try:
+            ended = [j for j in await self.jobs.find() if j.kind is JobKind.BACKUP]
+        except AgentError as exc:
+            log.warning("cannot read the job store", error=str(exc))
+            return
+        for job in sorted(ended, key=lambda j: j.finished_at or 0.0):
+            if job.state.finished:
+                self.metrics.ended(job)
+
+    async def _refresh_gauges(self, interval: float = _GAUGES_EVERY) -> None:
+        """Until cancelled: the broken chains (ledger) and the repository's space, read
+        in the background for ``/metrics`` (each read bounded; one that fails leaves the
+        last values, and says so once)."""
+        repository = self.backups.repository
+        while True:
+            try:
+                chains = []
+                for name in sorted(await self.chains.ledger.domains()):
+                    found = await self.chains.ledger.disk_chains(name)
+                    chains += [c for _, c in sorted(found.items()) if not c.valid]
+                self.metrics.broken_chains = tuple(chains)
+                self.metrics.repository_space = await size_and_free(repository.fs, "repository")
+            except AgentError as exc:
+                log.debug("gauges not refreshed", error=str(exc))
+            await asyncio.sleep(interval)
 
     def _nats_connected(self) -> bool | None:
         return None if self.messages is None else self.messages.connected

@@ -15,6 +15,7 @@ PACKAGES=(
   nbdkit libnbd-bin            # NBD peers for the tests; nbdcopy for the benchmark
   nats-server                  # JetStream for the scheduler-message tests (started by them)
   libfuse3-3                   # mfusepy's library: the hung-filesystem fault test's FUSE mount
+  prometheus                   # promtool (alert rule tests) and a real server (the alert test)
 )
 
 say() { printf '==> %s\n' "$*" >&2; }

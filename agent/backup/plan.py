@@ -216,27 +216,32 @@ class DiskCoverage:
     """How backups treat one disk of a domain today: ``how`` is ``incremental`` (it has a
     bitmap), ``full`` (read in full each time, ``reason`` says why) or ``excluded``
     (``reason`` says why); ``silent`` when it is excluded though the guest can write it
-    and configuration did not ask for that: data that is in no backup."""
+    and configuration did not ask for that: data that is in no backup. ``size``: its
+    capacity, as libvirt reports it (0 if it did not)."""
 
     target: str
     how: str
     reason: str | None
     silent: bool = False
+    size: int = field(default=0, compare=False)  # (how it is covered is what compares)
 
 
 def disk_coverage(info: DomainInfo, exclude: Collection[str] = ()) -> tuple[DiskCoverage, ...]:
     """Every disk of ``info`` (``exclude``: the targets configuration leaves out)."""
     covered = []
     for disk in info.disks:
+        size = disk.capacity or 0
         if disk.target in exclude:
-            covered.append(DiskCoverage(disk.target, "excluded", EXCLUDED_BY_CONFIG))
+            covered.append(DiskCoverage(disk.target, "excluded", EXCLUDED_BY_CONFIG, size=size))
         elif (reason := disk.excluded_reason) is not None:
-            covered.append(DiskCoverage(disk.target, "excluded", reason, silent=disk.writable))
+            covered.append(
+                DiskCoverage(disk.target, "excluded", reason, silent=disk.writable, size=size)
+            )
         elif disk.full_only:
             why = f"{disk.unsupported_reason}: {NO_BITMAP}"
-            covered.append(DiskCoverage(disk.target, "full", why))
+            covered.append(DiskCoverage(disk.target, "full", why, size=size))
         else:
-            covered.append(DiskCoverage(disk.target, "incremental", None))
+            covered.append(DiskCoverage(disk.target, "incremental", None, size=size))
     return tuple(covered)
 
 

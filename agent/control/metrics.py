@@ -17,6 +17,14 @@ How the live domains' disks are covered is read at scrape time too
 with a writable disk that is in no backup, not on purpose (0 otherwise), and
 ``backup_agent_disks_excluded{domain,reason}`` counts the disks left out of its backups
 by reason (``excluded-by-config`` among them).
+
+What the alert rules need (``config/prometheus/alerts.yml``): per domain the time of the
+last failed backup and how many backups failed in a row (reset by a success; read back
+from the job store at start), whether a live domain has no backup at all; and, refreshed
+in the background by :class:`~agent.service.Agent` (never read from disk or the ledger at
+scrape time, a hung filesystem must not hang ``/metrics``): each broken disk chain with
+its reason (a fixed set: :data:`CHAIN_REASONS`) and since when, and the repository
+filesystem's size and free bytes.
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from agent.backup.plan import NO_BITMAP, DiskCoverage, disk_coverage, partial
+from agent.backup.plan import NO_BITMAP, REPOSITORY_DAMAGED, DiskCoverage, disk_coverage, partial
+from agent.chain.records import DiskChain
+from agent.chain.rules import REASONS
 from agent.control.job_requests import DISK_EXCLUDED, Job, JobKind, JobState
 from agent.core.config import BackupSection
 from agent.core.logs import get_logger
@@ -52,6 +62,9 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 NOT_FORCED: Final = frozenset({None, "full-requested", "first-backup"})
 # The end of the reason of a disk with no bitmap, read in full every time (never forced).
+
+# The reasons a chain's label may carry (anything else is "other"): bounded label sets.
+CHAIN_REASONS: Final = frozenset({*REASONS, REPOSITORY_DAMAGED})
 
 _DURATION_BUCKETS: Final = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200)
 _LAG_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -105,6 +118,18 @@ class Metrics:
             ["domain"],
             registry=r,
         )
+        self.last_failure = Gauge(
+            "backup_agent_last_failed_backup_timestamp_seconds",
+            "When the newest failed backup job of each domain ended (Unix time).",
+            ["domain"],
+            registry=r,
+        )
+        self.failures_in_a_row = Gauge(
+            "backup_agent_backup_failures_in_a_row",
+            "Backup jobs of each domain that failed since its last successful one.",
+            ["domain"],
+            registry=r,
+        )
         self.chain_length = Gauge(
             "backup_agent_chain_length",
             "Images a restore of each domain's newest backup reads (its newest full and "
@@ -139,6 +164,11 @@ class Metrics:
             registry=r,
         )
         self._max_lag = 0.0
+        self.backed_up: set[str] = set()  # domains with a successful backup known
+        # Refreshed in the background (the ledger's broken chains; the repository's
+        # filesystem: size, free), read at scrape time.
+        self.broken_chains: tuple[DiskChain, ...] = ()
+        self.repository_space: tuple[int, int] | None = None
         # Pre-create the common label sets so a dashboard sees zeros, not gaps.
         for result in ("succeeded", "failed", "cancelled"):
             for mode in ("full", "incremental", "mixed"):
@@ -162,6 +192,7 @@ class Metrics:
         if job.kind is not JobKind.BACKUP:
             return
         self.backups.labels(result=job.state.value, mode=job_mode(job)).inc()
+        self.ended(job)
         if job.error_code == "retention-refused":
             self.retention_refused.inc()
         # (a backup whose retention was refused stands: it counts as the backup it is)
@@ -179,6 +210,18 @@ class Metrics:
         length = job.result.get("chain_length")
         if isinstance(length, int):
             self.chain_length.labels(domain=domain).set(length)
+
+    def ended(self, job: Job) -> None:
+        """A backup job's end in the per-domain failure gauges (also those the job store
+        holds, replayed oldest first at start)."""
+        domain = self._domain_name(job.domain)
+        if job.state is JobState.SUCCEEDED:
+            self.failures_in_a_row.labels(domain=domain).set(0)
+            self.backed_up.add(domain)
+        elif job.state is JobState.FAILED:
+            self.failures_in_a_row.labels(domain=domain).inc()
+            if job.finished_at is not None:
+                self.last_failure.labels(domain=domain).set(job.finished_at)
 
     def redefined(self, ok: bool) -> None:
         self.redefines.labels(result="ok" if ok else "failed").inc()
@@ -216,7 +259,9 @@ class StateCollector(Collector):
         nats: Callable[[], bool | None] = lambda: None,
         recovering: Callable[[], Iterable[str]] = tuple,
         coverage: Callable[[], Mapping[str, Sequence[DiskCoverage]]] = dict,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._recovering = recovering
         self._coverage = coverage
         self._connected = connected
@@ -265,7 +310,20 @@ class StateCollector(Collector):
         for name in recovering:
             each.add_metric([name], 1.0)
         yield each
-        yield from self._covered()
+        coverage = self._coverage()
+        yield from self._covered(coverage)
+        if self._metrics is not None:
+            # Of the live domains' disks that backups copy: a chain left broken by a
+            # domain that migrated away or a disk unplugged is nothing to act on here.
+            live = {
+                (name, c.target)
+                for name, disks in coverage.items()
+                for c in disks
+                if c.how != "excluded"
+            }
+            broken = [c for c in self._metrics.broken_chains if (c.domain, c.target) in live]
+            yield from self._chains(broken)
+            yield from self._space(self._metrics.repository_space)
         nats = self._nats()
         if nats is not None:  # (absent without [nats] url)
             yield GaugeMetricFamily(
@@ -274,7 +332,7 @@ class StateCollector(Collector):
                 value=1.0 if nats else 0.0,
             )
 
-    def _covered(self) -> Iterable[Metric]:
+    def _covered(self, coverage: Mapping[str, Sequence[DiskCoverage]]) -> Iterable[Metric]:
         partial_each = GaugeMetricFamily(
             "backup_agent_domain_partial",
             "1 for each domain with a writable disk that is in no backup (not left out by "
@@ -286,13 +344,69 @@ class StateCollector(Collector):
             "Disks of each domain left out of its backups, by reason.",
             labels=["domain", "reason"],
         )
-        for name, disks in sorted(self._coverage().items()):
+        without = GaugeMetricFamily(
+            "backup_agent_domain_without_backup",
+            "1 for each domain libvirt knows that has no successful backup (in the "
+            "repository at start, or since), 0 for the others.",
+            labels=["domain"],
+        )
+        size = GaugeMetricFamily(
+            "backup_agent_domain_disks_bytes",
+            "Bytes of each domain's disks that backups copy: what its next full needs at most.",
+            labels=["domain"],
+        )
+        backed_up = self._metrics.backed_up if self._metrics is not None else set()
+        for name, disks in sorted(coverage.items()):
             partial_each.add_metric([name], 1.0 if partial(disks) else 0.0)
             reasons = [c.reason or "" for c in disks if c.how == "excluded"]
             for reason in sorted(set(reasons)):
                 excluded.add_metric([name, reason], reasons.count(reason))
+            without.add_metric([name], 0.0 if name in backed_up else 1.0)
+            size.add_metric([name], sum(c.size for c in disks if c.how != "excluded"))
         yield partial_each
         yield excluded
+        yield without
+        yield size
+
+    def _chains(self, broken: Sequence[DiskChain]) -> Iterable[Metric]:
+        each = GaugeMetricFamily(
+            "backup_agent_chain_broken",
+            "1 for each disk whose checkpoint chain is broken (its next backup is full), "
+            "by reason.",
+            labels=["domain", "disk", "reason"],
+        )
+        since = GaugeMetricFamily(
+            "backup_agent_chain_broken_since_timestamp_seconds",
+            "When each broken disk chain broke (Unix time).",
+            labels=["domain", "disk", "reason"],
+        )
+        for chain in broken:
+            reason = chain.reason if chain.reason in CHAIN_REASONS else "other"
+            labels = [chain.domain, chain.target, reason]
+            each.add_metric(labels, 1.0)
+            since.add_metric(labels, chain.updated_at)
+        yield each
+        yield since
+
+    def _space(self, space: tuple[int, int] | None) -> Iterable[Metric]:
+        if space is None:  # (not measured yet, or the repository did not answer)
+            return
+        total, free = space
+        yield GaugeMetricFamily(
+            "backup_agent_repository_size_bytes",
+            "Size of the repository's filesystem.",
+            value=total,
+        )
+        yield GaugeMetricFamily(
+            "backup_agent_repository_free_bytes",
+            "Bytes the agent may still write on the repository's filesystem.",
+            value=free,
+        )
+        yield GaugeMetricFamily(
+            "backup_agent_repository_used_bytes",
+            "Bytes in use on the repository's filesystem.",
+            value=total - free,
+        )
 
 
 async def watch_loop_lag(metrics: Metrics, interval: float = 0.1) -> None:

@@ -109,15 +109,29 @@ async def measure(fs: Filesystem, what: str, nbytes: int) -> Need:
     return Need(what, str(fs.root), device, free, nbytes)
 
 
-def _device_and_free(path: Path) -> tuple[int, int]:
+async def size_and_free(fs: Filesystem, what: str) -> tuple[int, int]:
+    """The size and free bytes of the filesystem of ``fs.root`` (as :func:`measure`
+    measures it), bounded by the filesystem's deadline."""
+    return await fs.call(f"statvfs of the {what}", _size_and_free, fs.root)
+
+
+def _statvfs(path: Path) -> tuple[int, os.statvfs_result]:
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     try:
-        device = os.stat(existing).st_dev
-        stats = os.statvfs(existing)
+        return os.stat(existing).st_dev, os.statvfs(existing)
     except OSError as exc:
         raise RepositoryError(
             f"cannot stat the filesystem of {path}: {exc.strerror or exc}", path=str(path)
         ) from exc
+
+
+def _device_and_free(path: Path) -> tuple[int, int]:
+    device, stats = _statvfs(path)
     return device, stats.f_bavail * stats.f_frsize
+
+
+def _size_and_free(path: Path) -> tuple[int, int]:
+    _, stats = _statvfs(path)
+    return stats.f_blocks * stats.f_frsize, stats.f_bavail * stats.f_frsize
