@@ -35,8 +35,19 @@ install_packages() {
   [ ${#missing[@]} -eq 0 ] && return
   say "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # No service starts from the packages' scripts (prometheus would start a server of its
+  # own on :9090): the daemons the tests need are started below, or by the tests.
+  local policy=/usr/sbin/policy-rc.d made_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && made_policy=1
+  fi
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || {
+    [ $made_policy -eq 1 ] && rm -f "$policy"
+    return 1
+  }
+  [ $made_policy -eq 1 ] && rm -f "$policy"
+  return 0
 }
 
 # Inside containers (no systemd) QEMU cannot use cgroups, namespaces or a security

@@ -18,7 +18,6 @@ import pydantic
 import pytest
 
 from agent.core.config import (
-    DEFAULT_CONFIG_PATH,
     AgentConfig,
     AgentSection,
     BackupSection,
@@ -36,6 +35,7 @@ from agent.core.config import (
 )
 from agent.core.config_errors import position
 from agent.core.errors import ConfigError
+from agent.core.paths import DEFAULT_CONFIG_PATH
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FILE = REPO / "config" / "agent.toml"

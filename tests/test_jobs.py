@@ -1071,7 +1071,7 @@ async def test_a_version_1_store_is_migrated_and_its_killed_job_announced(
     await asyncio.to_thread(as_version_1)
     store = await JobStore.open(path)
     try:
-        assert await asyncio.to_thread(version) == SCHEMA_VERSION == 2
+        assert await asyncio.to_thread(version) == SCHEMA_VERSION == 3
         assert await store.unpublished() == []  # nothing invented for old jobs
         jobs, _, _ = await make_jobs(on=store)
         assert [j.id for j in await jobs.unpublished_ends(10)] == ["r"]

@@ -121,9 +121,12 @@ def describe(job: Mapping[str, Any]) -> str:
     return text
 
 
-def jobs(config: AgentConfig, domain: str | None, state: str | None, as_json: bool) -> int:
-    query = urlencode({k: v for k, v in (("domain", domain), ("state", state)) if v})
-    data = asyncio.run(ApiClient(config).call("GET", "/v1/jobs" + (f"?{query}" if query else "")))
+def jobs(
+    config: AgentConfig, domain: str | None, state: str | None, as_json: bool, limit: int = 100
+) -> int:
+    asked = (("domain", domain), ("state", state), ("limit", str(limit)))
+    query = urlencode({k: v for k, v in asked if v})
+    data = asyncio.run(ApiClient(config).call("GET", f"/v1/jobs?{query}"))
     if as_json:
         print(json.dumps(data["jobs"], indent=2))
         return 0

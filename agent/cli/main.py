@@ -11,17 +11,20 @@ A configuration problem is one line on stderr and exit status 2, never a traceba
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.core.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config, render_toml
 from agent.core.errors import AgentError, ConfigError
-from agent.core.logs import configure_logging
+from agent.core.paths import DEFAULT_CONFIG_PATH
+
+if TYPE_CHECKING:
+    from agent.core.config import AgentConfig
+
+# The configuration (pydantic), logging (structlog) and asyncio are imported once the
+# arguments are parsed: `backup-agent --help` needs none of them.
 
 EXIT_CONFIG = 2
 
@@ -155,6 +158,13 @@ def _control_verbs(verbs: Any, config_help: str) -> None:
     jb.add_argument("--domain", metavar="DOMAIN", help="only this domain's")
     jb.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
     jb.add_argument("--json", action="store_true", help="machine-readable output")
+    jb.add_argument(
+        "--limit",
+        type=_page_size,
+        default=100,
+        metavar="N",
+        help="the newest N (1-1000; default 100)",
+    )
     jb.add_argument("--config", type=Path, metavar="FILE", help=config_help)
     cn = verbs.add_parser("cancel", help="cancel a queued or running job")
     cn.add_argument("job", metavar="ID", help="job id (see `jobs`)")
@@ -164,6 +174,12 @@ def _control_verbs(verbs: Any, config_help: str) -> None:
     st.add_argument("--config", type=Path, metavar="FILE", help=config_help)
 
 
+def _page_size(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 1000:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number from 1 to 1000")
+    return int(value)
+
+
 def _config_path(given: Path | None) -> Path | None:
     if given is not None:
         return given
@@ -171,6 +187,9 @@ def _config_path(given: Path | None) -> Path | None:
 
 
 async def _run(config: AgentConfig) -> None:
+    import asyncio  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
     from agent.service import Agent  # noqa: PLC0415 - keeps `config --show` free of libvirt
 
     stop = asyncio.Event()
@@ -185,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the ledger) is root's alone, also outside systemd (whose unit sets the same).
     os.umask(0o077)
     args = _parser().parse_args(argv)
+    from agent.core.config import load_config, render_toml  # noqa: PLC0415 - see above
+    from agent.core.logs import configure_logging  # noqa: PLC0415
+
     try:
         config = load_config(_config_path(args.config))
     except ConfigError as exc:
@@ -208,6 +230,8 @@ def _dispatch(args: argparse.Namespace, config: AgentConfig) -> int:
     from agent.cli import chains as cli_chains  # noqa: PLC0415
 
     if args.verb == "run":
+        import asyncio  # noqa: PLC0415
+
         asyncio.run(_run(config))
     elif args.verb == "backup" and args.local:
         cli_backups.backup(config, args.domain, args.mode)
@@ -248,7 +272,7 @@ def _control(args: argparse.Namespace, config: AgentConfig) -> int:
     if args.verb == "backup":
         return cli_control.backup(config, args.domain, args.mode, args.wait)
     if args.verb == "jobs":
-        return cli_control.jobs(config, args.domain, args.state, args.json)
+        return cli_control.jobs(config, args.domain, args.state, args.json, args.limit)
     if args.verb == "cancel":
         return cli_control.cancel(config, args.job)
     return cli_control.status(config, args.json)

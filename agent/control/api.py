@@ -66,6 +66,8 @@ log = get_logger("api")
 
 
 _READY_TIMEOUT: Final = 5.0
+_PAGE: Final = 100  # jobs per page of GET /v1/jobs, unless limit says
+_MAX_PAGE: Final = 1000
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,9 @@ async def _get_job(request: web.Request) -> web.Response:
 
 
 async def _list_jobs(request: web.Request) -> web.Response:
-    _only_params(request, {"domain", "state"})
+    """Newest first, a page of ``limit`` (default 100, at most 1000) older than the job
+    ``before``; ``next``: the id to ask ``before`` for the next page (null: the last)."""
+    _only_params(request, {"domain", "state", "limit", "before"})
     state = None
     if "state" in request.query:
         try:
@@ -193,12 +197,34 @@ async def _list_jobs(request: web.Request) -> web.Response:
             raise ApiError(
                 400, "invalid-request", f"state must be one of {allowed}", "state"
             ) from exc
+    limit = _page_size(request.query.get("limit"))
+    before = request.query.get("before")
+    if before is not None and not JOB_ID_RE.fullmatch(before):
+        raise ApiError(400, "invalid-request", f"{before!r} is not a valid job id", "before")
     parts = _parts(request)
-    jobs = await parts.jobs.find(state=state)
+    names = None
     if "domain" in request.query:  # by name or UUID, whichever the jobs were submitted with
-        wanted = parts.domains.name_of(request.query["domain"])
-        jobs = [job for job in jobs if parts.domains.name_of(job.domain) == wanted]
-    return web.json_response({"jobs": [job.to_json() for job in jobs]})
+        asked = request.query["domain"]
+        info = parts.domains.find(asked)
+        names = sorted({asked, *((info.name, info.uuid) if info is not None else ())})
+    jobs = await parts.jobs.find(domain=names, state=state, limit=limit + 1, before=before)
+    page = jobs[:limit]
+    return web.json_response(
+        {
+            "jobs": [job.to_json() for job in page],
+            "next": page[-1].id if len(jobs) > limit else None,
+        }
+    )
+
+
+def _page_size(given: str | None) -> int:
+    if given is None:
+        return _PAGE
+    if not given.isdigit() or not 1 <= int(given) <= _MAX_PAGE:
+        raise ApiError(
+            400, "invalid-request", f"limit must be a whole number from 1 to {_MAX_PAGE}", "limit"
+        )
+    return int(given)
 
 
 async def _cancel_job(request: web.Request) -> web.Response:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -203,8 +203,16 @@ class Jobs:
             raise JobNotFoundError(f"no job {job_id!r}")
         return job
 
-    async def find(self, *, domain: str | None = None, state: JobState | None = None) -> list[Job]:
-        jobs = await self.store.find(domain=domain, state=state)
+    async def find(
+        self,
+        *,
+        domain: str | Sequence[str] | None = None,
+        state: JobState | None = None,
+        limit: int = 1000,
+        before: str | None = None,
+    ) -> list[Job]:
+        """Newest first (:meth:`JobStore.find`), with the progress of those running."""
+        jobs = await self.store.find(domain=domain, state=state, limit=limit, before=before)
         live = {**self._queued, **self._running}  # progress lives in memory
         return [live.get(job.id, job) for job in jobs]
 

@@ -236,13 +236,26 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
                 "get": {
-                    "summary": "List jobs, newest first",
+                    "summary": "List jobs, newest first, a page at a time ('next': the "
+                    "id to pass as 'before' for the next page; null on the last)",
                     "parameters": [
                         {"name": "domain", "in": "query", "schema": {"type": "string"}},
                         {
                             "name": "state",
                             "in": "query",
                             "schema": {"enum": [s.value for s in JobState]},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                            "description": "Jobs per page (default 100).",
+                        },
+                        {
+                            "name": "before",
+                            "in": "query",
+                            "schema": {"type": "string"},
+                            "description": "Only jobs older than this one (a page's 'next').",
                         },
                     ],
                     "responses": {"200": _reply("Jobs", "List"), **_errors(400, 401)},

@@ -39,8 +39,6 @@ from pydantic import (
 from agent.core.config_errors import describe, one_line, position
 from agent.core.errors import ConfigError
 
-DEFAULT_CONFIG_PATH = Path("/etc/libvirt-backup-agent/agent.toml")
-
 # strict: TOML is typed, so a quoted number is a mistake worth reporting, not coercing.
 _SECTION_CONFIG = ConfigDict(extra="forbid", frozen=True, strict=True)
 
