@@ -32,7 +32,7 @@ from agent.chain.checkpoints import Chains
 from agent.chain.ledger import Ledger
 from agent.control.api import ApiParts, serving
 from agent.control.dispatch import Dispatcher, HandlerContext, Routes
-from agent.control.job_requests import Job, JobKind
+from agent.control.job_requests import Job, JobKind, JobState
 from agent.control.job_store import JobStore
 from agent.control.jobs import JobOutcome, Jobs
 from agent.control.messages import SchedulerMessages
@@ -63,6 +63,7 @@ from handlers.job_kinds import job_disks, job_runners
 log = get_logger("service")
 
 _GAUGES_EVERY = 15.0  # seconds between refreshes of the gauges read from disk
+_REPLAYED_JOBS = 100_000  # ended backup jobs of each state read back at start, at most
 
 
 class Agent:
@@ -191,6 +192,9 @@ class Agent:
         # The start-up reconciles first: a job would otherwise hold a domain's lock while
         # that domain's events wait behind a reconcile that needs it.
         await self.dispatcher.drain()
+        # The failure gauges from the jobs that ended before this start, before any job
+        # ends now (those restarted or run from here on are counted as they end).
+        await self._replay_job_ends()
         restarted = await self.jobs.start(self._published_backup)
         if restarted:
             log.warning("jobs were running when the agent died", jobs=[j.id for j in restarted])
@@ -336,8 +340,7 @@ class Agent:
             self.metrics.backed_up.add(domain)
 
     async def _metrics_from_repository(self) -> None:
-        """At start: each domain's last backup and chain, so a restart loses no series;
-        and the backup jobs the job store holds, oldest first, for the failure gauges."""
+        """At start: each domain's last backup and chain, so a restart loses no series."""
         try:
             names = set(await self.chains.ledger.domains())
         except AgentError:
@@ -345,20 +348,37 @@ class Agent:
         names |= {info.name for info in self.domains.all().values()}
         for name in sorted(names):
             await self._count_chain(name)
+
+    async def _replay_job_ends(self) -> None:
+        """The backup jobs the job store holds that had ended (all it keeps, [jobs]
+        keep_finished_days), oldest first, into the failure gauges."""
         try:
-            ended = [j for j in await self.jobs.find() if j.kind is JobKind.BACKUP]
+            ended = [
+                j
+                for state in (JobState.SUCCEEDED, JobState.FAILED)
+                for j in await self.jobs.find(state=state, limit=_REPLAYED_JOBS)
+                if j.kind is JobKind.BACKUP
+            ]
         except AgentError as exc:
             log.warning("cannot read the job store", error=str(exc))
             return
         for job in sorted(ended, key=lambda j: j.finished_at or 0.0):
-            if job.state.finished:
-                self.metrics.ended(job)
+            self.metrics.ended(job)
 
     async def _refresh_gauges(self, interval: float = _GAUGES_EVERY) -> None:
         """Until cancelled: the broken chains (ledger) and the repository's space, read
-        in the background for ``/metrics`` (each read bounded; one that fails leaves the
-        last values, and says so once)."""
+        in the background for ``/metrics``, each on its own: each read is bounded, and
+        one that fails leaves its last values (the repository's are dropped: a space
+        that cannot be measured is not shown as free) and is logged when it starts
+        failing, not at every attempt."""
         repository = self.backups.repository
+        failing: set[str] = set()
+
+        def failed(what: str, exc: BaseException) -> None:
+            if what not in failing:
+                log.warning("a gauge cannot be refreshed", gauge=what, error=str(exc))
+            failing.add(what)
+
         while True:
             try:
                 chains = []
@@ -366,9 +386,15 @@ class Agent:
                     found = await self.chains.ledger.disk_chains(name)
                     chains += [c for _, c in sorted(found.items()) if not c.valid]
                 self.metrics.broken_chains = tuple(chains)
+                failing.discard("chains")
+            except Exception as exc:  # (anything: the next tick tries again)
+                failed("chains", exc)
+            try:
                 self.metrics.repository_space = await size_and_free(repository.fs, "repository")
-            except AgentError as exc:
-                log.debug("gauges not refreshed", error=str(exc))
+                failing.discard("repository space")
+            except Exception as exc:  # (anything: the next tick tries again)
+                self.metrics.repository_space = None
+                failed("repository space", exc)
             await asyncio.sleep(interval)
 
     def _nats_connected(self) -> bool | None:

@@ -40,14 +40,15 @@ install_packages() {
   local policy=/usr/sbin/policy-rc.d made_policy=0
   if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && made_policy=1
+    # Never left behind, whatever ends the script (a failed download, Ctrl-C).
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   fi
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || {
-    [ $made_policy -eq 1 ] && rm -f "$policy"
-    return 1
-  }
-  [ $made_policy -eq 1 ] && rm -f "$policy"
-  return 0
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ $made_policy -eq 1 ]; then
+    rm -f "$policy"
+    trap - EXIT
+  fi
 }
 
 # Inside containers (no systemd) QEMU cannot use cgroups, namespaces or a security

@@ -151,8 +151,8 @@ def test_dashboard_is_valid_json_with_variables_and_unique_ids() -> None:
         "label_values(backup_agent_libvirt_connected, instance)"
     )
     assert variable_query(found["domain"]) == (
-        "label_values(backup_agent_last_successful_backup_timestamp_seconds"
-        '{instance=~"$instance"}, domain)'
+        # (every domain libvirt has, backed up or not)
+        'label_values(backup_agent_domain_without_backup{instance=~"$instance"}, domain)'
     )
     panels = list(all_panels(dashboard["panels"]))
     ids = [p["id"] for p in panels]

@@ -16,6 +16,7 @@ from agent.control.job_requests import Job, JobState, parse_request
 from agent.control.job_store import JobStore
 from agent.control.metrics import Metrics
 from agent.core.config import BackupSection
+from agent.core.errors import JobNotFoundError
 
 UUID = "4f6b2a1e-0000-4000-8000-000000000001"
 
@@ -32,6 +33,13 @@ class _Domains:
 class _Jobs:
     def __init__(self, store: JobStore) -> None:
         self.find = store.find
+        self._store = store
+
+    async def get(self, job_id: str) -> Job:
+        job = await self._store.get(job_id)
+        if job is None:
+            raise JobNotFoundError(f"no job {job_id!r}")
+        return job
 
 
 @pytest.fixture
@@ -104,3 +112,6 @@ async def test_jobs_are_paged_newest_first_to_the_last(store: JobStore) -> None:
             assert (response.status, error["field"]) == (400, "limit"), bad
         response = await client.get("/v1/jobs", params={"before": "../x"})
         assert response.status == 400
+        # A cursor whose job is gone (forgotten meanwhile): said, not an empty last page.
+        response = await client.get("/v1/jobs", params={"before": "job-99999"})
+        assert response.status == 404

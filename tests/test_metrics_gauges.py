@@ -94,3 +94,14 @@ def test_domains_without_a_backup_broken_chains_and_the_repository_space() -> No
     text = metrics.render().decode()
     assert "backup_agent_chain_broken{" not in text
     assert "backup_agent_repository_free_bytes " not in text
+
+
+def test_a_job_for_a_domain_not_here_makes_no_series() -> None:
+    """Requests name anything: a job refused because no such domain is here must not
+    grow a series (nor an alert) for that name."""
+    metrics = Metrics()
+    job = _backup("typo-or-gone", JobState.FAILED, 10.0, 1)
+    from dataclasses import replace  # noqa: PLC0415
+
+    metrics.job_changed(replace(job, error_code="domain-not-found"))
+    assert 'domain="typo-or-gone"' not in metrics.render().decode()

@@ -202,6 +202,8 @@ async def _list_jobs(request: web.Request) -> web.Response:
     if before is not None and not JOB_ID_RE.fullmatch(before):
         raise ApiError(400, "invalid-request", f"{before!r} is not a valid job id", "before")
     parts = _parts(request)
+    if before is not None:  # (404 for a cursor whose job is gone: not an empty last page)
+        await parts.jobs.get(before)
     names = None
     if "domain" in request.query:  # by name or UUID, whichever the jobs were submitted with
         asked = request.query["domain"]

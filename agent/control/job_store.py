@@ -285,7 +285,8 @@ class JobStore:
             clauses.append("state = ?")
             params.append(state.value)
         if before is not None:
-            clauses.append("seq < (SELECT seq FROM jobs WHERE id = ?)")
+            # An id no job has (any more): an error, not an empty last page.
+            clauses.append("seq < coalesce((SELECT seq FROM jobs WHERE id = ?), -1)")
             params.append(before)
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         sql = f"{where} ORDER BY seq DESC LIMIT {int(limit)}"

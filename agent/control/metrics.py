@@ -214,6 +214,8 @@ class Metrics:
     def ended(self, job: Job) -> None:
         """A backup job's end in the per-domain failure gauges (also those the job store
         holds, replayed oldest first at start)."""
+        if job.error_code == "domain-not-found":  # (no domain here: no series for it)
+            return
         domain = self._domain_name(job.domain)
         if job.state is JobState.SUCCEEDED:
             self.failures_in_a_row.labels(domain=domain).set(0)

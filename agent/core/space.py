@@ -117,9 +117,9 @@ async def size_and_free(fs: Filesystem, what: str) -> tuple[int, int]:
 
 def _statvfs(path: Path) -> tuple[int, os.statvfs_result]:
     existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
     try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
         return os.stat(existing).st_dev, os.statvfs(existing)
     except OSError as exc:
         raise RepositoryError(
