@@ -411,6 +411,13 @@ async def test_the_unix_socket_is_root_only_and_needs_no_token(
         listed = await asyncio.to_thread(agent_cli, agent.config, "jobs", "--json")
         assert listed.returncode == 0, listed.stderr
         assert json.loads(listed.stdout) == []
+        # Killed -9, the agent leaves its socket file: the next start replaces it.
+        await asyncio.to_thread(agent.kill9)
+        assert stat.S_ISSOCK(path.lstat().st_mode)
+        await asyncio.to_thread(agent.start)
+        again = await asyncio.to_thread(agent_cli, agent.config, "jobs", "--json")
+        assert again.returncode == 0, again.stderr + agent.tail()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
         probe = socket.socket(socket.AF_UNIX)
         with contextlib.closing(probe):
             probe.bind(str(open_base / "canary.sock"))

@@ -43,6 +43,11 @@ class Partial:
         """A window sum, updated from the windows that changed; else hashed whole."""
         return self.checksum.algorithm == ALGORITHM
 
+    def untouched(self) -> list[tuple[int, int]]:
+        """The runs of the range outside its windows that changed."""
+        c = self.checksum
+        return _complement(c.offset, c.offset + c.length, self.windows)
+
 
 def combine(
     layers: Sequence[Sequence[RangeChecksum]], *, all_newest: bool = False

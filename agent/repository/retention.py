@@ -330,7 +330,7 @@ class Retention:
         wrong = []
         for p in partials:
             c = p.checksum
-            untouched = _untouched(p)
+            untouched = p.untouched()
             if not untouched:
                 continue
             path = layers[p.layer][0]
@@ -363,10 +363,13 @@ class Retention:
         kept, partial = await asyncio.to_thread(combine, [d.checksums for _, d in layers])
         verifier = Verifier(self._qemu, self._layer_info)
         extents = await self._qemu.layer_map(live) if partial else []
-        olds = [sums.get(_sum_key(layers[p.layer][0], p.checksum)) for p in partial]
+        olds = [
+            sums.get(_sum_key(layers[p.layer][0], p.checksum)) if p.updatable else None
+            for p in partial
+        ]
         # Those with an old sum: the new one of their windows; the others hashed whole.
-        update = [p for p, old in zip(partial, olds, strict=True) if p.updatable and old]
-        whole = [p for p, old in zip(partial, olds, strict=True) if not (p.updatable and old)]
+        update = [p for p, old in zip(partial, olds, strict=True) if old]
+        whole = [p for p, old in zip(partial, olds, strict=True) if not old]
         news = iter(await _window_sums(verifier, live, update, extents))
         hashed = iter(
             await verifier.digests(
@@ -375,10 +378,7 @@ class Retention:
         )
         for p, old in zip(partial, olds, strict=True):
             c = p.checksum
-            if p.updatable and old:
-                digest = updated(c.digest, int(old, 16), int(next(news), 16))
-            else:
-                digest = next(hashed)
+            digest = updated(c.digest, int(old, 16), int(next(news), 16)) if old else next(hashed)
             kept.append(RangeChecksum(c.offset, c.length, digest, CHECKSUM))
         kept.sort(key=lambda c: c.offset)
         return dataclasses.replace(disk, backing=None, checksums=tuple(kept))
@@ -394,19 +394,6 @@ def _sum_key(image: Path, checksum: RangeChecksum) -> str:
     ``<backup>/<image>@<offset>+<length>`` (a merged image may hold two ranges that
     begin at one offset)."""
     return f"{image.parent.name}/{image.name}@{checksum.offset}+{checksum.length}"
-
-
-def _untouched(partial: Partial) -> list[tuple[int, int]]:
-    """The runs of ``partial``'s range outside its windows that changed."""
-    runs, position = [], partial.checksum.offset
-    for start, end in partial.windows:
-        if start > position:
-            runs.append((position, start))
-        position = end
-    end = partial.checksum.offset + partial.checksum.length
-    if position < end:
-        runs.append((position, end))
-    return runs
 
 
 async def _sum_of(
