@@ -10,21 +10,22 @@ connection says so in one line.
 
 from __future__ import annotations
 
-import asyncio
+import http.client
 import json
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 from urllib.parse import quote, urlencode
 
-import aiohttp
-
-from agent.cli.progress import ProgressBar
 from agent.control.credentials import read_token
-from agent.core.config import AgentConfig
+from agent.core.config_file import ApiEndpoint
 from agent.core.errors import AgentError
 
-_TIMEOUT: Final = aiohttp.ClientTimeout(total=30)
+# The standard library's HTTP client, not aiohttp, and no asyncio: these verbs start in
+# a few tens of milliseconds (see agent.core.config_file).
+_TIMEOUT: Final = 30.0
+"""Seconds any one connect, send or read of a request may take."""
 _POLL: Final = 0.5
 
 
@@ -32,43 +33,75 @@ class AgentUnreachableError(AgentError):
     """The agent's API cannot be reached, or answered with an error."""
 
 
-def base_url(config: AgentConfig) -> str:
-    host = config.http.listen
+def base_url(endpoint: ApiEndpoint) -> str:
+    host, port = _host(endpoint)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _host(endpoint: ApiEndpoint) -> tuple[str, int]:
+    """Where to connect: a wildcard listen address is reached on loopback."""
+    host = endpoint.listen
     if host in ("0.0.0.0", ""):
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    if config.http.port == 0:
+    if endpoint.port == 0:
         raise AgentUnreachableError("[http] port is 0 (a free port each start): set a port")
-    host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{config.http.port}"
+    return host, endpoint.port
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 class ApiClient:
-    def __init__(self, config: AgentConfig) -> None:
-        self._socket = config.http.socket
+    def __init__(self, endpoint: ApiEndpoint) -> None:
+        self._socket = endpoint.socket
+        self._headers = {"Accept": "application/json"}
         if self._socket:
-            self._url, self._where = "http://localhost", f"unix:{self._socket}"
-            self._headers: dict[str, str] = {}
+            self._where = f"unix:{self._socket}"
         else:
-            self._url = self._where = base_url(config)
-            self._headers = {"Authorization": f"Bearer {read_token(config.token_path)}"}
+            self._host, self._port = _host(endpoint)
+            self._where = base_url(endpoint)
+            self._headers["Authorization"] = f"Bearer {read_token(endpoint.token_path)}"
 
-    async def call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
-        connector = aiohttp.UnixConnector(path=self._socket) if self._socket else None
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._socket:
+            return _UnixConnection(self._socket, _TIMEOUT)
+        return http.client.HTTPConnection(self._host, self._port, timeout=_TIMEOUT)
+
+    def call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        headers = dict(self._headers)
+        payload = None
+        if body is not None:
+            payload = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        connection = self._connection()
         try:
-            async with (
-                aiohttp.ClientSession(
-                    timeout=_TIMEOUT, headers=self._headers, connector=connector
-                ) as session,
-                session.request(method, self._url + path, json=body) as response,
-            ):
-                data = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            connection.request(method, path, body=payload, headers=headers)
+            response = connection.getresponse()
+            raw = response.read()
+        except (http.client.HTTPException, OSError) as exc:
             raise AgentUnreachableError(
                 f"cannot reach the agent at {self._where}: {exc or type(exc).__name__}; "
                 "is `backup-agent run` running?"
             ) from exc
+        finally:
+            connection.close()
+        try:
+            data = json.loads(raw)
         except ValueError as exc:
             raise AgentUnreachableError(f"the agent at {self._where} sent no JSON") from exc
         if response.status >= 400:
@@ -79,19 +112,18 @@ class ApiClient:
         return data
 
 
-def backup(config: AgentConfig, domain: str, mode: str, wait: bool) -> int:
-    return asyncio.run(_backup(ApiClient(config), domain, mode, wait))
-
-
-async def _backup(client: ApiClient, domain: str, mode: str, wait: bool) -> int:
-    job = await client.call("POST", "/v1/jobs", {"kind": "backup", "domain": domain, "mode": mode})
+def backup(endpoint: ApiEndpoint, domain: str, mode: str, wait: bool) -> int:
+    client = ApiClient(endpoint)
+    job = client.call("POST", "/v1/jobs", {"kind": "backup", "domain": domain, "mode": mode})
     print(f"job {job['id']}: backup of {domain} ({mode}) {job['state']}")
     if not wait:
         return 0
+    from agent.cli.progress import ProgressBar  # noqa: PLC0415 - rich, only to wait
+
     with ProgressBar("backup", mib=True) as bar:
         while not _finished(job):
-            await asyncio.sleep(_POLL)
-            job = await client.call("GET", f"/v1/jobs/{quote(job['id'])}")
+            time.sleep(_POLL)
+            job = client.call("GET", f"/v1/jobs/{quote(job['id'])}")
             bar.update(job["progress"]["done_bytes"], job["progress"]["total_bytes"])
     print(describe(job))
     return 0 if job["state"] == "succeeded" else 1
@@ -122,11 +154,11 @@ def describe(job: Mapping[str, Any]) -> str:
 
 
 def jobs(
-    config: AgentConfig, domain: str | None, state: str | None, as_json: bool, limit: int = 100
+    endpoint: ApiEndpoint, domain: str | None, state: str | None, as_json: bool, limit: int = 100
 ) -> int:
     asked = (("domain", domain), ("state", state), ("limit", str(limit)))
     query = urlencode({k: v for k, v in asked if v})
-    data = asyncio.run(ApiClient(config).call("GET", f"/v1/jobs?{query}"))
+    data = ApiClient(endpoint).call("GET", f"/v1/jobs?{query}")
     if as_json:
         print(json.dumps(data["jobs"], indent=2))
         return 0
@@ -144,8 +176,8 @@ def jobs(
     return 0
 
 
-def cancel(config: AgentConfig, job_id: str) -> int:
-    job = asyncio.run(ApiClient(config).call("DELETE", f"/v1/jobs/{quote(job_id, safe='')}"))
+def cancel(endpoint: ApiEndpoint, job_id: str) -> int:
+    job = ApiClient(endpoint).call("DELETE", f"/v1/jobs/{quote(job_id, safe='')}")
     if job["state"] == "running":
         print(f"job {job_id}: cancellation requested; it undoes its work, then ends cancelled")
     else:
@@ -153,15 +185,10 @@ def cancel(config: AgentConfig, job_id: str) -> int:
     return 0
 
 
-def status(config: AgentConfig, as_json: bool) -> int:
-    client = ApiClient(config)
-
-    async def read() -> tuple[Any, Any]:
-        return await asyncio.gather(
-            client.call("GET", "/v1/domains"), client.call("GET", "/v1/jobs?state=running")
-        )
-
-    domains, running = asyncio.run(read())
+def status(endpoint: ApiEndpoint, as_json: bool) -> int:
+    client = ApiClient(endpoint)
+    domains = client.call("GET", "/v1/domains")
+    running = client.call("GET", "/v1/jobs?state=running")
     if as_json:
         print(json.dumps({"domains": domains["domains"], "running": running["jobs"]}, indent=2))
         return 0

@@ -204,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the ledger) is root's alone, also outside systemd (whose unit sets the same).
     os.umask(0o077)
     args = _parser().parse_args(argv)
+    if args.verb in _API_VERBS and not getattr(args, "local", False):
+        return _control(args)
     from agent.core.config import load_config, render_toml  # noqa: PLC0415 - see above
     from agent.core.logs import configure_logging  # noqa: PLC0415
 
@@ -233,10 +235,8 @@ def _dispatch(args: argparse.Namespace, config: AgentConfig) -> int:
         import asyncio  # noqa: PLC0415
 
         asyncio.run(_run(config))
-    elif args.verb == "backup" and args.local:
+    elif args.verb == "backup":  # (--local: the others are in _control)
         cli_backups.backup(config, args.domain, args.mode)
-    elif args.verb in ("backup", "jobs", "cancel", "status"):
-        return _control(args, config)
     elif args.verb == "backups":
         cli_backups.list_backups(config, args.domain, args.json)
     elif args.verb == "restore":
@@ -266,13 +266,29 @@ def _dispatch(args: argparse.Namespace, config: AgentConfig) -> int:
     return 0
 
 
-def _control(args: argparse.Namespace, config: AgentConfig) -> int:
-    from agent.cli import control as cli_control  # noqa: PLC0415 - `config --show` without aiohttp
+_API_VERBS = ("backup", "jobs", "cancel", "status")
 
-    if args.verb == "backup":
-        return cli_control.backup(config, args.domain, args.mode, args.wait)
-    if args.verb == "jobs":
-        return cli_control.jobs(config, args.domain, args.state, args.json, args.limit)
-    if args.verb == "cancel":
-        return cli_control.cancel(config, args.job)
-    return cli_control.status(config, args.json)
+
+def _control(args: argparse.Namespace) -> int:
+    """A verb that only talks to the running agent: the configuration file's ``[http]``
+    read without the rest (:mod:`agent.core.config_file`), no logging set up, and the
+    standard library's HTTP client."""
+    from agent.cli import control as cli_control  # noqa: PLC0415
+    from agent.core.config_file import api_endpoint  # noqa: PLC0415
+
+    try:
+        endpoint = api_endpoint(_config_path(args.config))
+    except ConfigError as exc:
+        print(f"backup-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        if args.verb == "backup":
+            return cli_control.backup(endpoint, args.domain, args.mode, args.wait)
+        if args.verb == "jobs":
+            return cli_control.jobs(endpoint, args.domain, args.state, args.json, args.limit)
+        if args.verb == "cancel":
+            return cli_control.cancel(endpoint, args.job)
+        return cli_control.status(endpoint, args.json)
+    except AgentError as exc:
+        print(f"backup-agent: {exc}", file=sys.stderr)
+        return 1

@@ -20,7 +20,6 @@ import json
 import re
 import socket
 import sys
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,7 +35,14 @@ from pydantic import (
     field_validator,
 )
 
-from agent.core.config_errors import describe, one_line, position
+from agent.core.config_errors import describe, position
+from agent.core.config_file import (
+    DEFAULT_LISTEN,
+    DEFAULT_PORT,
+    DEFAULT_STATE_DIR,
+    parse_toml,
+    read_text,
+)
 from agent.core.errors import ConfigError
 
 # strict: TOML is typed, so a quoted number is a mistake worth reporting, not coercing.
@@ -77,7 +83,7 @@ class AgentSection(BaseModel):
     model_config = _SECTION_CONFIG
 
     state_dir: AbsolutePath = Field(
-        default=Path("/var/lib/libvirt-backup-agent"),
+        default=DEFAULT_STATE_DIR,
         description="Directory holding the ledger, jobs, sockets and scratch space.",
     )
     host_id: str = Field(
@@ -153,9 +159,12 @@ class HttpSection(BaseModel):
 
     model_config = _SECTION_CONFIG
 
-    listen: str = Field(default="127.0.0.1", min_length=1, description="Address to listen on.")
+    listen: str = Field(default=DEFAULT_LISTEN, min_length=1, description="Address to listen on.")
     port: int = Field(
-        default=8710, ge=0, le=65535, description="TCP port to listen on; 0 picks a free one."
+        default=DEFAULT_PORT,
+        ge=0,
+        le=65535,
+        description="TCP port to listen on; 0 picks a free one.",
     )
     token_file: Annotated[str, AfterValidator(_empty_or_absolute)] = Field(
         default="",
@@ -515,7 +524,7 @@ def load_config(path: Path | None) -> AgentConfig:
     """
     if path is None:
         return AgentConfig()
-    data = _parse_toml(path, _read_text(path))
+    data = parse_toml(path, read_text(path))
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
@@ -538,29 +547,6 @@ def json_schema() -> dict[str, Any]:
     """JSON Schema of the configuration file."""
     schema = AgentConfig.model_json_schema()
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
-
-
-def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ConfigError(f"{path}: cannot read configuration: {reason}", path=str(path)) from exc
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{path}: cannot read configuration: not valid UTF-8 (byte {exc.start})",
-            path=str(path),
-        ) from exc
-
-
-def _parse_toml(path: Path, text: str) -> dict[str, Any]:
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        reason = one_line(str(exc))
-        raise ConfigError(f"{path}: invalid TOML: {reason}", path=str(path)) from exc
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
