@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat
 from pathlib import Path
 from typing import Final
@@ -99,6 +98,8 @@ def _make(path: Path) -> None:
     """A new token in ``path``, whole: FileExistsError if one is there already."""
     if path.is_symlink() or path.exists():
         raise FileExistsError(path)
+    import secrets  # noqa: PLC0415 - only the agent makes tokens; the CLI reads them
+
     token = secrets.token_urlsafe(32)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
