@@ -125,6 +125,22 @@ def _repository_verbs(verbs: Any, config_help: str) -> None:
         "the backup sound: see the README, 'A digest of each whole point')",
     )
     rs.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    ex = verbs.add_parser("export", help="serve one disk of a backup point over NBD until stopped")
+    ex.add_argument("domain", metavar="DOMAIN", help="domain name")
+    ex.add_argument("--backup", required=True, metavar="ID", help="backup id (see `backups`)")
+    ex.add_argument("--disk", metavar="TARGET", help="e.g. vda; needed if the backup has several")
+    where = ex.add_mutually_exclusive_group()
+    where.add_argument(
+        "--socket", type=Path, metavar="PATH", help="a Unix socket (default: in the run directory)"
+    )
+    where.add_argument("--port", type=_port, metavar="N", help="TCP on 127.0.0.1 at port N")
+    ex.add_argument(
+        "--overlay",
+        type=Path,
+        metavar="FILE",
+        help="serve writable, into this new qcow2 overlay on top of the chain (kept afterwards)",
+    )
+    ex.add_argument("--config", type=Path, metavar="FILE", help=config_help)
     vf = verbs.add_parser("verify", help="re-read backups and check them against their manifests")
     vf.add_argument("domain", metavar="DOMAIN", help="domain name")
     vf.add_argument("--backup", metavar="ID", help="default: every backup of the domain")
@@ -172,6 +188,12 @@ def _control_verbs(verbs: Any, config_help: str) -> None:
     st = verbs.add_parser("status", help="domains, chains, last backups and running jobs")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number from 1 to 65535")
+    return int(value)
 
 
 def _page_size(value: str) -> int:
@@ -248,6 +270,12 @@ def _dispatch(args: argparse.Namespace, config: AgentConfig) -> int:
             args.to,
             args.format,
             check_digest=not args.no_digest_check,
+        )
+    elif args.verb == "export":
+        from agent.cli import export as cli_export  # noqa: PLC0415
+
+        return cli_export.export(
+            config, args.domain, args.backup, args.disk, args.socket, args.port, args.overlay
         )
     elif args.verb == "verify":
         return cli_backups.verify(config, args.domain, args.backup)

@@ -147,6 +147,31 @@ async def serve_image(
         await asyncio.to_thread(_remove, socket, _pid_file(socket))
 
 
+@contextlib.asynccontextmanager
+async def serve_point(
+    image: Path,
+    socket: Path,
+    *,
+    port: int | None = None,
+    writable: bool = False,
+    clients: int = 8,
+    timeout: float = 30.0,
+    setpriv: str = SETPRIV,
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Serve ``image`` with its backing chain, through the page cache, for as long as the
+    block runs: on ``socket``, or with ``port`` on 127.0.0.1 at that port (``socket``
+    then only names the pid file), read-only unless ``writable``; the block gets the
+    process (to notice that it ended)."""
+    process = await _start(
+        image, socket, clients, not writable, True, None, timeout, setpriv, port=port
+    )
+    try:
+        yield process
+    finally:
+        await to_completion(_stop(process, timeout))
+        await asyncio.to_thread(_remove, socket, _pid_file(socket))
+
+
 async def _direct_modes() -> list[str]:
     untried = "io_uring" in _DIRECT_AIO and "io_uring" not in _refused_aio
     if untried and not await asyncio.to_thread(_io_uring_usable):
@@ -183,6 +208,8 @@ async def _start(
     aio: str | None,
     timeout: float,
     setpriv: str,
+    *,
+    port: int | None = None,
 ) -> asyncio.subprocess.Process:
     """qemu-nbd, once it serves the image; ``aio`` None: the page cache."""
     problem = setpriv_problem(setpriv)
@@ -193,7 +220,7 @@ async def _start(
     args = [
         *([setpriv, *_GUARD_OPTIONS] if setpriv else []),
         QEMU_NBD,
-        f"--socket={socket}",
+        *([f"--socket={socket}"] if port is None else ["--bind=127.0.0.1", f"--port={port}"]),
         f"--pid-file={pid_file}",
         f"--shared={clients}",
         "--persistent",

@@ -86,6 +86,7 @@ from agent.repository.listing import (
 from agent.repository.manifest import (
     BACKUP_ID_RE,
     MANIFEST_FILE,
+    DiskManifest,
     Manifest,
 )
 from agent.repository.marker import RepositoryMarker
@@ -404,6 +405,19 @@ class Repository:
 
     # -- restore ------------------------------------------------------------------------
 
+    async def point_image(
+        self, domain: str, backup_id: str, target: str
+    ) -> tuple[Path, DiskManifest]:
+        """The image whose chain reads disk ``target`` as it was at ``backup_id``, and the
+        disk's manifest (the marker checked first)."""
+        await self.check_marker()
+        manifest = await self.backup(domain, backup_id)
+        disk = manifest.disk(target)
+        if disk is None:
+            have = ", ".join(d.target for d in manifest.disks)
+            raise RepositoryError(f"backup {backup_id} has no disk {target!r} (it has {have})")
+        return self._backups_dir(domain) / backup_id / disk.image, disk
+
     async def restore(
         self,
         domain: str,
@@ -423,15 +437,9 @@ class Repository:
         Written to ``<dest>.part`` and renamed when complete and fsync'd; an existing
         ``dest`` is refused. ``progress`` gets the fraction done as qemu-img reports it.
         """
-        await self.check_marker()
         if fmt not in ("qcow2", "raw"):
             raise RepositoryError(f"cannot restore to format {fmt!r} (qcow2 or raw)")
-        manifest = await self.backup(domain, backup_id)
-        disk = manifest.disk(target)
-        if disk is None:
-            have = ", ".join(d.target for d in manifest.disks)
-            raise RepositoryError(f"backup {backup_id} has no disk {target!r} (it has {have})")
-        source = self._backups_dir(domain) / backup_id / disk.image
+        source, disk = await self.point_image(domain, backup_id, target)
         await restore_image(
             self._qemu,
             source,
