@@ -229,3 +229,23 @@ def test_backup_names_every_disk_the_excluded_ones_with_their_reasons(
         "vdb full (format-raw: no persistent bitmap), sdc excluded (device-cdrom), "
         "vdd excluded (excluded-by-config); 12288 bytes in 1.25 s\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        ((), "restore needs --to"),
+        (("--name", "other"), "--name and --start go with --define"),
+        (("--start",), "--name and --start go with --define"),
+        (("--define", "--disk", "vda"), "--define restores every disk: leave out --disk"),
+        (("--define", "--to", "/tmp/x.qcow2"), "looks like a file"),
+    ],
+)
+def test_restore_options_that_do_not_go_together_are_one_line(
+    one_disk: tuple[Path, Builder], args: tuple[str, ...], says: str
+) -> None:
+    config, builder = one_disk
+    done = agent_cli(config, "restore", DOMAIN, "--backup", builder.ids[0], *args)
+    assert done.returncode == 1, done.stderr
+    assert says in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

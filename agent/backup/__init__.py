@@ -9,6 +9,7 @@
 ``data_plane``   the second event loop (own thread) the NBD copies run on
 ``progress``     bytes copied so far (throttled reports), seconds per phase
 ``undo``         undoing a failed or cancelled job; recovering those a killed agent left
+``whole_vm``     a whole VM back from a backup point: its disks restored, the domain defined
 
 May import: :mod:`agent.chain` and every layer below it.
 """

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from agent.backup import whole_vm
 from agent.backup.plan import BackupMode
 from agent.backup.run import BackupResult
 from agent.chain.damage import break_damaged_chains
@@ -25,6 +26,7 @@ from agent.core.errors import AgentError
 from agent.repository.listing import Damage, Listing, time_order
 from agent.repository.store import Repository
 from agent.repository.verify import Problem
+from agent.virt.connection import VirtConnection
 
 
 class CommandError(AgentError):
@@ -128,11 +130,13 @@ def restore(
     domain: str,
     backup_id: str,
     disk: str | None,
-    to: Path,
+    to: Path | None,
     fmt: str,
     *,
     check_digest: bool = True,
 ) -> None:
+    if to is None:
+        raise CommandError("restore needs --to (an image file with --disk, else a directory)")
     repository = Repository(config.repository_path, state_dir=config.agent.state_dir)
     domain = _in_repository(repository, domain)
     manifest = asyncio.run(repository.backup(domain, backup_id))
@@ -167,6 +171,89 @@ def restore(
                 )
             )
         print(f"restored {domain} {target} at {backup_id} to {dest} ({fmt})")
+
+
+def restore_vm(
+    config: AgentConfig,
+    domain: str,
+    backup_id: str,
+    disk: str | None,
+    to: Path | None,
+    fmt: str,
+    *,
+    define: bool,
+    name: str | None,
+    start: bool,
+    check_digest: bool = True,
+) -> None:
+    """``restore --define``: the whole VM back (:mod:`agent.backup.whole_vm`)."""
+    if not define:
+        raise CommandError("--name and --start go with --define (the whole VM)")
+    if disk is not None:
+        raise CommandError("--define restores every disk: leave out --disk")
+    if to is not None and to.suffix in (".qcow2", ".raw", ".img"):
+        raise CommandError(f"with --define, --to is the images' directory; {to} looks like a file")
+    repository = Repository(config.repository_path, state_dir=config.agent.state_dir)
+    domain = _in_repository(repository, domain)
+    if to is not None:
+        try:
+            to.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CommandError(f"cannot create directory {to}: {exc.strerror}") from exc
+    restored = asyncio.run(
+        _restore_vm(config, repository, domain, backup_id, to, fmt, name, start, check_digest)
+    )
+    for target, image in restored.images.items():
+        print(f"restored {domain} {target} at {backup_id} to {image} ({fmt})")
+    for target, why in restored.left_out:
+        print(f"left out disk {target} ({why}): it is in no backup", file=sys.stderr)
+    state = "started" if restored.started else "defined"
+    print(f"domain {restored.name} ({restored.uuid}) {state}")
+
+
+async def _restore_vm(
+    config: AgentConfig,
+    repository: Repository,
+    domain: str,
+    backup_id: str,
+    to: Path | None,
+    fmt: str,
+    name: str | None,
+    start: bool,
+    check_digest: bool,
+) -> whole_vm.RestoredVm:
+    connection = VirtConnection(config.libvirt, lambda _event: None, _nothing)
+    await connection.open_once()
+    bars: list[ProgressBar] = []  # one at a time: the disks are restored in turn
+
+    def progress(target: str) -> Callable[[float], None]:
+        while bars:
+            bars.pop().__exit__(None, None, None)
+        bars.append(ProgressBar(target).__enter__())
+        return bars[-1].fraction
+
+    try:
+        return await whole_vm.restore_vm(
+            repository,
+            connection,
+            domain,
+            backup_id,
+            name=name,
+            to=to,
+            fmt=fmt,
+            start=start,
+            mode=config.jobs.restore_mode,
+            check_digest=check_digest,
+            progress=progress,
+        )
+    finally:
+        for bar in bars:
+            bar.__exit__(None, None, None)
+        await connection.close()
+
+
+async def _nothing() -> None:
+    return None
 
 
 def verify(config: AgentConfig, domain: str, backup_id: str | None) -> int:

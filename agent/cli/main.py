@@ -112,12 +112,22 @@ def _repository_verbs(verbs: Any, config_help: str) -> None:
     rs.add_argument("--disk", metavar="TARGET", help="e.g. vda; default: every disk")
     rs.add_argument(
         "--to",
-        required=True,
         type=Path,
         metavar="PATH",
-        help="the image file (with --disk or one disk), else a directory",
+        help="the image file (with --disk), else a directory; with --define, the directory "
+        "of the restored images (default: where each disk's image was)",
     )
     rs.add_argument("--format", choices=["qcow2", "raw"], default="qcow2")
+    rs.add_argument(
+        "--define",
+        action="store_true",
+        help="the whole VM: every disk restored and the domain defined from the definition "
+        "recorded with the backup",
+    )
+    rs.add_argument(
+        "--name", metavar="NEW", help="with --define: this name, a new UUID and new MAC addresses"
+    )
+    rs.add_argument("--start", action="store_true", help="with --define: start it, too")
     rs.add_argument(
         "--no-digest-check",
         action="store_true",
@@ -261,6 +271,19 @@ def _dispatch(args: argparse.Namespace, config: AgentConfig) -> int:
         cli_backups.backup(config, args.domain, args.mode)
     elif args.verb == "backups":
         cli_backups.list_backups(config, args.domain, args.json)
+    elif args.verb == "restore" and (args.define or args.name or args.start):
+        cli_backups.restore_vm(
+            config,
+            args.domain,
+            args.backup,
+            args.disk,
+            args.to,
+            args.format,
+            define=args.define,
+            name=args.name,
+            start=args.start,
+            check_digest=not args.no_digest_check,
+        )
     elif args.verb == "restore":
         cli_backups.restore(
             config,

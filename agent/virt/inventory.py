@@ -310,7 +310,7 @@ def probe_inode(identity: DiskIdentity) -> tuple[int, int] | None:
 
 
 def _domain_element(domain_xml: str | bytes, domain: str | None) -> etree._Element:
-    root = _parse_xml(domain_xml, domain)
+    root = parse_xml(domain_xml, domain)
     if root.tag == "domain":
         return root
     if root.tag == "domaincheckpoint":
@@ -324,7 +324,8 @@ def _domain_element(domain_xml: str | bytes, domain: str | None) -> etree._Eleme
     )
 
 
-def _parse_xml(domain_xml: str | bytes, domain: str | None) -> etree._Element:
+def parse_xml(domain_xml: str | bytes, domain: str | None) -> etree._Element:
+    """Domain (or checkpoint) XML parsed safely; InventoryError if it is not well-formed."""
     # lxml refuses str input that carries an encoding declaration; libvirt emits UTF-8.
     data = domain_xml.encode("utf-8") if isinstance(domain_xml, str) else domain_xml
     # Saved checkpoint XML is read back from storage we do not fully control: never read
