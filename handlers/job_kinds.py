@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from agent.backup import whole_vm
 from agent.backup.plan import BackupMode
 from agent.chain.damage import break_damaged_chains
 from agent.control.dispatch import HandlerContext
@@ -98,9 +100,12 @@ async def restore(
     ctx: HandlerContext, restore_dir: Path, mode: int, job: Job, progress: Progress
 ) -> JobOutcome:
     request = job.request
-    assert request.backup is not None and request.to is not None  # checked at submission
+    assert request.backup is not None  # checked at submission
     domain = await _in_repository(ctx, job.domain)
     fmt = request.format or "qcow2"
+    if request.define:
+        return await _restore_vm(ctx, restore_dir, mode, job, progress, domain)
+    assert request.to is not None  # checked at submission
     manifest = await ctx.backups.repository.backup(domain, request.backup)
     targets = [d.target for d in manifest.disks]
     if request.disk is not None and request.disk not in targets:
@@ -131,6 +136,52 @@ async def restore(
         done += size
         files.append({"target": target, "path": str(path), "format": fmt})
     return JobOutcome(backup_id=request.backup, result={"files": files})
+
+
+async def _restore_vm(
+    ctx: HandlerContext, restore_dir: Path, mode: int, job: Job, progress: Progress, domain: str
+) -> JobOutcome:
+    """A restore with ``define``: the whole VM (:mod:`agent.backup.whole_vm`), its images
+    in ``restore_dir`` (or the directory ``to`` names inside it)."""
+    request = job.request
+    assert request.backup is not None
+    fmt = request.format or "qcow2"
+    to = restore_dir / request.to if request.to else restore_dir
+    await asyncio.to_thread(to.mkdir, mode=0o700, parents=True, exist_ok=True)
+    manifest = await ctx.backups.repository.backup(domain, request.backup)
+    sizes = {d.target: d.virtual_size for d in manifest.disks}
+    total = sum(sizes.values())
+    before = dict(zip(sizes, itertools.accumulate(sizes.values(), initial=0), strict=False))
+
+    def step(target: str) -> Callable[[float], None]:
+        return lambda fraction: progress(before[target] + int(fraction * sizes[target]), total)
+
+    try:
+        restored = await whole_vm.restore_vm(
+            ctx.backups.repository,
+            ctx.connection,
+            domain,
+            request.backup,
+            name=request.name,
+            to=to,
+            fmt=fmt,
+            start=bool(request.start),
+            mode=mode,
+            progress=step,
+        )
+    except whole_vm.WholeVmError as exc:
+        raise JobError(str(exc), code="cannot-define") from exc
+    files = [{"target": t, "path": str(path), "format": fmt} for t, path in restored.images.items()]
+    result = {
+        "files": files,
+        "domain": {
+            "name": restored.name,
+            "uuid": restored.uuid,
+            "started": restored.started,
+            "left_out": [{"target": t, "reason": why} for t, why in restored.left_out],
+        },
+    }
+    return JobOutcome(backup_id=request.backup, result=result)
 
 
 def _new_directory(path: Path) -> None:

@@ -13,9 +13,16 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from hypothesis import settings
 
 from tests.testbed import daemon
 from tests.testbed.domains import DiskSpec, DomainFactory, TestDomain, make_domain
+
+# No per-example deadline: on a loaded machine (two cores, QEMU and libvirtd beside the
+# suite) a property test's example can take longer than hypothesis' 200 ms and fail as
+# flaky without anything being wrong. pytest-timeout bounds every test instead.
+settings.register_profile("suite", deadline=None)
+settings.load_profile("suite")
 
 
 @pytest.fixture(scope="session")

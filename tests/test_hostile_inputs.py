@@ -57,11 +57,21 @@ MODES = ("auto", "full", "incremental")
 FORMATS = ("qcow2", "raw")
 KIND_FIELDS: Mapping[str, frozenset[str]] = {
     "backup": frozenset({"mode", "keep_last"}),
-    "restore": frozenset({"backup", "disk", "to", "format"}),
+    "restore": frozenset({"backup", "disk", "to", "format", "define", "name", "start"}),
     "verify": frozenset({"backup"}),
     "reconcile": frozenset(),
 }
-KIND_ONLY_FIELDS = ("mode", "keep_last", "backup", "disk", "to", "format")
+KIND_ONLY_FIELDS = (
+    "mode",
+    "keep_last",
+    "backup",
+    "disk",
+    "to",
+    "format",
+    "define",
+    "name",
+    "start",
+)
 KNOWN_FIELDS = frozenset({"id", "kind", "domain", "deadline", *KIND_ONLY_FIELDS})
 JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 CONTROL = [chr(c) for c in range(0x20)] + ["\x7f"]
@@ -246,6 +256,9 @@ VALID_VALUES: Mapping[str, st.SearchStrategy[Any]] = {
     "disk": targets,
     "to": file_names,
     "format": st.sampled_from(FORMATS),
+    "define": st.booleans(),
+    "name": domains,
+    "start": st.booleans(),
 }
 
 
@@ -386,6 +399,20 @@ def field_of_another_kind(draw: st.DrawFn) -> BadRequest:
 
 
 @st.composite
+def define_misused(draw: st.DrawFn) -> BadRequest:
+    """``name`` or ``start`` without ``"define": true``, or ``define`` with one ``disk``."""
+    request = draw(valid_request("restore"))
+    field = draw(st.sampled_from(["name", "start", "disk"]))
+    if field == "disk":
+        request.update(define=True, disk=draw(targets))
+    else:
+        request[field] = draw(VALID_VALUES[field])
+        if draw(st.booleans()):
+            request["define"] = False
+    return BadRequest(f"{field} against define", encode(request), field)
+
+
+@st.composite
 def restore_missing(draw: st.DrawFn) -> BadRequest:
     request = draw(valid_request("restore"))
     missing = draw(st.sampled_from([("backup",), ("to",), ("backup", "to")]))
@@ -484,6 +511,7 @@ bad_requests: st.SearchStrategy[BadRequest] = st.one_of(
     not_an_object,
     unknown_field(),
     field_of_another_kind(),
+    define_misused(),
     restore_missing(),
     without("kind"),
     without("domain"),

@@ -13,11 +13,13 @@ import asyncio
 import subprocess
 from pathlib import Path
 
+import aiohttp
 import libvirt
 import pytest
 
 from tests.guest_model import MiB, agent_cli, config, config_file, started_guest
 from tests.harness import running_agent
+from tests.test_control_live import Api
 from tests.testbed import daemon
 from tests.testbed.domains import DiskSpec, DomainFactory, new_name
 
@@ -159,3 +161,52 @@ async def test_beside_the_original_under_a_new_name_and_nothing_is_ever_replaced
             if dom.isActive():
                 dom.destroy()
             dom.undefine()
+
+
+async def test_a_restore_job_with_define_through_the_api(
+    domain_factory: DomainFactory, tmp_path: Path
+) -> None:
+    """The same through ``POST /v1/jobs``: the twin's images in ``restore_dir/to``, its
+    name, new UUID and start in the job's result; the same request again is the same job;
+    a request naming an existing domain fails with ``exists`` and writes nothing."""
+    cfg = config(tmp_path, http={"port": 0})
+    twin = new_name()
+    conn = libvirt.open(daemon.URI)
+    async with (
+        running_agent(cfg) as run,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+    ):
+        api = Api(run, session)
+        guest = await started_guest(run, domain_factory, DISKS)
+        await guest.write("vda", 0, 1 * MiB, 0x51)
+        expected = guest.snapshot()
+        done = await api.backup(guest.td.name, "b1")
+        assert done["state"] == "succeeded", done
+        backup_id = done["backup_id"]
+        request = {"kind": "restore", "domain": guest.td.name, "backup": backup_id}
+        taken = await api.call("POST", "/v1/jobs", {**request, "id": "r0", "define": True})
+        assert taken[0] == 201, taken
+        refused = await api.wait_job("r0")
+        assert refused["state"] == "failed" and refused["error"]["code"] == "exists", refused
+        assert not cfg.restore_path.exists() or list(cfg.restore_path.iterdir()) == []
+
+        body = {**request, "id": "r1", "define": True, "name": twin, "to": "twin", "start": True}
+        try:
+            assert (await api.call("POST", "/v1/jobs", body))[0] == 201
+            job = await api.wait_job("r1")
+            assert job["state"] == "succeeded", job
+            result = job["result"]
+            assert result["domain"]["name"] == twin and result["domain"]["started"] is True
+            assert result["domain"]["uuid"] != guest.td.uuid
+            copy = conn.lookupByName(twin)
+            assert copy.UUIDString() == result["domain"]["uuid"] and copy.isActive()
+            for target in ("vda", "vdb"):
+                image = cfg.restore_path / "twin" / f"{twin}-{target}.qcow2"
+                assert {"target": target, "path": str(image), "format": "qcow2"} in result["files"]
+                assert _disk_bytes(image, tmp_path) == expected[target]
+            assert (await api.call("POST", "/v1/jobs", body))[0] == 200  # the same job
+        finally:
+            for dom in [d for d in conn.listAllDomains() if d.name() == twin]:
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()

@@ -134,3 +134,14 @@ def test_without_a_directory_an_image_goes_beside_where_the_disk_was() -> None:
 def test_a_definition_that_cannot_serve_is_refused(xml: str, says: str) -> None:
     with pytest.raises(WholeVmError, match=says):
         definition(_manifest(xml), to=Path("/r"))
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "..", "x\ny"])
+def test_a_name_that_could_leave_the_directory_is_refused(name: str) -> None:
+    """The name is part of each image's file name: asked for or recorded, it must not
+    lead out of the directory."""
+    with pytest.raises(WholeVmError, match="domain name"):
+        definition(_manifest(), name=name, to=Path("/r"))
+    recorded = XML.replace("<name>web01</name>", f"<name>{name}</name>")
+    with pytest.raises(WholeVmError, match="domain name"):
+        definition(_manifest(recorded), to=Path("/r"))

@@ -34,6 +34,7 @@ from lxml import etree
 
 from agent.core.errors import AgentError, DestinationExistsError, RepositoryError
 from agent.core.logs import get_logger
+from agent.core.names import domain_name_problem
 from agent.repository.manifest import Manifest
 from agent.repository.store import Repository
 from agent.virt.connection import VirtConnection
@@ -77,6 +78,9 @@ def definition(
     if root.tag != "domain":
         raise WholeVmError(f"backup {manifest.backup_id}: the recorded XML is not a <domain>")
     new_name = name or _text(root, "name") or manifest.domain
+    problem = domain_name_problem(new_name)
+    if problem is not None:  # (it names the images' files, too)
+        raise WholeVmError(f"domain name {new_name!r}: {problem}")
     backed_up = {d.target for d in manifest.disks}
     excluded = {e.target: e.reason for e in manifest.excluded}
     images: dict[str, Path] = {}

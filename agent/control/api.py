@@ -34,7 +34,6 @@ from agent.control.job_requests import (
     JOB_ID_RE,
     MAX_REQUEST_BYTES,
     JobState,
-    domain_name_problem,
     parse_request,
 )
 from agent.control.jobs import Jobs
@@ -56,6 +55,7 @@ from agent.core.errors import (
     RequestError,
 )
 from agent.core.logs import get_logger
+from agent.core.names import domain_name_problem
 from agent.repository.manifest import Manifest
 from agent.repository.store import Repository
 from agent.virt.connection import ConnState, VirtConnection

@@ -17,7 +17,6 @@ import json
 import re
 import secrets
 import time
-import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -34,6 +33,7 @@ from pydantic import (
 )
 
 from agent.core.errors import RequestError
+from agent.core.names import domain_name_problem
 
 #: Bodies larger than this are refused before they are parsed.
 MAX_REQUEST_BYTES: Final = 16 * 1024
@@ -61,24 +61,6 @@ class JobState(enum.StrEnum):
     @property
     def finished(self) -> bool:
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
-
-
-def domain_name_problem(value: str) -> str | None:
-    """Why ``value`` cannot name a domain here, or None.
-
-    A domain's name becomes a repository directory: nothing that could leave it, nothing
-    a file system refuses (over 255 bytes), nothing a terminal or a log line would
-    misread (control characters, line separators, undecodable bytes).
-    """
-    if not value:
-        return "must not be empty"
-    if len(value.encode("utf-8", errors="surrogatepass")) > 255:
-        return "longer than 255 bytes"
-    if value in (".", "..") or "/" in value:
-        return "not a usable domain name (no '/', '.' or '..')"
-    if any(unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") for c in value):
-        return "not a usable domain name (control characters)"
-    return None
 
 
 def _domain_name(value: str) -> str:
@@ -150,6 +132,20 @@ class JobRequest(BaseModel):
     format: Literal["qcow2", "raw"] | None = Field(
         default=None, description="Restore only: image format (default qcow2)."
     )
+    define: bool | None = Field(
+        default=None,
+        description="Restore only: the whole VM: every disk restored (into the directory "
+        "'to', default restore_dir itself, as <name>-<target>.<format>) and the domain "
+        "defined from the definition recorded with the backup.",
+    )
+    name: DomainName | None = Field(
+        default=None,
+        description="Restore with define: the domain's new name (a new UUID and new MAC "
+        "addresses, to run beside the original); default its own.",
+    )
+    start: bool | None = Field(
+        default=None, description="Restore with define: start the domain once defined."
+    )
     deadline: Annotated[datetime | None, BeforeValidator(_rfc3339)] = Field(
         default=None,
         # strict mode would refuse the RFC 3339 strings JSON carries
@@ -160,13 +156,18 @@ class JobRequest(BaseModel):
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> JobRequest:
         allowed = _KIND_FIELDS[self.kind]
-        for name in ("mode", "keep_last", "backup", "disk", "to", "format"):
+        for name in _KIND_ONLY:
             if getattr(self, name) is not None and name not in allowed:
                 raise RequestError(f"'{name}' does not apply to {self.kind} jobs", field=name)
         if self.kind == "restore":
-            for name in ("backup", "to"):
+            for name in ("backup",) if self.define else ("backup", "to"):
                 if getattr(self, name) is None:
                     raise RequestError(f"restore jobs need '{name}'", field=name)
+            for name in ("name", "start"):
+                if getattr(self, name) is not None and not self.define:
+                    raise RequestError(f"'{name}' goes with \"define\": true", field=name)
+            if self.define and self.disk is not None:
+                raise RequestError("a restore with define restores every disk", field="disk")
         if self.deadline is not None and self.deadline.tzinfo is None:
             raise RequestError("deadline needs a time zone offset", field="deadline")
         return self
@@ -179,12 +180,26 @@ class JobRequest(BaseModel):
         for key, value in defaults.get(self.kind, {}).items():
             if data[key] is None:
                 data[key] = value
+        for key in ("define", "name", "start"):  # (newer fields: absent, or false, is as before)
+            if data[key] in (None, False):
+                del data[key]
         return json.dumps(data, sort_keys=True)
 
 
+_KIND_ONLY: Final = (
+    "mode",
+    "keep_last",
+    "backup",
+    "disk",
+    "to",
+    "format",
+    "define",
+    "name",
+    "start",
+)
 _KIND_FIELDS: Final = {
     "backup": {"mode", "keep_last"},
-    "restore": {"backup", "disk", "to", "format"},
+    "restore": {"backup", "disk", "to", "format", "define", "name", "start"},
     "verify": {"backup"},
     "reconcile": set(),
 }
