@@ -16,6 +16,9 @@ PACKAGES=(
   nats-server                  # JetStream for the scheduler-message tests (started by them)
   libfuse3-3                   # mfusepy's library: the hung-filesystem fault test's FUSE mount
   prometheus                   # promtool (alert rule tests) and a real server (the alert test)
+  python3-guestfs              # libguestfs for `backup-agent files` (its appliance VM) ...
+  linux-image-cloud-amd64      # ... needs a kernel of the host's to boot
+  e2fsprogs                    # mkfs.ext4 -d: the filesystem the `files` test backs up
 )
 
 say() { printf '==> %s\n' "$*" >&2; }

@@ -151,6 +151,23 @@ def _repository_verbs(verbs: Any, config_help: str) -> None:
         help="serve writable, into this new qcow2 overlay on top of the chain (kept afterwards)",
     )
     ex.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    fl = verbs.add_parser("files", help="list or copy files in a backup point's guest filesystem")
+    fl.add_argument("domain", metavar="DOMAIN", help="domain name")
+    fl.add_argument("--backup", required=True, metavar="ID", help="backup id (see `backups`)")
+    fl.add_argument("--disk", metavar="TARGET", help="e.g. vda; needed if the backup has several")
+    fl.add_argument(
+        "--fs", metavar="DEVICE", help="the filesystem to mount at / (e.g. /dev/sda2), as listed"
+    )
+    file_verbs = fl.add_subparsers(dest="files_verb", required=True, metavar="ACTION")
+    fls = file_verbs.add_parser("ls", help="list a directory of the guest (like ls -la)")
+    fls.add_argument("path", metavar="PATH", help="absolute path in the guest")
+    fls.add_argument("--config", type=Path, metavar="FILE", help=config_help)
+    fget = file_verbs.add_parser("get", help="copy a file or directory out of the guest")
+    fget.add_argument("path", metavar="PATH", help="absolute path in the guest")
+    fget.add_argument(
+        "--to", required=True, type=Path, metavar="DIR", help="existing directory to copy into"
+    )
+    fget.add_argument("--config", type=Path, metavar="FILE", help=config_help)
     vf = verbs.add_parser("verify", help="re-read backups and check them against their manifests")
     vf.add_argument("domain", metavar="DOMAIN", help="domain name")
     vf.add_argument("--backup", metavar="ID", help="default: every backup of the domain")
@@ -271,7 +288,30 @@ def _dispatch(args: argparse.Namespace, config: AgentConfig) -> int:
         cli_backups.backup(config, args.domain, args.mode)
     elif args.verb == "backups":
         cli_backups.list_backups(config, args.domain, args.json)
-    elif args.verb == "restore" and (args.define or args.name or args.start):
+    elif args.verb in ("restore", "export", "files"):
+        return _point_verbs(args, config)
+    elif args.verb == "verify":
+        return cli_backups.verify(config, args.domain, args.backup)
+    elif args.verb == "checkpoints":
+        cli_chains.show_checkpoints(config, args.domain, args.json)
+    elif args.verb == "reconcile":
+        cli_chains.reconcile(config, args.domain)
+    elif args.verb == "repository":
+        from agent.cli import repository as cli_repository  # noqa: PLC0415
+
+        cli_repository.init(config, args.path, args.replace, args.json)
+    elif args.ledger_verb == "export":
+        cli_chains.export_chain(config, args.domain, args.output)
+    else:
+        cli_chains.import_chain(config, args.file, args.replace)
+    return 0
+
+
+def _point_verbs(args: argparse.Namespace, config: AgentConfig) -> int:
+    """The verbs that give a backup point back: restore, export, files."""
+    from agent.cli import backups as cli_backups  # noqa: PLC0415
+
+    if args.verb == "restore" and (args.define or args.name or args.start):
         cli_backups.restore_vm(
             config,
             args.domain,
@@ -300,20 +340,19 @@ def _dispatch(args: argparse.Namespace, config: AgentConfig) -> int:
         return cli_export.export(
             config, args.domain, args.backup, args.disk, args.socket, args.port, args.overlay
         )
-    elif args.verb == "verify":
-        return cli_backups.verify(config, args.domain, args.backup)
-    elif args.verb == "checkpoints":
-        cli_chains.show_checkpoints(config, args.domain, args.json)
-    elif args.verb == "reconcile":
-        cli_chains.reconcile(config, args.domain)
-    elif args.verb == "repository":
-        from agent.cli import repository as cli_repository  # noqa: PLC0415
+    elif args.verb == "files":
+        from agent.cli import files as cli_files  # noqa: PLC0415 - libguestfs only here
 
-        cli_repository.init(config, args.path, args.replace, args.json)
-    elif args.ledger_verb == "export":
-        cli_chains.export_chain(config, args.domain, args.output)
-    else:
-        cli_chains.import_chain(config, args.file, args.replace)
+        return cli_files.files(
+            config,
+            args.domain,
+            args.backup,
+            args.disk,
+            args.fs,
+            args.files_verb,
+            args.path,
+            getattr(args, "to", None),
+        )
     return 0
 
 
