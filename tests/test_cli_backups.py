@@ -249,3 +249,36 @@ def test_restore_options_that_do_not_go_together_are_one_line(
     assert done.returncode == 1, done.stderr
     assert says in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_restore_json_gives_the_files_on_stdout_and_progress_lines_on_stderr(
+    one_disk: tuple[Path, Builder], tmp_path: Path
+) -> None:
+    config, builder = one_disk
+    (backup_id,) = builder.ids
+    to = tmp_path / "restored"
+    done = agent_cli(
+        config,
+        "restore",
+        DOMAIN,
+        "--backup",
+        backup_id,
+        "--to",
+        str(to),
+        "--format",
+        "raw",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    path = str(to / "vda.raw")
+    assert result == {
+        "domain": DOMAIN,
+        "backup_id": backup_id,
+        "files": [{"target": "vda", "path": path, "format": "raw"}],
+    }
+    assert (to / "vda.raw").read_bytes() == builder.points[backup_id]["vda"]
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    fractions = [line["fraction"] for line in lines if line.get("progress") == "vda"]
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0, lines
+    assert fractions == sorted(fractions)

@@ -20,7 +20,7 @@ from agent.backup.plan import BackupMode
 from agent.backup.run import BackupResult
 from agent.chain.damage import break_damaged_chains
 from agent.chain.ledger import Ledger
-from agent.cli.progress import ProgressBar
+from agent.cli.progress import JsonProgress, ProgressBar, progress_display
 from agent.core.config import AgentConfig
 from agent.core.errors import AgentError
 from agent.repository.listing import Damage, Listing, time_order
@@ -134,6 +134,7 @@ def restore(
     fmt: str,
     *,
     check_digest: bool = True,
+    as_json: bool = False,
 ) -> None:
     if to is None:
         raise CommandError("restore needs --to (an image file with --disk, else a directory)")
@@ -156,8 +157,9 @@ def restore(
         plan = [(t, to / f"{t}.{fmt}") for t in targets]
     else:
         plan = [(disk, to)]
+    files = []
     for target, dest in plan:
-        with ProgressBar(target) as bar:
+        with progress_display(target, as_json=as_json) as bar:
             asyncio.run(
                 repository.restore(
                     domain,
@@ -170,7 +172,11 @@ def restore(
                     check_digest=check_digest,
                 )
             )
-        print(f"restored {domain} {target} at {backup_id} to {dest} ({fmt})")
+        files.append({"target": target, "path": str(dest), "format": fmt})
+        if not as_json:
+            print(f"restored {domain} {target} at {backup_id} to {dest} ({fmt})")
+    if as_json:
+        print(json.dumps({"domain": domain, "backup_id": backup_id, "files": files}, indent=2))
 
 
 def restore_vm(
@@ -185,6 +191,7 @@ def restore_vm(
     name: str | None,
     start: bool,
     check_digest: bool = True,
+    as_json: bool = False,
 ) -> None:
     """``restore --define``: the whole VM back (:mod:`agent.backup.whole_vm`)."""
     if not define:
@@ -201,8 +208,23 @@ def restore_vm(
         except OSError as exc:
             raise CommandError(f"cannot create directory {to}: {exc.strerror}") from exc
     restored = asyncio.run(
-        _restore_vm(config, repository, domain, backup_id, to, fmt, name, start, check_digest)
+        _restore_vm(
+            config, repository, domain, backup_id, to, fmt, name, start, check_digest, as_json
+        )
     )
+    if as_json:
+        files = [
+            {"target": t, "path": str(path), "format": fmt} for t, path in restored.images.items()
+        ]
+        defined = {
+            "name": restored.name,
+            "uuid": restored.uuid,
+            "started": restored.started,
+            "left_out": [{"target": t, "reason": why} for t, why in restored.left_out],
+        }
+        body = {"domain": domain, "backup_id": backup_id, "files": files, "defined": defined}
+        print(json.dumps(body, indent=2))
+        return
     for target, image in restored.images.items():
         print(f"restored {domain} {target} at {backup_id} to {image} ({fmt})")
     for target, why in restored.left_out:
@@ -221,15 +243,16 @@ async def _restore_vm(
     name: str | None,
     start: bool,
     check_digest: bool,
+    as_json: bool,
 ) -> whole_vm.RestoredVm:
     connection = VirtConnection(config.libvirt, lambda _event: None, _nothing)
     await connection.open_once()
-    bars: list[ProgressBar] = []  # one at a time: the disks are restored in turn
+    bars: list[ProgressBar | JsonProgress] = []  # one at a time: disks are restored in turn
 
     def progress(target: str) -> Callable[[float], None]:
         while bars:
             bars.pop().__exit__(None, None, None)
-        bars.append(ProgressBar(target).__enter__())
+        bars.append(progress_display(target, as_json=as_json).__enter__())
         return bars[-1].fraction
 
     try:

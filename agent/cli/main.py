@@ -129,6 +129,11 @@ def _repository_verbs(verbs: Any, config_help: str) -> None:
     )
     rs.add_argument("--start", action="store_true", help="with --define: start it, too")
     rs.add_argument(
+        "--json",
+        action="store_true",
+        help="the result as one JSON object on stdout, progress as JSON lines on stderr",
+    )
+    rs.add_argument(
         "--no-digest-check",
         action="store_true",
         help="do not compare the result with the point's digest (after `verify` found "
@@ -323,6 +328,7 @@ def _point_verbs(args: argparse.Namespace, config: AgentConfig) -> int:
             name=args.name,
             start=args.start,
             check_digest=not args.no_digest_check,
+            as_json=args.json,
         )
     elif args.verb == "restore":
         cli_backups.restore(
@@ -333,6 +339,7 @@ def _point_verbs(args: argparse.Namespace, config: AgentConfig) -> int:
             args.to,
             args.format,
             check_digest=not args.no_digest_check,
+            as_json=args.json,
         )
     elif args.verb == "export":
         from agent.cli import export as cli_export  # noqa: PLC0415

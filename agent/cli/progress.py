@@ -10,6 +10,7 @@ belongs to ends, however the block ends. It never touches stdout.
 
 from __future__ import annotations
 
+import json
 import sys
 from types import TracebackType
 
@@ -75,3 +76,39 @@ class _MiBColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         return Text(f"{int(task.completed) >> 20}/{int(task.total or 0) >> 20} MiB")
+
+
+class JsonProgress:
+    """ProgressBar's interface for scripts: one JSON line on stderr per whole percent,
+    ``{"progress": LABEL, "fraction": 0.42}``, and the last at 1.0."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._shown = -1
+
+    def __enter__(self) -> JsonProgress:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        return None
+
+    def update(self, done: float, total: float) -> None:
+        if total:
+            self.fraction(done / total)
+
+    def fraction(self, done: float) -> None:
+        percent = int(min(max(done, 0.0), 1.0) * 100)
+        if percent > self._shown:
+            self._shown = percent
+            line = json.dumps({"progress": self._label, "fraction": round(percent / 100, 2)})
+            print(line, file=sys.stderr, flush=True)
+
+
+def progress_display(label: str, *, as_json: bool = False) -> ProgressBar | JsonProgress:
+    """A bar on a terminal, or with ``as_json`` JSON lines for scripts."""
+    return JsonProgress(label) if as_json else ProgressBar(label)
