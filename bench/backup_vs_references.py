@@ -13,10 +13,10 @@ domain:
 Prints each throughput, the agent's ratio to the faster reference, the best
 incremental's time as a fraction of the best full's, its phases, what the agent adds to
 it (``incremental_overhead_ms``: the incremental's time less libvirt's ``backupBegin``
-and the job's end, and less the copy of the changed bytes at the full's rate; the
-best round's), and the agent's peak RSS. Ratios matter, not the absolute figures: the
-machines are shared. Rounds alternate the order. With ``--json``, the figures also as
-one JSON object on stdout (the table on stderr).
+and the job's end, and less the copy of the changed bytes at the rate of the fastest
+full's copy phase; of the fastest incremental), and the agent's peak RSS. Ratios
+matter, not the absolute figures: the machines are shared. Rounds alternate the order.
+With ``--json``, the figures also as one JSON object on stdout (the table on stderr).
 
     .venv/bin/python -m bench.backup_vs_references [--size-gib 2] [--rounds 2] [--json]
 """
@@ -323,6 +323,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                     print(f"  round {round_no + 1}: {name:9s} {seconds:6.2f} s", flush=True)
                     if phases:
                         print_phases(phases)
+                        results.setdefault("agent-copy", []).append(phases["copy"])
             # As many incrementals as fulls, each after its own 1 %: the best is compared
             # with the best full.
             incrementals, changed, rss = incremental_rounds(
@@ -353,7 +354,7 @@ def report(
     peak: int,
 ) -> dict[str, object]:
     """Print the table; the figures as one JSON-ready dict."""
-    best = {name: min(times) for name, times in results.items()}
+    best = {name: min(times) for name, times in results.items() if name != "agent-copy"}
     rate = {name: size / seconds / MiB for name, seconds in best.items()}
     faster = max(("nbdcopy", "qemu-img"), key=lambda n: rate[n])
     print()
@@ -374,11 +375,13 @@ def report(
         + ", ".join(f"{seconds:.3f}" for seconds, _ in incrementals)
         + " s"
     )
-    full_rate = size / best["agent"]
+    # The rate of the fastest full's copy phase (its own begin, end and publish left out).
+    full_rate = size / min(results["agent-copy"])
     added = [overhead(seconds, p, changed, full_rate) for seconds, p in incrementals]
+    mine = overhead(incremental, phases, changed, full_rate)  # the best round's
     print(
         f"  what the agent adds (the incremental less libvirt's begin and end and the "
-        f"copy at the full's rate): {min(added) * 1000:.0f} ms (aim <= 30 ms); all rounds: "
+        f"copy at the full's copy rate): {mine * 1000:.0f} ms (aim <= 30 ms); all rounds: "
         + ", ".join(f"{a * 1000:.0f}" for a in added)
         + " ms"
     )
@@ -399,7 +402,7 @@ def report(
         "incremental_s": round(incremental, 3),
         "incremental_changed_bytes": changed,
         "incremental_libvirt_ms": round(libvirt * 1000, 1),
-        "incremental_overhead_ms": round(min(added) * 1000, 1),
+        "incremental_overhead_ms": round(mine * 1000, 1),
         "incremental_phases_ms": {k: round(v * 1000, 1) for k, v in phases.items()},
         "peak_rss_mib": round(peak / MiB, 1),
     }

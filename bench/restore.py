@@ -13,10 +13,10 @@ and as a qcow2 image, each ``--rounds`` times (3 by default), alternately by
   durable as the restore, which fsyncs before it reports success,
 
 both on the same filesystem as the repository, each output deleted and the page cache
-written back (``sync``) before the next. Prints the medians; with ``--json``, one JSON
-object: ``restore_raw_s``, ``qemu_img_raw_s``, ``restore_qcow2_s``, ``qemu_img_qcow2_s``,
-``qemu_img_sync_raw_s``, ``qemu_img_sync_qcow2_s``. The aim: the restore no slower than
-the reference.
+written back (``sync``) before the next; rounds alternate the order. Prints the
+medians; with ``--json``, one JSON object: ``restore_raw_s``, ``qemu_img_raw_s``,
+``restore_qcow2_s``, ``qemu_img_qcow2_s``, ``qemu_img_sync_raw_s``,
+``qemu_img_sync_qcow2_s``. The aim: the restore no slower than the reference.
 
     .venv/bin/python -m bench.restore [--size-gib 2] [--rounds 3] [--json]
 """
@@ -83,7 +83,8 @@ def race(
     out.mkdir()
     for round_ in range(rounds):
         for fmt in ("raw", "qcow2"):
-            for who in ("restore", "qemu_img", "qemu_img_sync"):
+            contenders = ("restore", "qemu_img", "qemu_img_sync")
+            for who in contenders if round_ % 2 == 0 else contenders[::-1]:
                 target = out / f"{who}.{fmt}"
                 quiesce()
                 if who == "restore":

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.core.config import AgentConfig, load_config
-from agent.core.config_file import ApiEndpoint, api_endpoint
+from agent.core.config import AgentConfig, AgentSection, HttpSection, load_config
+from agent.core.config_file import SECTION_KEYS, ApiEndpoint, api_endpoint
 from agent.core.errors import ConfigError
 
 
@@ -65,6 +65,8 @@ def test_the_rest_of_the_file_is_left_to_the_agent(tmp_path: Path) -> None:
         ("[agent]\nstate_dir = 3\n", "[agent] state_dir: must be a string, got 3"),
         ('http = "x"\n', "[http] must be a table"),
         ("[http\n", "invalid TOML"),
+        ("[http]\nprot = 9000\n", "[http] unknown key 'prot'"),
+        ('[agent]\nstatedir = "/srv"\n', "[agent] unknown key 'statedir'"),
     ],
 )
 def test_what_the_full_configuration_refuses_is_refused_naming_the_key(
@@ -86,3 +88,10 @@ def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "latin1.toml").write_bytes(b"# \xe9\n")
     with pytest.raises(ConfigError, match=r"not valid UTF-8 \(byte 2\)"):
         api_endpoint(tmp_path / "latin1.toml")
+
+
+def test_the_keys_it_knows_are_the_models() -> None:
+    assert {
+        "http": frozenset(HttpSection.model_fields),
+        "agent": frozenset(AgentSection.model_fields),
+    } == SECTION_KEYS

@@ -421,6 +421,7 @@ class Backups:
         plan, blocks = await self._previous_blocks(info, plan, parent)
         if plan.parent_backup is None:
             parent = None  # (every layer planned had to become standalone)
+        phases.mark("layers")  # the parent's manifest and blocks read: the agent's own
         copied = await self._run_job(info, plan, job, parent, progress, phases, blocks)
         manifest = Manifest(
             backup_id=job.backup_id,

@@ -88,24 +88,32 @@ class ApiClient:
         if body is not None:
             payload = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        connection = self._connection()
+        connection = None
         try:
+            connection = self._connection()
             connection.request(method, path, body=payload, headers=headers)
             response = connection.getresponse()
             raw = response.read()
-        except (http.client.HTTPException, OSError) as exc:
+        except (http.client.HTTPException, OSError, ValueError) as exc:
+            # (ValueError: an address http.client refuses, e.g. [http] listen = " ")
             raise AgentUnreachableError(
                 f"cannot reach the agent at {self._where}: {exc or type(exc).__name__}; "
                 "is `backup-agent run` running?"
             ) from exc
         finally:
-            connection.close()
+            if connection is not None:
+                connection.close()
         try:
             data = json.loads(raw)
         except ValueError as exc:
-            raise AgentUnreachableError(f"the agent at {self._where} sent no JSON") from exc
+            snippet = raw[:200].decode(errors="replace").strip()
+            raise AgentUnreachableError(
+                f"the agent at {self._where} answered {response.status} without JSON "
+                f"(is it the agent?): {snippet!r}"
+            ) from exc
         if response.status >= 400:
-            error = data.get("error", {}) if isinstance(data, dict) else {}
+            error = data.get("error") if isinstance(data, dict) else None
+            error = error if isinstance(error, dict) else {}
             raise AgentUnreachableError(
                 f"{error.get('code', response.status)}: {error.get('message', 'request failed')}"
             )

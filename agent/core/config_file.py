@@ -4,7 +4,8 @@
 to import). The verbs that only talk to the running agent (``backup``, ``jobs``,
 ``cancel``, ``status``) need four keys of it, and start in a few tens of milliseconds
 without pydantic: :func:`api_endpoint` reads those keys, checks them as the full model
-does, and leaves the rest of the file to the agent, which validated it when it started.
+does (and refuses a key those two sections do not have), and leaves the rest of the file
+to the agent, which validated it when it started.
 The defaults both read are here, once.
 """
 
@@ -21,6 +22,13 @@ DEFAULT_LISTEN: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8710
 
 T = TypeVar("T")
+
+# The keys of the two sections read here (the model's fields: tests/test_config_file.py
+# holds them to it): a misspelt one is refused, as the full configuration refuses it.
+SECTION_KEYS: Final = {
+    "http": frozenset({"listen", "port", "token_file", "socket", "allowed_hosts"}),
+    "agent": frozenset({"state_dir", "host_id", "recovery_timeout", "setpriv"}),
+}
 
 
 def read_text(path: Path) -> str:
@@ -83,6 +91,11 @@ def _section(data: dict[str, Any], name: str, path: Path | None) -> dict[str, An
     section = data.get(name, {})
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: [{name}] must be a table", path=str(path), key=name)
+    for key in section:
+        if key not in SECTION_KEYS[name]:
+            raise ConfigError(
+                f"{path}: [{name}] unknown key '{key}'", path=str(path), key=f"{name}.{key}"
+            )
     return section
 
 

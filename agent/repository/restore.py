@@ -60,10 +60,17 @@ async def restore_image(
             found = expected
             await asyncio.to_thread(_fsync, part)
         else:  # read back from the page cache while the fsync waits for the disk
-            async with asyncio.TaskGroup() as both:
-                digest = both.create_task(image_digest(qemu, part, fmt))
-                both.create_task(asyncio.to_thread(_fsync, part))
-            found = digest.result()
+            # Both run to their end (neither thread outlives the other's failure), and an
+            # error is raised as itself, not wrapped.
+            found, synced = await asyncio.gather(
+                image_digest(qemu, part, fmt),
+                asyncio.to_thread(_fsync, part),
+                return_exceptions=True,
+            )
+            for outcome in (found, synced):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            assert isinstance(found, str)
         if found != expected:
             raise RepositoryError(
                 f"restore of {source} to {dest}: the restored image's digest is {found}, "
