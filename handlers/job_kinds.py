@@ -170,7 +170,7 @@ async def _restore_vm(
             progress=step,
         )
     except whole_vm.WholeVmError as exc:
-        raise JobError(str(exc), code="cannot-define") from exc
+        raise JobError(str(exc), code=exc.code) from exc
     files = [{"target": t, "path": str(path), "format": fmt} for t, path in restored.images.items()]
     result = {
         "files": files,

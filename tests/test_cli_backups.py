@@ -282,3 +282,22 @@ def test_restore_json_gives_the_files_on_stdout_and_progress_lines_on_stderr(
     fractions = [line["fraction"] for line in lines if line.get("progress") == "vda"]
     assert fractions[0] == 0.0 and fractions[-1] == 1.0, lines
     assert fractions == sorted(fractions)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("get", "/", "--to", "TMP"), "get /: name a file or directory below /"),
+        (("get", "etc/motd", "--to", "TMP"), "give an absolute path in the guest"),
+        (("ls", "/etc/../root"), "without '..'"),
+        (("get", "/etc", "--to", "TMP/missing"), "give an existing directory"),
+    ],
+)
+def test_files_refuses_what_it_cannot_do_before_starting_anything(
+    one_disk: tuple[Path, Builder], tmp_path: Path, args: tuple[str, ...], says: str
+) -> None:
+    config, builder = one_disk
+    args = tuple(a.replace("TMP", str(tmp_path)) for a in args)
+    done = agent_cli(config, "files", DOMAIN, "--backup", builder.ids[0], *args)
+    assert done.returncode == 1, done.stderr
+    assert says in done.stderr, done.stderr

@@ -113,7 +113,7 @@ def test_a_point_is_served_read_only_and_reads_as_its_restore(
                 check=False,
             )
             assert wrote.returncode != 0 or "failed" in wrote.stdout + wrote.stderr
-            err = _stop(proc)
+            err = _stop(proc, signal.SIGHUP if backup_id == newer else signal.SIGINT)
         assert "stopped" in err
         assert not sock.exists()
     assert _repository_files(builder.repo.root) == before
@@ -129,11 +129,19 @@ def test_on_a_tcp_port_on_loopback_until_sigterm(
         proc,
         uri,
     ):
-        assert uri == f"nbd://127.0.0.1:{port}"
+        assert uri.startswith(f"nbds://backup-agent@127.0.0.1:{port}/?tls-psk-file="), uri
+        key = Path(uri.split("tls-psk-file=", 1)[1])
+        assert key.stat().st_mode & 0o077 == 0  # only root can read it, so connect
         assert _read(uri, tmp_path / "vdb.raw") == builder.points[newer]["vdb"]
+        # Without the key (plain NBD, as any local user could try): refused.
+        plain = subprocess.run(
+            ["nbdinfo", f"nbd://127.0.0.1:{port}"], capture_output=True, timeout=30, check=False
+        )
+        assert plain.returncode != 0
         _stop(proc, signal.SIGTERM)
     with socket.socket() as s:  # nothing listens any more
         assert s.connect_ex(("127.0.0.1", port)) != 0
+    assert not key.exists()
 
 
 def test_an_overlay_takes_the_writes_and_the_chain_stays_as_it_was(

@@ -96,9 +96,10 @@ def test_each_backed_up_disk_points_at_its_restored_image_and_the_rest_is_decide
         assert disk.find("driver").get("type") == "qcow2"
         assert disk.find("backingStore") is None
     assert disks["vda"].find("driver").get("discard") == "unmap"  # the rest of it kept
-    # The shareable disk is in no backup and writable: left out. The CD-ROM stays.
+    # The shareable disk is in no backup and writable: left out. The CD-ROM drive stays,
+    # empty (which host file it read is not taken from a manifest).
     assert "vdc" not in disks
-    assert disks["sda"].find("source").get("file") == "/srv/iso/install.iso"
+    assert disks["sda"].find("source") is None
     assert plan.left_out == (("vdc", "shareable"),)
     root = etree.fromstring(plan.xml.encode())
     assert root.find("devices/interface/mac").get("address") == "52:54:00:12:34:56"
@@ -145,3 +146,69 @@ def test_a_name_that_could_leave_the_directory_is_refused(name: str) -> None:
     recorded = XML.replace("<name>web01</name>", f"<name>{name}</name>")
     with pytest.raises(WholeVmError, match="domain name"):
         definition(_manifest(recorded), to=Path("/r"))
+
+
+HOSTILE = (
+    XML.replace(
+        "<devices>",
+        """<devices>
+    <emulator>/tmp/evil</emulator>
+    <serial type='file'><source path='/etc/cron.d/x'/><target port='0'/></serial>
+    <channel type='unix'><source mode='bind' path='/run/other.sock'/>
+      <target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <hostdev mode='subsystem' type='pci'/>
+    <filesystem type='mount'><source dir='/'/><target dir='host'/></filesystem>
+    <graphics type='vnc' port='5901' autoport='no'/>
+    <disk type='block' device='disk'><source dev='/dev/sda'/><target dev='vdz'/><readonly/></disk>
+    <disk type='file' device='floppy'><source file='/srv/floppy.img'/><target dev='fda'/></disk>""",
+    )
+    .replace(
+        "<memory unit='KiB'>65536</memory>",
+        """<memory unit='KiB'>65536</memory>
+  <genid>43dc0cf8-809b-4adb-9bea-a9abb5f3d90d</genid>
+  <os><type>hvm</type><kernel>/etc/shadow</kernel><nvram>/var/lib/libvirt/qemu/nvram/web01_VARS.fd</nvram></os>
+  <sysinfo type='smbios'><system>
+    <entry name='uuid'>6b0bb1c1-4a40-4d5e-9a8a-0e9e4d0f2c11</entry></system></sysinfo>
+  <seclabel type='none'/>""",
+    )
+    .replace(
+        "<domain type='kvm'>",
+        "<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>",
+    )
+    .replace(
+        "</devices>", "</devices><qemu:commandline><qemu:arg value='-evil'/></qemu:commandline>"
+    )
+)
+
+
+def test_nothing_of_a_recorded_definition_runs_programs_or_opens_host_paths() -> None:
+    """A manifest may have been written elsewhere: its definition names no emulator, host
+    device, host directory, file or socket path, boot file, security label or QEMU
+    argument of its own; what must exist gets libvirt's defaults."""
+    plan = definition(_manifest(HOSTILE), name="web02", to=Path("/r"))
+    text = plan.xml
+    for needle in (
+        "/tmp/evil",
+        "/etc/cron.d",
+        "/run/other.sock",
+        "/dev/sda",
+        "/etc/shadow",
+        "hostdev",
+        "filesystem",
+        "seclabel",
+        "commandline",
+        "-evil",
+        "floppy",
+        "web01_VARS",
+        "5901",
+        "43dc0cf8",
+        "6b0bb1c1",
+    ):
+        assert needle not in text, needle
+    root = etree.fromstring(text.encode())
+    assert root.find("devices/serial").get("type") == "pty"
+    assert root.find("devices/channel/target").get("name") == "org.qemu.guest_agent.0"
+    assert root.find("devices/graphics").get("autoport") == "yes"
+    assert root.find("os/nvram") is not None  # (a VARS file of its own, from the template)
+    assert ("vdz", "not in the backup") in plan.left_out
+    assert ("fda", "not in the backup") in plan.left_out

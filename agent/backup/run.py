@@ -69,6 +69,8 @@ from agent.core.errors import (
     NotConnectedError,
     PublishUndecidedError,
     RepositoryError,
+    RepositoryReadOnlyError,
+    RepositorySpaceError,
     RetentionRefusedError,
     VirtTimeoutError,
 )
@@ -579,11 +581,12 @@ class Backups:
                 )
                 log.error("retention refused", domain=info.name, error=refused, broken=broken)
             except RepositoryError as exc:
-                # Not damage: an image busy (`backup-agent export` holds QEMU's lock on
-                # the chain it serves), a filesystem error. The merge stopped before it
-                # changed an image, or is crash-safe past that point; the repository's
-                # own intent has the next retention (the domain's next backup) finish it.
-                # This backup stands.
+                if not _retention_can_wait(exc):
+                    raise
+                # An image busy (`backup-agent export` holds QEMU's lock on the chain it
+                # serves: the merge stops before it changes one), a hung, full or
+                # read-only filesystem: the repository's own intent has the next
+                # retention (the domain's next backup) finish it. This backup stands.
                 log.warning(
                     "retention not done now; the domain's next backup finishes it",
                     domain=info.name,
@@ -606,3 +609,11 @@ class Backups:
         """Intents of jobs not yet undone (an undo keeps its intent until libvirt's job
         is known to be over); empty once recovery is complete."""
         return await self._intents.leftovers()
+
+
+def _retention_can_wait(exc: RepositoryError) -> bool:
+    """A retention failure the next retention finishes: not one that says something is
+    wrong in the repository (those are left to recovery, which names them)."""
+    if isinstance(exc, FilesystemHungError | RepositorySpaceError | RepositoryReadOnlyError):
+        return True
+    return "another process using the image" in str(exc)  # qemu-img: an image's lock

@@ -32,9 +32,15 @@ from typing import Any
 import libvirt
 from lxml import etree
 
-from agent.core.errors import AgentError, DestinationExistsError, RepositoryError
+from agent.core.errors import (
+    AgentError,
+    DestinationExistsError,
+    RepositoryError,
+    VirtTimeoutError,
+)
 from agent.core.logs import get_logger
 from agent.core.names import domain_name_problem
+from agent.core.shielding import to_completion
 from agent.repository.manifest import Manifest
 from agent.repository.store import Repository
 from agent.virt.connection import VirtConnection
@@ -44,7 +50,12 @@ log = get_logger("whole_vm")
 
 
 class WholeVmError(AgentError):
-    """A whole-VM restore cannot be done as asked; nothing was left half-made."""
+    """A whole-VM restore cannot be done as asked (``code`` ``cannot-define``), or the
+    domain was defined and did not start (``cannot-start``)."""
+
+    def __init__(self, message: str, *, code: str = "cannot-define") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,10 @@ def definition(
     """The definition of the VM restored from ``manifest`` (see the module docstring)."""
     if not manifest.domain_xml.strip() or manifest.domain_xml.strip() == "<domain/>":
         raise WholeVmError(f"backup {manifest.backup_id} recorded no domain definition")
-    root = parse_xml(manifest.domain_xml, manifest.domain)
+    try:
+        root = parse_xml(manifest.domain_xml, manifest.domain)
+    except AgentError as exc:
+        raise WholeVmError(f"backup {manifest.backup_id}: {exc}") from exc
     if root.tag != "domain":
         raise WholeVmError(f"backup {manifest.backup_id}: the recorded XML is not a <domain>")
     new_name = name or _text(root, "name") or manifest.domain
@@ -92,8 +106,10 @@ def definition(
         if target is None:
             continue
         if target not in backed_up:
-            if disk.find("readonly") is None and disk.get("device") not in ("cdrom", "floppy"):
-                assert devices is not None
+            assert devices is not None
+            if disk.get("device") == "cdrom":
+                _empty_drive(disk)  # the drive stays; which medium it held is not trusted
+            else:
                 devices.remove(disk)
                 left_out.append((target, excluded.get(target, "not in the backup")))
             continue
@@ -105,6 +121,7 @@ def definition(
             f"backup {manifest.backup_id}: the recorded definition has no disk "
             f"{', '.join(sorted(missing))}"
         )
+    _only_what_a_restore_needs(root)
     if name is not None:
         _rename(root, name)
     uuid = None if name is not None else _text(root, "uuid")
@@ -145,15 +162,74 @@ def _point_at(disk: etree._Element, image: Path, fmt: str) -> None:
     driver.addnext(source)
 
 
+# What of the recorded definition could make libvirt or QEMU touch host files or devices
+# (a manifest is read back from storage another host may write: it is not trusted to
+# run programs or open paths), or is the original's own: left out, so that libvirt
+# picks its defaults (the emulator, a pty for a serial console, a VARS file of the VM's
+# own made from the template). The disks are rewritten above.
+_UNTRUSTED = (
+    "devices/emulator",
+    "devices/hostdev",
+    "devices/filesystem",
+    "devices/smartcard",
+    "devices/redirdev",
+    "devices/shmem",
+    ".//seclabel",
+    ".//log",
+    "os/kernel",
+    "os/initrd",
+    "os/dtb",
+    "os/cmdline",
+)
+_CHAR_DEVICES = ("serial", "console", "parallel", "channel")
+
+
+def _only_what_a_restore_needs(root: etree._Element) -> None:
+    for path in _UNTRUSTED:
+        _remove_all(root.findall(path))
+    # Elements of other namespaces (qemu:commandline, qemu:capabilities, metadata's own).
+    _remove_all([e for e in root.iter() if isinstance(e.tag, str) and e.tag.startswith("{")])
+    for nvram in root.findall("os/nvram"):  # the VM's own VARS file, from the template
+        nvram.text = None
+        _remove_all(list(nvram))
+    for kind in _CHAR_DEVICES:
+        for device in root.findall(f"devices/{kind}"):
+            if device.get("type") in ("file", "dev", "pipe", "unix", "tcp", "udp"):
+                _remove_all(device.findall("source"))
+                device.set("type", "unix" if kind == "channel" else "pty")
+
+
+def _empty_drive(disk: etree._Element) -> None:
+    disk.set("type", "file")
+    _remove_all([*disk.findall("source"), *disk.findall("backingStore")])
+
+
+def _remove_all(elements: list[etree._Element]) -> None:
+    for element in elements:
+        parent = element.getparent()
+        if parent is not None:
+            parent.remove(element)
+
+
 def _rename(root: etree._Element, name: str) -> None:
+    """The original's identity left out: UUID (and SMBIOS's copy), MAC addresses, the
+    VM generation id, fixed display ports and vsock addresses; libvirt makes new ones."""
     name_el = root.find("name")
     if name_el is None:
         name_el = etree.SubElement(root, "name")
     name_el.text = name
-    for uuid_el in root.findall("uuid"):
-        root.remove(uuid_el)
-    for mac in root.findall("devices/interface/mac"):
-        mac.getparent().remove(mac)  # type: ignore[union-attr]
+    _remove_all(root.findall("uuid"))
+    _remove_all(root.findall("genid"))
+    _remove_all(root.findall("devices/interface/mac"))
+    _remove_all(root.findall("sysinfo/system/entry[@name='uuid']"))
+    for graphics in root.findall("devices/graphics"):
+        for attribute in ("port", "tlsPort", "websocket"):
+            if attribute in graphics.attrib:
+                del graphics.attrib[attribute]
+        if graphics.get("type") in ("vnc", "spice"):
+            graphics.set("autoport", "yes")
+    for vsock in root.findall("devices/vsock"):
+        _remove_all(vsock.findall("cid"))
 
 
 async def restore_vm(
@@ -190,9 +266,15 @@ async def restore_vm(
                 check_digest=check_digest,
             )
             done.append(image)
-        uuid = await connection.call("define the domain", _define, plan.xml)
+        # Again just before: a domain defined meanwhile would be replaced by the define.
+        await connection.call("look for the domain", _refuse_taken, plan.name, plan.uuid)
     except BaseException:
         await asyncio.to_thread(_remove, done)
+        raise
+    try:
+        uuid = await connection.call("define the domain", _define, plan.xml)
+    except BaseException as exc:
+        await _after_failed_define(connection, plan, done, exc)
         raise
     started = False
     if start:
@@ -202,10 +284,48 @@ async def restore_vm(
         except AgentError as exc:
             raise WholeVmError(
                 f"domain {plan.name} ({uuid}) is defined on its restored disks, but did not "
-                f"start: {exc}"
+                f"start: {exc}",
+                code="cannot-start",
             ) from exc
     log.info("domain restored", domain=plan.name, uuid=uuid, backup_id=backup_id, started=started)
     return RestoredVm(plan.name, uuid, dict(plan.images), plan.left_out, started)
+
+
+async def _after_failed_define(
+    connection: VirtConnection, plan: Definition, images: list[Path], exc: BaseException
+) -> None:
+    """The define failed, timed out or was cancelled: the images go unless libvirt has
+    the domain after all (a define it finished after we stopped waiting), which then
+    keeps them. A libvirt refusal is raised as this module's error."""
+    if isinstance(exc, VirtTimeoutError) and exc.pending is not None:
+        with contextlib.suppress(Exception):  # its real end, bounded: libvirt's answer
+            await asyncio.wait_for(asyncio.shield(exc.pending), _DEFINE_SETTLE)
+    try:
+        defined = await to_completion(
+            connection.call("look for the domain", _named, plan.name), timeout=_DEFINE_SETTLE
+        )
+    except Exception:  # cannot tell: keep the images (an operator removes them)
+        log.error("define of a restored domain undecided; its images kept", domain=plan.name)
+        return
+    if defined:
+        log.error("restored domain defined after all; its images kept", domain=plan.name)
+        return
+    await to_completion(asyncio.to_thread(_remove, images))
+    if isinstance(exc, AgentError) and not isinstance(exc, VirtTimeoutError):
+        raise WholeVmError(f"libvirt did not define {plan.name}: {exc}") from exc
+
+
+_DEFINE_SETTLE = 30.0
+
+
+def _named(conn: Any, name: str) -> bool:
+    try:
+        conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return False
+        raise
+    return True
 
 
 def _refuse_taken(conn: Any, name: str, uuid: str | None) -> None:

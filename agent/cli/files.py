@@ -13,16 +13,19 @@ read-only itself.
 
 Where the host's KVM cannot start the appliance (nested virtualisation that refuses
 ``-cpu host``), it is started again under TCG, slower (half a minute) but the same.
-Copied files are root's alone (group and other bits cleared), like everything the agent
-writes; an existing file is never overwritten.
+Copied files are root's alone (owner root, group, other and set-id bits cleared), like
+everything the agent writes: they are made in a private staging directory and renamed
+into place; an existing file is never overwritten.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import stat
 import sys
+import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -49,11 +52,11 @@ def files(
     if not guest_path.is_absolute() or ".." in guest_path.parts:
         raise CommandError(f"{path!r}: give an absolute path in the guest, without '..'")
     if action == "get":
+        if not guest_path.name:
+            raise CommandError("get /: name a file or directory below / (e.g. /etc)")
         if to is None or not to.is_dir():
             raise CommandError(f"--to {to}: give an existing directory to copy into")
-        name = guest_path.name or "root"
-        if (to / name).exists() or (to / name).is_symlink():
-            raise CommandError(f"{to / name} already exists (never overwritten)")
+        _refuse_existing(to / guest_path.name)
     repository = Repository(config.repository_path, state_dir=config.agent.state_dir)
     name_in_repo = _in_repository(repository, domain)
     return asyncio.run(
@@ -123,10 +126,7 @@ def _in_guest(
             sys.stdout.write(g.ll(where))
         else:
             assert to is not None
-            g.copy_out(where, str(to))
-            copied = to / (path.name or "root")
-            _private(copied)
-            print(f"copied {where} to {copied}", file=sys.stderr)
+            print(f"copied {where} to {_copy_out(g, where, to)}", file=sys.stderr)
         return 0
     except RuntimeError as exc:  # libguestfs' errors
         raise CommandError(f"guest filesystem: {exc}") from exc
@@ -162,7 +162,12 @@ def _mount(g: Any, fs: str | None) -> None:
     if roots:
         points = g.inspect_get_mountpoints(roots[0])
         for mountpoint in sorted(points, key=len):
-            g.mount_ro(points[mountpoint], mountpoint)
+            try:
+                g.mount_ro(points[mountpoint], mountpoint)
+            except RuntimeError as exc:  # (/home on a disk of its own, not this one)
+                if mountpoint == "/":
+                    raise
+                print(f"{mountpoint} not mounted: {exc}", file=sys.stderr)
         return
     found = {d: t for d, t in g.list_filesystems().items() if t not in ("swap", "unknown", "")}
     if len(found) != 1:
@@ -174,9 +179,34 @@ def _mount(g: Any, fs: str | None) -> None:
     g.mount_ro(next(iter(found)), "/")
 
 
+def _copy_out(g: Any, where: str, to: Path) -> Path:
+    """``where`` copied into ``to`` as ``to/<name>``: first into a private staging
+    directory beside it (0700, root's: nobody can swap a path inside meanwhile), where
+    everything becomes root's with no group or other bits and no set-id bits, then
+    renamed into place if that name is still free."""
+    name = PurePosixPath(where).name
+    staging = Path(tempfile.mkdtemp(prefix=".backup-agent-files-", dir=to))
+    try:
+        g.copy_out(where, str(staging))
+        _private(staging / name)
+        _refuse_existing(to / name)
+        os.rename(staging / name, to / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return to / name
+
+
+def _refuse_existing(path: Path) -> None:
+    if path.exists() or path.is_symlink():
+        raise CommandError(f"{path} already exists (never overwritten)")
+
+
 def _private(path: Path) -> None:
-    """Group and other bits cleared on ``path`` and everything under it."""
-    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+    """Everything at and under ``path`` root's, without group, other or set-id bits
+    (symbolic links left as links, never followed)."""
+    items = [path, *path.rglob("*")] if path.is_dir() and not path.is_symlink() else [path]
+    for item in items:
+        os.lchown(item, 0, 0)
         mode = item.lstat().st_mode
         if not stat.S_ISLNK(mode):
-            os.chmod(item, stat.S_IMODE(mode) & 0o700)
+            os.chmod(item, stat.S_IMODE(mode) & 0o700)  # (no link: checked just above)

@@ -153,6 +153,8 @@ async def serve_point(
     socket: Path,
     *,
     port: int | None = None,
+    pid_file: Path | None = None,
+    tls_psk: Path | None = None,
     writable: bool = False,
     clients: int = 8,
     timeout: float = 30.0,
@@ -160,16 +162,28 @@ async def serve_point(
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """Serve ``image`` with its backing chain, through the page cache, for as long as the
     block runs: on ``socket``, or with ``port`` on 127.0.0.1 at that port (``socket``
-    then only names the pid file), read-only unless ``writable``; the block gets the
-    process (to notice that it ended)."""
+    then unused), read-only unless ``writable``; its pid file ``pid_file`` (default
+    beside the socket); with ``tls_psk`` (a directory holding ``keys.psk``) only TLS
+    clients that know its key. The block gets the process (to notice that it ended)."""
+    pid_file = pid_file or _pid_file(socket)
     process = await _start(
-        image, socket, clients, not writable, True, None, timeout, setpriv, port=port
+        image,
+        socket,
+        clients,
+        not writable,
+        True,
+        None,
+        timeout,
+        setpriv,
+        port=port,
+        pid_file=pid_file,
+        tls_psk=tls_psk,
     )
     try:
         yield process
     finally:
         await to_completion(_stop(process, timeout))
-        await asyncio.to_thread(_remove, socket, _pid_file(socket))
+        await asyncio.to_thread(_remove, *([socket] if port is None else []), pid_file)
 
 
 async def _direct_modes() -> list[str]:
@@ -210,13 +224,20 @@ async def _start(
     setpriv: str,
     *,
     port: int | None = None,
+    pid_file: Path | None = None,
+    tls_psk: Path | None = None,
 ) -> asyncio.subprocess.Process:
     """qemu-nbd, once it serves the image; ``aio`` None: the page cache."""
     problem = setpriv_problem(setpriv)
     if problem is not None:
         raise ImageError(f"cannot start qemu-nbd: [agent] setpriv {problem}", image=str(image))
     cache = ["--cache=none", f"--aio={aio}"] if aio else ["--cache=writeback"]
-    pid_file = _pid_file(socket)
+    pid_file = pid_file or _pid_file(socket)
+    tls = (
+        [f"--object=tls-creds-psk,id=tls0,endpoint=server,dir={tls_psk}", "--tls-creds=tls0"]
+        if tls_psk is not None
+        else []
+    )
     args = [
         *([setpriv, *_GUARD_OPTIONS] if setpriv else []),
         QEMU_NBD,
@@ -225,13 +246,14 @@ async def _start(
         f"--shared={clients}",
         "--persistent",
         *cache,
+        *tls,
         "--discard=unmap",
         "--detect-zeroes=off",
     ]
     if read_only:
         args.append("--read-only")
     args.append(_json_filename(image, backing=backing))
-    await asyncio.to_thread(_remove, socket, pid_file)
+    await asyncio.to_thread(_remove, *([socket] if port is None else []), pid_file)
     try:
         process = await asyncio.create_subprocess_exec(
             *args,
