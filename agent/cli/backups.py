@@ -279,6 +279,24 @@ async def _nothing() -> None:
     return None
 
 
+async def point_disk(
+    repository: Repository, domain: str, backup_id: str, disk: str | None
+) -> tuple[str, Path]:
+    """The disk ``export`` and ``files`` serve (``disk``, or the backup's only one) and
+    the image whose chain reads it at ``backup_id``."""
+    if disk is None:
+        manifest = await repository.backup(domain, backup_id)
+        targets = [d.target for d in manifest.disks]
+        if len(targets) != 1:
+            raise CommandError(
+                f"backup {backup_id} of {domain} has {len(targets)} disks "
+                f"({', '.join(targets)}): say which with --disk"
+            )
+        disk = targets[0]
+    image, _ = await repository.point_image(domain, backup_id, disk)
+    return disk, image
+
+
 def verify(config: AgentConfig, domain: str, backup_id: str | None) -> int:
     repository = Repository(config.repository_path, state_dir=config.agent.state_dir)
     domain = _in_repository(repository, domain)

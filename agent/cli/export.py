@@ -31,7 +31,7 @@ import signal
 import sys
 from pathlib import Path
 
-from agent.cli.backups import CommandError, _in_repository
+from agent.cli.backups import CommandError, _in_repository, point_disk
 from agent.core.config import AgentConfig
 from agent.core.errors import ImageError
 from agent.qemu.images import run_qemu_img
@@ -65,16 +65,7 @@ async def _export(
     port: int | None,
     overlay: Path | None,
 ) -> int:
-    manifest = await repository.backup(domain, backup_id)
-    targets = [d.target for d in manifest.disks]
-    if disk is None:
-        if len(targets) != 1:
-            raise CommandError(
-                f"backup {backup_id} of {domain} has {len(targets)} disks "
-                f"({', '.join(targets)}): say which with --disk"
-            )
-        disk = targets[0]
-    image, _ = await repository.point_image(domain, backup_id, disk)
+    disk, image = await point_disk(repository, domain, backup_id, disk)
     # qemu-nbd's pid file, the default socket and (with --port) the TLS key are in the
     # agent's run directory (root's alone), never beside a path the caller gave.
     run = config.socket_path

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from agent.cli.backups import CommandError, _in_repository
+from agent.cli.backups import CommandError, _in_repository, point_disk
 from agent.core.config import AgentConfig
 from agent.core.errors import ImageError
 from agent.qemu.qemu_nbd import serve_point
@@ -75,16 +75,7 @@ async def _files(
     path: PurePosixPath,
     to: Path | None,
 ) -> int:
-    manifest = await repository.backup(domain, backup_id)
-    targets = [d.target for d in manifest.disks]
-    if disk is None:
-        if len(targets) != 1:
-            raise CommandError(
-                f"backup {backup_id} of {domain} has {len(targets)} disks "
-                f"({', '.join(targets)}): say which with --disk"
-            )
-        disk = targets[0]
-    image, _ = await repository.point_image(domain, backup_id, disk)
+    disk, image = await point_disk(repository, domain, backup_id, disk)
     run = config.socket_path
     await asyncio.to_thread(run.mkdir, mode=0o700, parents=True, exist_ok=True)
     socket = run / f"files-{backup_id}-{disk}-{os.getpid()}.sock"
