@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-HEAVY = ("pydantic", "aiohttp", "structlog", "asyncio", "rich", "libvirt")
+HEAVY = ("pydantic", "aiohttp", "structlog", "asyncio", "rich", "libvirt", "http", "email", "ssl")
 
 _PROBE = """
 import json, sys
@@ -100,3 +100,23 @@ def test_backup_local_still_reads_the_whole_configuration(tmp_path: Path) -> Non
     assert status == 2, stderr
     assert "no_such_key" in stderr, stderr
     assert "pydantic" in heavy
+
+
+def test_the_api_verbs_read_http_answers_as_sent() -> None:
+    from agent.cli.control import _parse_response  # noqa: PLC0415
+
+    sized = b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nContent-Type: x\r\n\r\n{}trailing"
+    assert _parse_response(sized) == (201, b"{}")
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n[1,\r\n2;x=y\r\n2]\r\n0\r\n\r\n"
+    )
+    assert _parse_response(chunked) == (200, b"[1,2]")
+    assert _parse_response(b"HTTP/1.0 404 Not Found\r\n\r\nbody") == (404, b"body")
+    for broken in (
+        b"SSH-2.0-OpenSSH\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+        b"HTTP/1.1 200 OK\r\nContent-",
+    ):
+        with pytest.raises(OSError):
+            _parse_response(broken)
