@@ -4,6 +4,7 @@ signal, the chain untouched; a retention merge refused while it runs."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -103,7 +104,11 @@ def test_a_point_is_served_read_only_and_reads_as_its_restore(
                 ).stdout
             )
             assert info["exports"][0]["is_read_only"] is True
-            assert _read(uri, tmp_path / f"{backup_id}.raw") == builder.points[backup_id]["vda"]
+            exported = _read(uri, tmp_path / f"{backup_id}.raw")
+            assert exported == builder.points[backup_id]["vda"]
+            restored = tmp_path / f"{backup_id}-restored.raw"  # the restore of the same point
+            asyncio.run(builder.repo.restore(DOMAIN, backup_id, "vda", restored, fmt="raw"))
+            assert restored.read_bytes() == exported
             # A write is refused.
             wrote = subprocess.run(
                 ["qemu-io", "-f", "raw", "-c", "write -P 0x55 0 4k", uri],
