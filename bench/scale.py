@@ -74,13 +74,12 @@ from dataclasses import astuple, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import libvirt
 
 from tests.testbed.agent_process import AgentProcess, agent_process, http
 from tests.testbed.domains import (
-    QEMU_LOG_DIR,
     DiskSpec,
     TestDomain,
     create_image,
@@ -105,51 +104,30 @@ def say(message: str) -> None:
 
 
 class ScaleDomain(TestDomain):
-    """A test bed domain named ``bscale-*`` instead of ``lbat-*``.
+    """A test bed domain named ``bscale-*`` instead of ``lbat-*``: the test suite's
+    domains are ``lbat-*``, and some tests compare the set of those before and after
+    (``tests/test_demo.py``), which fifty more beside a test run would fail."""
 
-    The test suite's domains are ``lbat-*``, and some tests compare the set of those
-    before and after (``tests/test_demo.py``): fifty more appearing beside a test run
-    would fail it. :meth:`TestDomain.cleanup` refuses any name without ``lbat-``, so this
-    is the same clean-up with this bench's prefix: destroy and undefine through
-    :meth:`TestDomain.find` (by our UUID, name checked), QEMU's log, the work directory.
-    """
+    name_prefix = PREFIX
 
-    def cleanup(self) -> None:
-        errors: list[str] = []
-        if self.name.startswith(PREFIX):
-            for step in (self.destroy, self.undefine):
-                try:
-                    step()
-                except Exception as exc:  # collected and raised below
-                    errors.append(f"{step.__name__}: {exc}")
-            for log in QEMU_LOG_DIR.glob(f"{self.name}.log*"):
-                with contextlib.suppress(FileNotFoundError):
-                    log.unlink()
-        else:
-            errors.append(f"refusing to touch {self.name!r}: no {PREFIX} prefix")
-        self._release_disks(errors)
-        shutil.rmtree(self.workdir, ignore_errors=True)
-        for conn in self._owned_conns:
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.close()
-        self._owned_conns.clear()
-        if errors:
-            raise RuntimeError(f"cleanup of {self.name} failed: " + "; ".join(errors))
+
+D = TypeVar("D", bound=ScaleDomain)
 
 
 def make_domain(
     conn: libvirt.virConnect,
     work: Path,
     name: str,
-    registry: list[ScaleDomain],
+    registry: list[D],
     firmware: Path | None = None,
-) -> ScaleDomain:
-    """Define and start a domain with one 64 MiB qcow2 disk; in ``registry`` first.
-    ``firmware``: a ROM to boot instead of the machine's default (SeaBIOS)."""
+    kind: type[D] = ScaleDomain,  # type: ignore[assignment]
+) -> D:
+    """Define and start a ``kind`` domain with one 64 MiB qcow2 disk; in ``registry``
+    first. ``firmware``: a ROM to boot instead of the machine's default (SeaBIOS)."""
     spec = DiskSpec("vda")
     workdir = work / name
     path = workdir / spec.file_name
-    td = ScaleDomain(
+    td = kind(
         name=name,
         uuid=str(uuidlib.uuid4()),
         xml="",

@@ -77,8 +77,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid as uuidlib
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from http.client import HTTPConnection
@@ -91,8 +89,9 @@ import libvirt
 from agent.chain import libvirt_calls
 from agent.chain.ledger import Ledger
 from agent.chain.rules import LIVE_STATES
+from bench import scale
+from bench.scale import ScaleDomain
 from tests.testbed.agent_process import REPO, AgentProcess, agent_process, http
-from tests.testbed.domains import QEMU_LOG_DIR, DiskSpec, TestDomain, create_image, domain_xml
 
 KiB = 1024
 PREFIX = "bstart-"
@@ -118,61 +117,18 @@ def say(message: str) -> None:
 # -- domains -------------------------------------------------------------------------------
 
 
-class StartDomain(TestDomain):
-    """A test bed domain named ``bstart-*``: :meth:`TestDomain.cleanup` refuses names
-    without the test suite's ``lbat-`` (whose set some tests compare before and after),
-    so this is the same clean-up with this bench's prefix: destroy and undefine found by
-    our UUID (name checked), QEMU's log, the work directory."""
+class StartDomain(ScaleDomain):
+    """A test bed domain named ``bstart-*`` (see :class:`bench.scale.ScaleDomain`)."""
 
-    def cleanup(self) -> None:
-        errors: list[str] = []
-        if self.name.startswith(PREFIX):
-            for step in (self.destroy, self.undefine):
-                try:
-                    step()
-                except Exception as exc:  # collected and raised below
-                    errors.append(f"{step.__name__}: {exc}")
-            for log in QEMU_LOG_DIR.glob(f"{self.name}.log*"):
-                with contextlib.suppress(FileNotFoundError):
-                    log.unlink()
-        else:
-            errors.append(f"refusing to touch {self.name!r}: no {PREFIX} prefix")
-        self._release_disks(errors)
-        shutil.rmtree(self.workdir, ignore_errors=True)
-        for conn in self._owned_conns:
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.close()
-        self._owned_conns.clear()
-        if errors:
-            raise RuntimeError(f"cleanup of {self.name} failed: " + "; ".join(errors))
+    name_prefix = PREFIX
 
 
 def make_domain(
     conn: libvirt.virConnect, work: Path, name: str, registry: list[StartDomain]
 ) -> StartDomain:
-    """Define and start a domain with one 64 MiB qcow2 disk; in ``registry`` first."""
-    spec = DiskSpec("vda")
-    workdir = work / name
-    path = workdir / spec.file_name
-    td = StartDomain(
-        name=name,
-        uuid=str(uuidlib.uuid4()),
-        xml="",
-        disk_paths={"vda": path},
-        persistent=True,
-        conn=conn,
-        workdir=workdir,
-    )
-    registry.append(td)  # before anything exists: cleaned up whatever happens next
-    workdir.mkdir(parents=True)
-    create_image(path, spec.size, spec.image_format)
-    root = ET.fromstring(domain_xml(name, td.uuid, [(spec, path)]))
-    os_el = root.find("os")
-    if QBOOT.exists() and os_el is not None:
-        ET.SubElement(os_el, "loader", readonly="yes", type="rom").text = str(QBOOT)
-    td.xml = ET.tostring(root, encoding="unicode")
-    conn.defineXML(td.xml).create()
-    return td
+    """Define and start a domain with one 64 MiB qcow2 disk (qboot where QEMU has it)."""
+    firmware = QBOOT if QBOOT.exists() else None
+    return scale.make_domain(conn, work, name, registry, firmware, kind=StartDomain)
 
 
 def _pool_map(fn: Callable[[StartDomain], None], made: list[StartDomain], workers: int) -> None:

@@ -165,8 +165,6 @@ async def _make_overlay(image: Path, overlay: Path) -> None:
     """A new qcow2 ``overlay`` (0600) whose backing file is ``image``; an existing file
     is never replaced."""
     await asyncio.to_thread(_refuse_existing, overlay, "overlay")
-    if not overlay.parent.is_dir():
-        raise CommandError(f"directory {overlay.parent} does not exist")
     args = ["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image), str(overlay)]
     try:
         await run_qemu_img(args, timeout=_QEMU_IMG_TIMEOUT, image=str(overlay))
@@ -194,6 +192,8 @@ def _psk_dir(path: Path) -> Path:
 def _refuse_existing(path: Path, what: str) -> None:
     if path.exists() or path.is_symlink():
         raise CommandError(f"{what} {path} already exists (an export never replaces a file)")
+    if not path.parent.is_dir():
+        raise CommandError(f"directory {path.parent} does not exist")
 
 
 def _unlink_if_new(path: Path) -> None:

@@ -372,6 +372,8 @@ class TestDomain:
     """
 
     __test__: ClassVar[bool] = False  # not a pytest test class despite its name
+    name_prefix: ClassVar[str] = NAME_PREFIX
+    """The only names :meth:`cleanup` touches (a benchmark's domains have their own)."""
 
     name: str
     uuid: str
@@ -752,7 +754,7 @@ class TestDomain:
         at the end so teardown is loud but complete.
         """
         errors: list[str] = []
-        if self.name.startswith(NAME_PREFIX):
+        if self.name.startswith(self.name_prefix):
             for step in (self.destroy, self.undefine):
                 try:
                     step()
@@ -762,7 +764,7 @@ class TestDomain:
                 with contextlib.suppress(FileNotFoundError):
                     log.unlink()
         else:
-            errors.append(f"refusing to touch {self.name!r}: no {NAME_PREFIX} prefix")
+            errors.append(f"refusing to touch {self.name!r}: no {self.name_prefix} prefix")
         # After destroy, so QEMU has let go; whatever the domain's fate, these are ours.
         self._release_disks(errors)
         shutil.rmtree(self.workdir, ignore_errors=True)
